@@ -1,0 +1,265 @@
+"""Checkpoint I/O: HF safetensors directories (plain or sharded, bf16/fp32 or FP8 + block scales) and ``model.pt``.
+
+Loading validates everything before a single weight is assigned, so a bad checkpoint is a clear
+``CheckpointError`` and never a half-loaded model. Saving writes to a temporary sibling and renames,
+so an existing checkpoint is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from dsc.model.config import ModelConfig
+from dsc.model.fp8 import FP8, block_dequant, scale_shape
+from dsc.model.model import DeepseekV32ForCausalLM
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from dsc.errors import CheckpointError, DscError
+
+log = logging.getLogger(__name__)
+SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" + "_scale_inv"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as stored: ``tensors`` hold the file's dtypes (FP8 weights stay e4m3, with their scales)."""
+
+    config: ModelConfig
+    tensors: dict[str, Tensor]
+    source: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def fp8_weights(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (e4m3 weight, scale_inv), for the FP8 pass to reuse bit for bit."""
+        return {k: (t, self.tensors[k + SCALE_SUFFIX]) for k, t in self.tensors.items() if t.dtype == FP8}
+
+    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Model state dict: FP8 weights dequantised exactly (fp32 math), scales dropped."""
+        out = {}
+        for k, t in self.tensors.items():
+            if k.endswith(SCALE_SUFFIX):
+                continue
+            if t.dtype == FP8:
+                t = block_dequant(t, self.tensors[k + SCALE_SUFFIX])
+            out[k] = t.to(dtype)
+        return out
+
+
+def _fmt_keys(keys: list[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more + f" ({len(keys)} in all)"
+
+
+def validate_tensors(cfg: ModelConfig, tensors: dict[str, Tensor], source: str) -> None:
+    """Check names, shapes, dtypes and FP8 scales against the model ``cfg`` describes."""
+    with torch.device("meta"):
+        expected = DeepseekV32ForCausalLM(cfg).state_dict()
+    scales = {k for k in tensors if k.endswith(SCALE_SUFFIX)}
+    weights = {k: t for k, t in tensors.items() if k not in scales}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    orphan = sorted(s for s in scales if s[: -len(SCALE_SUFFIX)] not in weights)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_fmt_keys(missing)}")
+    if unexpected or orphan:
+        problems.append(f"unexpected keys: {_fmt_keys(unexpected + orphan)}")
+    for k, t in weights.items():
+        if k not in expected:
+            continue
+        if tuple(t.shape) != tuple(expected[k].shape):
+            problems.append(f"{k}: shape {tuple(t.shape)}, expected {tuple(expected[k].shape)} from config.json")
+        if not t.is_floating_point():
+            problems.append(f"{k}: dtype {t.dtype}, expected a floating-point tensor")
+        if t.dtype == FP8:
+            s = tensors.get(k + SCALE_SUFFIX)
+            if s is None:
+                problems.append(f"{k}: FP8 weight without its {k + SCALE_SUFFIX}")
+            elif t.ndim != 2 or tuple(s.shape) != scale_shape(tuple(t.shape)):
+                want = scale_shape(tuple(t.shape)) if t.ndim == 2 else "a 2-D weight"
+                problems.append(f"{k + SCALE_SUFFIX}: shape {tuple(s.shape)}, expected {want}")
+            elif not torch.isfinite(s.float()).all():
+                problems.append(f"{k + SCALE_SUFFIX}: non-finite scales")
+    if problems:
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more problems"] if len(problems) > 12 else [])
+        raise CheckpointError(
+            f"checkpoint {source} does not match its config (model_type {cfg.model_type}, "
+            f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}):\n  - "
+            + "\n  - ".join(shown)
+            + "\nCheck that config.json belongs to these weights."
+        )
+
+
+# ---- HF directories -----------------------------------------------------------------------------
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt"
+        ) from None
+
+
+def load_hf(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    cfg = ModelConfig.from_json(path / "config.json")
+    index = path / INDEX_FILE
+    tensors: dict[str, Tensor] = {}
+    meta: dict = {}
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        shards = sorted(set(weight_map.values()))
+        absent = [s for s in shards if not (path / s).exists()]
+        if absent:
+            raise CheckpointError(f"{index} names shards that are not in {path}: {_fmt_keys(absent)}")
+        for shard in shards:
+            part, _ = _read_safetensors(path / shard)
+            tensors.update(part)
+        listed, stored = set(weight_map), set(tensors)
+        if listed != stored:
+            raise CheckpointError(
+                f"{index} disagrees with the shards: listed but absent {_fmt_keys(sorted(listed - stored))}; "
+                f"stored but unlisted {_fmt_keys(sorted(stored - listed))}"
+            )
+    elif (path / "model.safetensors").exists():
+        tensors, meta = _read_safetensors(path / "model.safetensors")
+    else:
+        raise CheckpointError(f"{path} has neither model.safetensors nor {INDEX_FILE}")
+    validate_tensors(cfg, tensors, str(path))
+    return Checkpoint(cfg, tensors, str(path), meta)
+
+
+def _atomic_dir(dest: Path, write, overwrite: bool) -> None:
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise DscError(f"{dest} exists and is not empty; choose another path or allow overwriting")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        write(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_hf(ckpt: Checkpoint, dest: str | Path, max_shard_bytes: int | None = None, overwrite: bool = False) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (or shards + index) atomically; tensors keep their dtypes."""
+    tensors = {k: v.contiguous() for k, v in ckpt.tensors.items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(ckpt.config.to_json())
+        if max_shard_bytes is None:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            return
+        shards: list[dict[str, Tensor]] = [{}]
+        size = 0
+        for k in sorted(tensors):
+            n = tensors[k].numel() * tensors[k].element_size()
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = tensors[k]
+            size += n
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (tmp / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+
+    _atomic_dir(Path(dest), write, overwrite)
+
+
+# ---- model.pt -----------------------------------------------------------------------------------
+def load_pt(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
+    """A ``torch.save``d ``{"config": dict, "state_dict": dict}``, loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a readable torch.save file (not a zip archive); it may be truncated")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle:
+            why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "not plain tensors")
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (such as a whole nn.Module), which can run arbitrary code "
+                f"when loaded, so dsc refuses it ({why}). Save "
+                '{"config": config_dict, "state_dict": model.state_dict()} instead, or pass --trust-pickle if you '
+                "trust the file's author."
+            ) from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable torch.save file ({e})") from None
+    if isinstance(obj, DeepseekV32ForCausalLM):
+        obj = {"config": obj.config.to_dict(), "state_dict": obj.state_dict()}
+    if not (isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("state_dict"), dict)):
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f'{path} must hold {{"config": dict, "state_dict": dict}}; got {got}')
+    cfg = ModelConfig.from_dict(obj["config"])
+    tensors = dict(obj["state_dict"])
+    validate_tensors(cfg, tensors, str(path))
+    return Checkpoint(cfg, tensors, str(path))
+
+
+def save_pt(ckpt: Checkpoint, dest: str | Path) -> None:
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"config": ckpt.config.to_dict(), "state_dict": ckpt.tensors}, tmp)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- one entry point ----------------------------------------------------------------------------
+def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
+    p = Path(path)
+    if p.is_dir():
+        return load_hf(p)
+    if p.is_file():
+        if p.suffix == ".safetensors":
+            raise CheckpointError(f"{p} is a single safetensors file; pass its directory (with config.json) instead")
+        return load_pt(p, trust_pickle=trust_pickle)
+    raise CheckpointError(f"{p} does not exist")
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> DeepseekV32ForCausalLM:
+    """An eval-mode reference model holding the checkpoint's (dequantised) weights."""
+    with torch.device("meta"):
+        model = DeepseekV32ForCausalLM(ckpt.config)
+    state = ckpt.state_dict(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers()  # RoPE tables and Hadamard matrices are derived, not stored
+    return model.eval()
+
+
+def checkpoint_from_model(model: DeepseekV32ForCausalLM) -> Checkpoint:
+    return Checkpoint(model.config, {k: v.detach().clone() for k, v in model.state_dict().items()})

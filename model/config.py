@@ -1,0 +1,305 @@
+"""DeepSeek-V3.2 model configuration: the HF ``config.json`` keys of ``model_type = "deepseek_v32"``.
+
+Field names are the HF keys (spec §1.1) so a config round-trips through ``config.json`` unchanged;
+keys we do not interpret (``auto_map``, ``transformers_version`` ...) are kept in ``extra`` and
+written back. ``validate`` turns inconsistent values into a ``ConfigError`` that says what to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsc.errors import ConfigError
+
+MODEL_TYPE = "deepseek_v32"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(
+        default_factory=lambda: {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        }
+    )
+    max_position_embeddings: int = 163840
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    quantization_config: dict | None = None
+    torch_dtype: str = "bfloat16"
+    attention_bias: bool = False
+    model_type: str = MODEL_TYPE
+    architectures: list = field(default_factory=lambda: ["DeepseekV32ForCausalLM"])
+    extra: dict = field(default_factory=dict)
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_layers_total(self) -> int:
+        """Main layers plus MTP layers (MTP sits at index ``num_hidden_layers`` onwards)."""
+        return self.num_hidden_layers + self.num_nextn_predict_layers
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+    @property
+    def yarn(self) -> dict | None:
+        rs = self.rope_scaling
+        if rs and rs.get("type", rs.get("rope_type")) == "yarn":
+            return rs
+        return None
+
+    @property
+    def softmax_scale(self) -> float:
+        """MLA softmax scale: qk_head_dim^-0.5 times the YaRN mscale squared (spec §4.5)."""
+        scale = self.qk_head_dim**-0.5
+        if self.yarn is not None:
+            m = yarn_mscale(float(self.yarn["factor"]), float(self.yarn.get("mscale_all_dim", 1.0)))
+            scale *= m * m
+        return scale
+
+    # ---- (de)serialisation --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        if d.get("model_type") != MODEL_TYPE:
+            raise ConfigError(
+                f"config model_type is {d.get('model_type')!r}; dsc compiles {MODEL_TYPE!r} models "
+                "(DeepSeek-V3.2 / V3.2-Exp). Check that this is a DeepSeek-V3.2 config.json."
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: d.pop(k) for k in list(d) if k in known}
+        cfg = cls(**kwargs, extra=d)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        if d["quantization_config"] is None:
+            d.pop("quantization_config")
+        return {**d, **extra}
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist; an HF checkpoint directory needs a config.json") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); fix or regenerate the config") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"invalid config: {msg}")
+
+        ints = [
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+            "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "index_n_heads",
+            "index_head_dim", "index_topk", "max_position_embeddings", "moe_layer_freq",
+        ]  # fmt: skip
+        for name in ints:
+            v = getattr(self, name)
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                f"{name} must be a positive integer, got {v!r}",
+            )
+        for name in ["first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"]:
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        need(
+            self.n_routed_experts % self.n_group == 0,
+            f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})",
+        )
+        need(self.topk_group <= self.n_group, f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        need(
+            self.num_experts_per_tok <= self.topk_group * per_group,
+            f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in the kept groups "
+            f"(topk_group {self.topk_group} x {per_group} experts per group)",
+        )
+        need(
+            per_group >= 2 or self.n_group == 1,
+            "group-limited routing needs >= 2 experts per group (top-2 group score)",
+        )
+        need(
+            self.scoring_func == "sigmoid",
+            f"scoring_func must be 'sigmoid' for deepseek_v32, got {self.scoring_func!r}",
+        )
+        need(self.topk_method == "noaux_tc", f"topk_method must be 'noaux_tc', got {self.topk_method!r}")
+        need(self.hidden_act == "silu", f"hidden_act must be 'silu', got {self.hidden_act!r}")
+        need(self.num_key_value_heads == self.num_attention_heads, "MLA has num_key_value_heads == num_attention_heads")
+        d = self.index_head_dim
+        need(d & (d - 1) == 0, f"index_head_dim must be a power of two (Hadamard rotation), got {d}")
+        need(d >= self.qk_rope_head_dim, f"index_head_dim ({d}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim})")
+        need(0 < self.rms_norm_eps < 1, f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
+        need(not self.tie_word_embeddings, "tie_word_embeddings must be false for DeepSeek-V3.2")
+        rs = self.rope_scaling
+        if rs is not None:
+            kind = rs.get("type", rs.get("rope_type"))
+            need(kind == "yarn", f"rope_scaling type must be 'yarn', got {kind!r}")
+            for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+                need(k in rs, f"rope_scaling is missing {k!r}")
+            need(float(rs["factor"]) >= 1, f"rope_scaling.factor must be >= 1, got {rs['factor']}")
+        qc = self.quantization_config
+        if qc is not None:
+            need(
+                qc.get("quant_method") == "fp8", f"only quant_method 'fp8' is supported, got {qc.get('quant_method')!r}"
+            )
+            need(qc.get("fmt", "e4m3") == "e4m3", f"only fp8 fmt 'e4m3' is supported, got {qc.get('fmt')!r}")
+            need(list(qc.get("weight_block_size", [128, 128])) == [128, 128], "weight_block_size must be [128, 128]")
+
+
+def yarn_mscale(factor: float, mscale_all_dim: float = 1.0) -> float:
+    """YaRN attention temperature 0.1·m·ln(s) + 1 (1 when the factor is <= 1), spec §3."""
+    if factor <= 1:
+        return 1.0
+    return 0.1 * mscale_all_dim * math.log(factor) + 1.0
+
+
+def _yarn(factor: int, original: int) -> dict:
+    return {
+        "type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: well under 1M parameters, 2 layers (first dense) + 1 MTP layer, sparse attention active
+    # beyond 16 tokens, YaRN active (256 -> 1024 positions).
+    "tiny": dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=16,
+        max_position_embeddings=1024,
+        rope_scaling=_yarn(4, 256),
+        bos_token_id=256,
+        eos_token_id=257,
+        torch_dtype="float32",
+    ),  # fmt: skip
+    # CPU benchmarks: the full model's ratios at reduced width.
+    "small": dict(
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=256,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        q_lora_rank=384,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        index_n_heads=16,
+        index_head_dim=128,
+        index_topk=2048,
+        max_position_embeddings=65536,
+        rope_scaling=_yarn(16, 4096),
+        bos_token_id=256,
+        eos_token_id=257,
+        torch_dtype="float32",
+    ),  # fmt: skip
+    # The exact 671B config (spec §1.1): meta device only, for shape and cost analysis.
+    "deepseek-v3.2": dict(
+        quantization_config={
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [128, 128],
+            "scale_fmt": "ue8m0",
+        },
+    ),  # fmt: skip
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = ModelConfig(**PRESETS[name])
+    cfg.validate()
+    return cfg

@@ -1,0 +1,28 @@
+import json
+import subprocess
+import sys
+
+from dsc.cli import main
+
+
+def test_info_full_model_json(capsys):
+    assert main(["info", "deepseek-v3.2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    p = data["params"]
+    assert 680e9 < p["total"] < 690e9 and 670e9 < p["main"] < 673e9  # 671B + indexer, + 14B MTP
+    assert 36e9 < p["activated_main"] < 39e9
+    c = data["cache"]
+    assert c["values_per_token_per_layer"] == {"per_head_kv": 128 * 320, "mla_latent": 576, "index_keys": 128}
+    assert c["bytes_per_token"]["absorbed_latent"] == (576 + 128) * 2 * 61
+
+
+def test_info_table_and_bad_model(capsys):
+    assert main(["info", "tiny"]) == 0
+    assert "activated per token" in capsys.readouterr().out
+    assert main(["info", "no/such/model"]) == 2
+    assert "neither a checkpoint path nor a preset" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    r = subprocess.run([sys.executable, "-m", "dsc.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "info" in r.stdout
