@@ -9,11 +9,16 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from dsc.errors import DscError
+from dsc.pass_manager import PassVerificationError
 
 console = Console(stderr=True)
 out = Console()
@@ -72,6 +77,102 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---- passes -------------------------------------------------------------------------------------
+def cmd_passes(args) -> int:
+    from dsc.pass_manager import registry
+
+    reg = registry()
+    if args.json:
+        print(json.dumps([{"name": p.name, "order": p.order, "default": p.default, "purpose": p.purpose,
+                           "tolerance": p.tolerance.to_dict()} for p in reg.values()], indent=2))  # fmt: skip
+        return 0
+    t = Table(title="dsc passes (default pipeline in this order)")
+    for col in ("order", "name", "default", "purpose", "tolerance (atol / rtol)"):
+        t.add_column(col)
+    for p in reg.values():
+        t.add_row(
+            str(p.order),
+            p.name,
+            "yes" if p.default else "no",
+            p.purpose,
+            f"{p.tolerance.atol:g} / {p.tolerance.rtol:g}",
+        )
+    out.print(t)
+    return 0
+
+
+# ---- optimize -----------------------------------------------------------------------------------
+def _split(v: str | None) -> list[str] | None:
+    return [s.strip() for s in v.split(",") if s.strip()] if v else None
+
+
+def cmd_optimize(args) -> int:
+    from dsc.optimize import check_output_dir, optimize, write_output
+
+    check_output_dir(args.output, args.force, [args.model])
+    t0 = time.perf_counter()
+    state = {"t": t0}
+
+    def on_event(kind: str, msg: str) -> None:
+        now = time.perf_counter()
+        console.print(f"[dim]{now - t0:7.1f}s[/] {kind:>6}: {msg}", highlight=False)
+        state["t"] = now
+
+    with console.status("optimizing...", spinner="dots"):
+        result = optimize(
+            args.model, _split(args.passes), _split(args.disable_pass), verify=not args.no_verify,
+            trust_pickle=args.trust_pickle, on_event=on_event,
+        )  # fmt: skip
+        on_event("stage", f"writing {args.output}")
+        write_output(result, args.output, force=args.force)
+    t = Table(title=f"dsc optimize {args.model or '(default)'} -> {args.output}")
+    for col in ("pass", "changed", "matches", "nodes (prefill/decode)", "max abs err", "top-1", "SQNR dB", "s"):
+        t.add_column(col)
+    for r in result.records:
+        n = r.numerics
+        t.add_row(
+            r.name, "yes" if r.changed else "no", str(r.matches),
+            " / ".join(f"{r.nodes_before[e]}->{r.nodes_after[e]}" for e in r.nodes_before),
+            f"{n.max_abs_err:.2e}" if n else "-", f"{n.top1_agreement:.3f}" if n else "-",
+            ("exact" if n.sqnr_db == float("inf") else f"{n.sqnr_db:.1f}") if n else "-", f"{r.seconds:.2f}",
+        )  # fmt: skip
+    out.print(t)
+    out.print(f"wrote {args.output}/ (Program + report.json) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---- generate -----------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    from dsc.program import MANIFEST, Program
+    from dsc.runtime import EagerBackend, SamplingParams, generate
+    from dsc.sources import load_model
+    from dsc.tokenizer import ByteTokenizer
+
+    if args.model and (Path(args.model) / MANIFEST).exists():
+        backend = Program.load(args.model)
+    else:
+        backend = EagerBackend(load_model(args.model, trust_pickle=args.trust_pickle)[0])
+    tok = ByteTokenizer.for_config(backend.config)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    res = generate(backend, [tok.encode(p) for p in args.prompt], params)
+    texts = [tok.decode(t) for t in res.tokens]
+    if args.json:
+        if len(texts) == 1:
+            print(json.dumps({"text": texts[0], "tokens": res.tokens[0], "stats": res.stats}))
+        else:
+            rows = [{"text": x, "tokens": t} for x, t in zip(texts, res.tokens)]
+            print(json.dumps({"results": rows, "stats": res.stats}))
+        return 0
+    for p, x in zip(args.prompt, texts):
+        print(p + x)
+    console.print(
+        f"{res.stats['new_tokens']} tokens, {res.stats['ms_per_step']} ms/step, {res.stats['tokens_per_s']} tok/s"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsc", description="A compiler for DeepSeek-V3.2-style language models.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -81,6 +182,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="checkpoint directory, model.pt or preset name (default: built-in model)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("passes", help="list the registered passes in pipeline order")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("optimize", help="capture a model, run the verified pass pipeline, write Program + report")
+    p.add_argument("model", nargs="?", help="checkpoint directory, model.pt or preset name (default: built-in model)")
+    p.add_argument("-o", "--output", required=True, help="output directory (created atomically)")
+    p.add_argument("--passes", help="comma-separated passes to run, in this order (default: the default pipeline)")
+    p.add_argument("--disable-pass", help="comma-separated passes to leave out")
+    p.add_argument("--no-verify", action="store_true", help="skip the numerical check after each pass")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("generate", help="generate text with a model or an optimized Program directory")
+    p.add_argument("model", nargs="?", help="dsc optimize output, checkpoint, model.pt or preset (default: built-in)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")
+    p.add_argument("--json", action="store_true", help="print {text, tokens, stats} as JSON")
+    p.set_defaults(func=cmd_generate)
     return ap
 
 
@@ -94,6 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     except DscError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PassVerificationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception:  # noqa: BLE001 - last resort: an internal failure, shown in full
+        path = Path(tempfile.mkdtemp(prefix="dsc-crash-")) / "traceback.txt"
+        path.write_text(traceback.format_exc())
+        print(
+            f"internal error (please report): {traceback.format_exc(limit=-3)}\nfull traceback: {path}", file=sys.stderr
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from dsc.errors import CheckpointError, DscError
+from dsc.errors import CheckpointError
+from dsc.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" + "_scale_inv"
@@ -147,26 +146,6 @@ def load_hf(path: str | Path) -> Checkpoint:
     return Checkpoint(cfg, tensors, str(path), meta)
 
 
-def _atomic_dir(dest: Path, write, overwrite: bool) -> None:
-    dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise DscError(f"{dest} exists and is not empty; choose another path or allow overwriting")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def save_hf(ckpt: Checkpoint, dest: str | Path, max_shard_bytes: int | None = None, overwrite: bool = False) -> None:
     """Write ``config.json`` + ``model.safetensors`` (or shards + index) atomically; tensors keep their dtypes."""
     tensors = {k: v.contiguous() for k, v in ckpt.tensors.items()}
@@ -195,7 +174,7 @@ def save_hf(ckpt: Checkpoint, dest: str | Path, max_shard_bytes: int | None = No
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
 
-    _atomic_dir(Path(dest), write, overwrite)
+    atomic_dir(Path(dest), write, overwrite)
 
 
 # ---- model.pt -----------------------------------------------------------------------------------

@@ -16,3 +16,17 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_cfg():
     return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_program(tiny):
+    from dsc.capture import capture
+
+    return capture(tiny, source="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_optimized(tiny_program):
+    from dsc.pass_manager import run_pipeline, select_passes
+
+    return run_pipeline(tiny_program, select_passes())

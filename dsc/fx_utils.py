@@ -1,0 +1,142 @@
+"""Small helpers for editing the graphs of ExportedPrograms in place (on a clone)."""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+
+aten = torch.ops.aten
+
+# ops that only re-describe memory (their output aliases their input)
+VIEW_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.expand_as.default, aten.slice.Tensor,
+    aten.select.int, aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, aten.unbind.int,
+    aten.narrow.default, aten.alias.default, aten.detach.default,
+}  # fmt: skip
+
+
+def call_nodes(gm: fx.GraphModule, *targets) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and (not targets or n.target in targets)]
+
+
+def op_histogram(ep: ExportedProgram) -> dict[str, int]:
+    return dict(Counter(str(n.target) for n in ep.graph.nodes if n.op == "call_function"))
+
+
+def node_count(ep: ExportedProgram) -> int:
+    return sum(1 for n in ep.graph.nodes if n.op == "call_function")
+
+
+def constant_of(ep: ExportedProgram, node) -> torch.Tensor | None:
+    """The tensor behind a parameter / buffer / constant placeholder, else None."""
+    if not isinstance(node, fx.Node) or node.op != "placeholder":
+        return None
+    for spec in ep.graph_signature.input_specs:
+        if spec.arg.name == node.name:
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                return ep.state_dict.get(spec.target)
+            if spec.kind == InputKind.CONSTANT_TENSOR:
+                return ep.constants.get(spec.target)
+    return None
+
+
+def mutated_inputs(ep: ExportedProgram) -> set[fx.Node]:
+    """Placeholders written in place (e.g. by ``index_put_``) and every view of them."""
+    roots = set()
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+            for arg, a in zip(n.target._schema.arguments, n.args):
+                if arg.alias_info is not None and arg.alias_info.is_write and isinstance(a, fx.Node):
+                    roots.add(a)
+    closure = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for n in ep.graph.nodes:
+            if (
+                n not in closure
+                and n.op == "call_function"
+                and n.target in VIEW_OPS
+                and n.args
+                and n.args[0] in closure
+            ):
+                closure.add(n)
+                changed = True
+            if n not in closure and n.op == "call_function" and n.target is operator.getitem and n.args[0] in closure:
+                closure.add(n)
+                changed = True
+    # the placeholders behind views of written memory are volatile too
+    for n in list(closure):
+        while n.op == "call_function" and n.target in VIEW_OPS | {operator.getitem}:
+            n = n.args[0]
+            closure.add(n)
+    return closure
+
+
+def add_constant_input(ep: ExportedProgram, name: str, tensor: torch.Tensor, kind: str = "parameter") -> fx.Node:
+    """A new parameter (or constant) placeholder, registered in the signature and the state dict."""
+    graph = ep.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    node_name = "p_" + name.replace(".", "_") if kind == "parameter" else "c_" + name.replace(".", "_")
+    first_user = next(
+        (n for n, s in zip(placeholders, ep.graph_signature.input_specs) if s.kind == InputKind.USER_INPUT), None
+    )
+    with graph.inserting_before(first_user) if first_user is not None else graph.inserting_after(placeholders[-1]):
+        node = graph.placeholder(node_name)
+    node.meta["val"] = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True).from_tensor(tensor)
+    specs = ep.graph_signature.input_specs
+    idx = next((i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT), len(specs))
+    if kind == "parameter":
+        param = torch.nn.Parameter(tensor, requires_grad=False)
+        specs.insert(idx, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target=name))
+        ep.state_dict[name] = param
+    else:
+        specs.insert(idx, InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(node.name), target=name))
+        ep.constants[name] = tensor
+    return node
+
+
+def drop_unused_inputs(ep: ExportedProgram) -> None:
+    """Remove parameter / buffer / constant placeholders nothing reads any more (graph, signature, tensors)."""
+    lifted = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    keep = []
+    for node, spec in zip(placeholders, list(ep.graph_signature.input_specs)):
+        if spec.kind in lifted and not node.users:
+            ep.graph.erase_node(node)
+            store = ep.constants if spec.kind == InputKind.CONSTANT_TENSOR else ep.state_dict
+            store.pop(spec.target, None)
+        else:
+            keep.append(spec)
+    ep.graph_signature.input_specs[:] = keep
+
+
+def sync_outputs(ep: ExportedProgram) -> None:
+    """Point the signature's output specs at the nodes the output node now returns."""
+    out = next(n for n in reversed(ep.graph.nodes) if n.op == "output")
+    values = torch.utils._pytree.tree_leaves(out.args[0])
+    specs = ep.graph_signature.output_specs
+    assert len(values) == len(specs), f"{len(values)} graph outputs vs {len(specs)} output specs"
+    for spec, v in zip(specs, values):
+        if isinstance(v, fx.Node) and isinstance(spec.arg, TensorArgument):
+            spec.arg.name = v.name
+
+
+def finalize(ep: ExportedProgram) -> None:
+    """Dead-code elimination (side-effecting ops stay), signature sync, lint, recompile."""
+    sync_outputs(ep)
+    ep.graph.eliminate_dead_code()
+    ep.graph.lint()
+    ep.graph_module.recompile()
+
+
+def tag(node: fx.Node, pass_name: str) -> fx.Node:
+    node.meta["dsc_pass"] = pass_name
+    return node

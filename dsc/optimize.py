@@ -1,0 +1,97 @@
+"""The ``dsc optimize`` job: load, capture, run the pass pipeline with verification, write OUT atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import dsc
+from dsc.capture import capture
+from dsc.fsutil import atomic_dir
+from dsc.pass_manager import PassRecord, run_pipeline, select_passes
+from dsc.program import Program
+from dsc.sources import load_model
+
+
+@dataclass
+class OptimizeResult:
+    before: Program
+    after: Program
+    records: list[PassRecord]
+    timings: dict[str, float]
+    report: dict
+
+
+def program_summary(p: Program) -> dict:
+    from dsc.fx_utils import node_count
+
+    weights = {}
+    for ep in p.entries.values():
+        weights.update({k: t for k, t in ep.state_dict.items()})
+    return {
+        "entries": sorted(p.entries),
+        "nodes": {k: node_count(ep) for k, ep in p.entries.items()},
+        "param_bytes": sum(t.numel() * t.element_size() for t in weights.values()),
+        "cache_bytes_per_token": p.cache.bytes_per_token(),
+    }
+
+
+def optimize(
+    model_spec: str | None,
+    passes: list[str] | None = None,
+    disable: list[str] | None = None,
+    verify: bool = True,
+    trust_pickle: bool = False,
+    dump_dir: Path | None = None,
+    on_event: Callable[[str, str], None] | None = None,
+) -> OptimizeResult:
+    emit = on_event or (lambda kind, msg: None)
+    chosen = select_passes(passes, disable)  # bad names fail before any work
+    timings = {}
+    t = time.perf_counter()
+    emit("stage", "loading model")
+    model, _ = load_model(model_spec, trust_pickle=trust_pickle)
+    timings["load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    emit("stage", "capturing prefill and decode with torch.export")
+    before = capture(model, source=model_spec or "default")
+    timings["capture_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    after, records = run_pipeline(before, chosen, verify=verify, dump_dir=dump_dir, on_event=on_event)
+    timings["passes_s"] = time.perf_counter() - t
+    report = {
+        "dsc_version": dsc.__version__,
+        "torch_version": torch.__version__,
+        "model": model_spec or "default",
+        "verified": verify,
+        "passes": [r.to_dict() for r in records],
+        "before": program_summary(before),
+        "after": program_summary(after),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    return OptimizeResult(before, after, records, timings, report)
+
+
+def write_output(result: OptimizeResult, out: str | Path, force: bool = False) -> None:
+    def write(tmp: Path) -> None:
+        result.after.save(tmp)
+        (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=str))
+
+    atomic_dir(out, write, overwrite=force)
+
+
+def check_output_dir(out: str | Path, force: bool, inputs: list[str | None]) -> None:
+    """Refuse before any work: an OUT that would clobber user data or the input itself."""
+    from dsc.errors import DscError
+
+    out = Path(out).resolve()
+    for src in inputs:
+        if src and Path(src).exists() and Path(src).resolve() in (out, *out.parents):
+            raise DscError(f"output {out} would overwrite the input {src}; choose another -o path")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DscError(f"{out} exists and is not empty; choose another output path or pass --force")

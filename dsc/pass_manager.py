@@ -1,0 +1,177 @@
+"""Pass registry, the default pipeline, and the runner that verifies every pass.
+
+A pass is a function ``fn(program, ctx) -> (matches, stats)`` registered with ``@register_pass``.
+It receives a *clone* of the Program (new graphs, shared weights) and edits it in place; the
+manager never hands it the caller's Program, so a pass cannot mutate its input. With verification
+on, the manager runs the Program before and after each pass on the same seeded scenario and stops
+the pipeline with ``PassVerificationError`` (naming the pass and the worst tensor, with a
+before/after dump) when the pass breaks its declared tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsc.errors import DscError
+from dsc.fx_utils import node_count, op_histogram
+from dsc.program import Program
+from dsc.verify import Numerics, Tolerance, compare, make_scenario, run_scenario
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    order: int
+    purpose: str
+    tolerance: Tolerance
+    fn: Callable
+    default: bool = True
+
+
+REGISTRY: dict[str, PassInfo] = {}
+
+
+def register_pass(name: str, order: int, purpose: str, tolerance: Tolerance, default: bool = True):
+    def deco(fn):
+        assert name not in REGISTRY, f"pass {name!r} registered twice"
+        REGISTRY[name] = PassInfo(name, order, purpose, tolerance, fn, default)
+        return fn
+
+    return deco
+
+
+def registry() -> dict[str, PassInfo]:
+    import dsc.passes  # noqa: F401  (each pass file registers itself)
+
+    return dict(sorted(REGISTRY.items(), key=lambda kv: kv[1].order))
+
+
+@dataclass
+class PassContext:
+    pass_name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassRecord:
+    name: str
+    changed: bool
+    matches: int
+    stats: dict
+    tolerance: Tolerance
+    numerics: Numerics | None
+    seconds: float
+    nodes_before: dict[str, int]
+    nodes_after: dict[str, int]
+    ops_before: dict[str, dict[str, int]]
+    ops_after: dict[str, dict[str, int]]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "changed": self.changed,
+            "matches": self.matches,
+            "stats": self.stats,
+            "tolerance": self.tolerance.to_dict(),
+            "numerics": self.numerics.to_dict() if self.numerics else None,
+            "seconds": round(self.seconds, 3),
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+        }
+
+
+class PassVerificationError(RuntimeError):
+    """A pass broke its tolerance. Internal failure (exit 1): the message names the pass, the worst tensor and the dump."""
+
+    def __init__(self, pass_name: str, numerics: Numerics, violations: list[str], dump: Path):
+        self.pass_name, self.numerics, self.violations, self.dump = pass_name, numerics, violations, dump
+        shown = "\n  - ".join(violations[:8])
+        super().__init__(
+            f"pass {pass_name!r} changed the numbers beyond its tolerance; worst tensor: {numerics.worst} "
+            f"(max abs err {numerics.max_abs_err:.3g}, top-1 agreement {numerics.top1_agreement:.3f}).\n  - {shown}\n"
+            f"Before/after graphs of the pass: {dump}"
+        )
+
+
+def select_passes(passes: list[str] | None = None, disable: list[str] | None = None) -> list[PassInfo]:
+    reg = registry()
+    for name in (passes or []) + (disable or []):
+        if name not in reg:
+            raise DscError(f"unknown pass {name!r}; available passes: {', '.join(reg)}")
+    chosen = [reg[n] for n in passes] if passes else [p for p in reg.values() if p.default]
+    return [p for p in chosen if p.name not in set(disable or [])]
+
+
+def graph_code(program: Program) -> dict[str, str]:
+    return {name: ep.graph_module.code for name, ep in program.entries.items()}
+
+
+def dump_pass(dump_dir: Path, index: int, name: str, before: Program, after: Program) -> Path:
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    for label, prog in (("before", before), ("after", after)):
+        for entry, code in graph_code(prog).items():
+            (dump_dir / f"{index:03d}_{name}.{entry}.{label}.py").write_text(code)
+    return dump_dir
+
+
+def run_pipeline(
+    program: Program,
+    passes: list[PassInfo],
+    verify: bool = True,
+    seed: int = 0,
+    dump_dir: Path | None = None,
+    on_event: Callable[[str, str], None] | None = None,
+) -> tuple[Program, list[PassRecord]]:
+    """Run ``passes`` in order on clones of ``program``; returns the final Program and one record per pass."""
+    emit = on_event or (lambda kind, msg: None)
+    scenario = make_scenario(program.config, seed) if verify else None
+    before_out = None
+    if verify:
+        emit("verify", "baseline run")
+        before_out = run_scenario(program, scenario)
+    records = []
+    for i, info in enumerate(passes, start=1):
+        emit("pass", info.name)
+        t0 = time.perf_counter()
+        work = program.clone()
+        matches, stats = info.fn(work, PassContext(info.name))
+        seconds = time.perf_counter() - t0
+        changed = graph_code(work) != graph_code(program) or work.cache != program.cache
+        numerics = None
+        if verify and changed:
+            emit("verify", info.name)
+            after_out = run_scenario(work, scenario)
+            if work.cache != program.cache:  # a new cache layout: compare outputs, not cache tensors
+                after_out = {k: v for k, v in after_out.items() if not k.startswith("cache.")}
+            numerics, violations = compare(before_out, after_out, info.tolerance)
+            if violations:
+                where = dump_dir or Path(tempfile.mkdtemp(prefix="dsc-dump-"))
+                dump_pass(where, i, info.name, program, work)
+                raise PassVerificationError(info.name, numerics, violations, where)
+            before_out = run_scenario(work, scenario) if work.cache != program.cache else after_out
+        if changed and dump_dir is not None:
+            dump_pass(dump_dir, i, info.name, program, work)
+        records.append(
+            PassRecord(
+                info.name, changed, matches, stats, info.tolerance, numerics, seconds,
+                {k: node_count(ep) for k, ep in program.entries.items()},
+                {k: node_count(ep) for k, ep in work.entries.items()},
+                {k: op_histogram(ep) for k, ep in program.entries.items()},
+                {k: op_histogram(ep) for k, ep in work.entries.items()},
+            )
+        )  # fmt: skip
+        log.info("pass %s: changed=%s matches=%d", info.name, changed, matches)
+        if changed:
+            work.provenance.setdefault("passes", []).append(info.name)
+            program = work
+    return program, records

@@ -1,0 +1,222 @@
+"""The Program: named torch.export entry points sharing one set of weights, plus the CacheSpec.
+
+Every pass consumes and produces a Program. Entry points are ``ExportedProgram``s in torch.export's
+training IR (before ``run_decompositions``): ``linear``, ``einsum``, ``layer_norm`` are single nodes
+and cache writes stay in-place ``index_put_`` on the cache inputs.
+
+On disk a Program is a directory:
+
+    manifest.json         format version, config, CacheSpec, entry signatures, provenance
+    graphs/<entry>.json   torch.export's serialized program (graph + signature), without tensors
+    weights.safetensors   the union of the entries' parameters and buffers, stored once
+    constants.safetensors non-persistent tensors the graphs read (RoPE tables, Hadamard matrices)
+
+Loading reads JSON and safetensors only: nothing is unpickled (``torch.export.load`` may fall back
+to ``weights_only=False``; this format never needs it), and the entries share weight tensors again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
+from torch.export import ExportedProgram
+
+import dsc.kernels  # noqa: F401  (registers the dsc:: ops the graphs call)
+from dsc.errors import DscError
+from dsc.model.config import ModelConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Positional inputs of each entry point, in order; "caches" is the CacheSpec's tensors as a list.
+ENTRY_INPUTS = {"prefill": ["tokens", "caches"], "decode": ["tokens", "positions", "caches"]}
+
+
+@dataclass
+class CacheTensor:
+    """One cache tensor: shape (batch, max_len, *tail), its dtype and what it holds."""
+
+    name: str
+    tail: list[int]
+    dtype: str
+    meaning: str
+    layer: int
+
+    @property
+    def values_per_token(self) -> int:
+        return math.prod(self.tail)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.values_per_token * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+@dataclass
+class CacheSpec:
+    tensors: list[CacheTensor]
+
+    def allocate(self, batch: int, max_len: int, device=None) -> list[Tensor]:
+        return [
+            torch.zeros(batch, max_len, *t.tail, dtype=getattr(torch, t.dtype), device=device) for t in self.tensors
+        ]
+
+    def bytes_per_token(self, layers: set[int] | None = None) -> int:
+        return sum(t.bytes_per_token for t in self.tensors if layers is None or t.layer in layers)
+
+    def to_dict(self) -> list[dict]:
+        return [asdict(t) for t in self.tensors]
+
+    @classmethod
+    def from_dict(cls, d: list[dict]) -> CacheSpec:
+        return cls([CacheTensor(**t) for t in d])
+
+
+@dataclass
+class Program:
+    entries: dict[str, ExportedProgram]
+    cache: CacheSpec
+    config: ModelConfig
+    provenance: dict[str, Any] = field(default_factory=dict)
+    _modules: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False, compare=False)
+
+    # ---- running --------------------------------------------------------------------------------
+    def module(self, entry: str) -> torch.nn.Module:
+        if entry not in self._modules:
+            self._modules[entry] = self.entries[entry].module()
+        return self._modules[entry]
+
+    def prefill(self, tokens: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return self.module("prefill")(tokens, caches)
+
+    def decode(self, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return self.module("decode")(tokens, positions, caches)
+
+    # ---- copying --------------------------------------------------------------------------------
+    def clone(self) -> Program:
+        """New graphs and signatures, the same weight tensors: what a pass may edit freely."""
+        entries = {}
+        with warnings.catch_warnings():  # deepcopy of pytree specs warns about a deprecated isinstance
+            warnings.simplefilter("ignore", FutureWarning)
+            for name, ep in self.entries.items():
+                gm = copy.deepcopy(ep.graph_module)
+                sig = copy.deepcopy(ep.graph_signature)
+                entries[name] = ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
+        return Program(entries, copy.deepcopy(self.cache), self.config, copy.deepcopy(self.provenance))
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write into the directory ``path`` (which the caller makes atomic)."""
+        path = Path(path)
+        (path / "graphs").mkdir(parents=True, exist_ok=True)
+        weights: dict[str, Tensor] = {}
+        consts: dict[str, Tensor] = {}
+        entries = {}
+        for name, ep in self.entries.items():
+            art = serialize(ep, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+            (path / "graphs" / f"{name}.json").write_bytes(art.exported_program)
+            for k, t in ep.state_dict.items():
+                _put_once(weights, k, t, name)
+            tensor_consts = {}
+            for k, c in ep.constants.items():
+                if not isinstance(c, Tensor):
+                    raise DscError(f"entry {name!r} holds a non-tensor constant {k!r}; it cannot be saved")
+                _put_once(consts, k, c, name)
+                tensor_consts[k] = True
+            entries[name] = {
+                "graph": f"graphs/{name}.json",
+                "inputs": ENTRY_INPUTS.get(name, []),
+                "state_dict": sorted(ep.state_dict),
+                "parameters": sorted(k for k, t in ep.state_dict.items() if isinstance(t, torch.nn.Parameter)),
+                "constants": sorted(tensor_consts),
+            }
+        _save_tensors(weights, path / "weights.safetensors")
+        _save_tensors(consts, path / "constants.safetensors")
+        manifest = {
+            "format": "dsc-program",
+            "format_version": FORMAT_VERSION,
+            "torch_version": torch.__version__,
+            "config": self.config.to_dict(),
+            "cache": self.cache.to_dict(),
+            "entries": entries,
+            "provenance": self.provenance,
+        }
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Program:
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise DscError(
+                f"{path} is not a saved dsc Program (no {MANIFEST}); run `dsc optimize` to make one"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise DscError(f"{path / MANIFEST} is corrupt ({e})") from None
+        if manifest.get("format") != "dsc-program" or manifest.get("format_version") != FORMAT_VERSION:
+            raise DscError(
+                f"{path} holds format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+                f"this dsc reads dsc-program version {FORMAT_VERSION}. Re-run `dsc optimize` with this version."
+            )
+        try:
+            weights = load_file(str(path / "weights.safetensors"))
+            consts = load_file(str(path / "constants.safetensors"))
+        except (OSError, Exception) as e:  # safetensors raises its own error type for corrupt files
+            if isinstance(e, DscError):
+                raise
+            raise DscError(
+                f"{path}: cannot read the Program's tensors ({e}); the directory may be incomplete"
+            ) from None
+        params = {k for info in manifest["entries"].values() for k in info.get("parameters", [])}
+        # one tensor object per name, shared by every entry
+        weights = {k: torch.nn.Parameter(t, requires_grad=False) if k in params else t for k, t in weights.items()}
+        entries = {}
+        for name, info in manifest["entries"].items():
+            missing = [k for k in info["state_dict"] if k not in weights] + [
+                k for k in info["constants"] if k not in consts
+            ]
+            if missing:
+                raise DscError(f"{path}: entry {name!r} needs tensors absent from its safetensors: {missing[:5]}")
+            art = SerializedArtifact(
+                (path / info["graph"]).read_bytes(),
+                {k: weights[k] for k in info["state_dict"]},
+                {k: consts[k] for k in info["constants"]},
+                None,
+            )
+            entries[name] = deserialize(art)
+        return cls(
+            entries,
+            CacheSpec.from_dict(manifest["cache"]),
+            ModelConfig.from_dict(manifest["config"]),
+            manifest.get("provenance", {}),
+        )
+
+
+def _put_once(store: dict[str, Tensor], key: str, t: Tensor, entry: str) -> None:
+    prev = store.get(key)
+    if prev is None:
+        store[key] = t
+    elif prev is not t and not (prev.shape == t.shape and prev.data_ptr() == t.data_ptr()):
+        raise DscError(f"entry {entry!r} binds {key!r} to a different tensor than another entry; names must be unique")
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        # safetensors refuses shared storage: store views and aliases as their own copies
+        out[k] = t.clone() if key in seen or not t.is_contiguous() or t.storage_offset() else t
+        seen.add(key)
+    save_file(out, str(path))

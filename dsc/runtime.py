@@ -1,0 +1,135 @@
+"""One generation runtime for the eager reference model and for compiled Programs.
+
+Both expose ``prefill(tokens, caches)``, ``decode(tokens, positions, caches)`` and a CacheSpec; the
+runtime allocates the caches once at (batch, prompt + new tokens) and hands each call a view
+``cache[:, :T]`` of the current context, so a step reads O(T) and writes only its new positions.
+
+Batches of different prompt lengths are right-padded: every row is at its own positions, attention
+is causal by position, and a row's first decode step overwrites its padding slot before any query
+can see it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dsc.capture import cache_spec_of
+from dsc.errors import DscError
+from dsc.model.model import DeepseekV32ForCausalLM
+
+
+class EagerBackend:
+    """The reference model behind the Program interface."""
+
+    def __init__(self, model: DeepseekV32ForCausalLM):
+        self.model, self.config, self.cache = model, model.config, cache_spec_of(model)
+
+    def prefill(self, tokens, caches):
+        return self.model.prefill(tokens, caches)
+
+    def decode(self, tokens, positions, caches):
+        return self.model.decode(tokens, positions, caches)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise DscError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise DscError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DscError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per row
+    stats: dict = field(default_factory=dict)
+
+
+def sample_next(logits: Tensor, p: SamplingParams, gen: torch.Generator) -> Tensor:
+    """logits (B, V) -> tokens (B,). Greedy at temperature 0, else nucleus sampling via the
+    exponential-race trick argmax(probs / Exp(1)) (spec §2), which draws exactly from ``probs``."""
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / p.temperature).softmax(-1)
+    if p.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
+    return (probs / noise).argmax(-1)
+
+
+@torch.no_grad()
+def generate(backend, prompts: list[list[int]], params: SamplingParams) -> Generation:
+    params.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise DscError("every prompt needs at least one token")
+    cfg = backend.config
+    B = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts])
+    P = int(lens.max())
+    total = P + params.max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise DscError(
+            f"prompt ({P}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings ({cfg.max_position_embeddings})"
+        )
+    caches = backend.cache.allocate(B, total)
+    tokens = torch.zeros(B, P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    gen = torch.Generator().manual_seed(params.seed)
+
+    t0 = time.perf_counter()
+    logits, _ = backend.prefill(tokens, [c[:, :P] for c in caches])
+    last = logits[torch.arange(B), lens - 1]  # (B, V): each row's own last position
+    t_prefill = time.perf_counter() - t0
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    positions = lens.clone()
+    step_times = []
+    for step in range(params.max_new_tokens):
+        nxt = sample_next(last, params, gen)
+        for i in range(B):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+        if params.stop_at_eos:
+            done |= nxt == cfg.eos_token_id
+        if done.all() or step == params.max_new_tokens - 1:
+            break
+        t1 = time.perf_counter()
+        T = int(positions.max()) + 1
+        logits, _ = backend.decode(nxt[:, None], positions[:, None], [c[:, :T] for c in caches])
+        step_times.append(time.perf_counter() - t1)
+        last = logits[:, -1]
+        positions += 1
+    n_new = sum(len(o) for o in out)
+    decode_s = sum(step_times)
+    return Generation(
+        out,
+        {
+            "batch": B,
+            "prompt_tokens": int(lens.sum()),
+            "new_tokens": n_new,
+            "prefill_s": round(t_prefill, 4),
+            "decode_s": round(decode_s, 4),
+            "decode_steps": len(step_times),
+            "ms_per_step": round(1000 * decode_s / max(len(step_times), 1), 3),
+            "tokens_per_s": round(n_new / max(t_prefill + decode_s, 1e-9), 2),
+        },
+    )

@@ -1,0 +1,129 @@
+"""Numerical verification: run a Program on seeded inputs and compare two runs tensor by tensor.
+
+The scenario is a prefill followed by decode steps that include an S > 1 extend, on a batch of two
+sequences, long enough that DSA's top-k selection is active on small configs. Every logits tensor
+and (when both Programs share a cache layout) every cache tensor is compared.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A pass's numerical contract: elementwise |a - b| <= atol + rtol·|b|, plus distribution-level floors."""
+
+    atol: float
+    rtol: float
+    min_top1: float = 0.95
+    min_sqnr_db: float = 60.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+EXACT = Tolerance(atol=1e-6, rtol=1e-5, min_top1=1.0, min_sqnr_db=100.0)
+FP32_REASSOC = Tolerance(atol=1e-4, rtol=1e-3, min_top1=0.95, min_sqnr_db=60.0)
+
+
+@dataclass
+class Numerics:
+    max_abs_err: float
+    max_rel_err: float
+    top1_agreement: float
+    sqnr_db: float
+    worst: str  # the tensor with the largest violation / error
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sqnr_db"] = None if math.isinf(self.sqnr_db) else round(self.sqnr_db, 2)  # null: bit-identical
+        return d
+
+
+@dataclass
+class Scenario:
+    batch: int
+    prompt: Tensor  # (B, P)
+    steps: list[tuple[Tensor, Tensor]]  # (tokens (B, S), positions (B, S))
+
+    @property
+    def total_len(self) -> int:
+        return self.prompt.shape[1] + sum(t.shape[1] for t, _ in self.steps)
+
+
+def make_scenario(config, seed: int = 0, batch: int = 2) -> Scenario:
+    gen = torch.Generator().manual_seed(seed)
+    prompt_len = min(config.index_topk + 8, 40)
+    vocab = min(config.vocab_size, 256)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen)
+    steps, pos = [], prompt_len
+    for n in (1, 1, 3, 1, 2):  # single steps and speculative-style extends
+        toks = torch.randint(0, vocab, (batch, n), generator=gen)
+        steps.append((toks, torch.arange(pos, pos + n).expand(batch, n).contiguous()))
+        pos += n
+    return Scenario(batch, prompt, steps)
+
+
+@torch.no_grad()
+def run_scenario(program, scenario: Scenario) -> dict[str, Tensor]:
+    """Named outputs: logits of the prefill and each step, then the final cache contents."""
+    caches = program.cache.allocate(scenario.batch, scenario.total_len)
+    P = scenario.prompt.shape[1]
+    out = {}
+    logits, _ = program.prefill(scenario.prompt, [c[:, :P] for c in caches])
+    out["prefill.logits"] = logits.clone()
+    for i, (toks, pos) in enumerate(scenario.steps):
+        T = int(pos.max()) + 1
+        logits, _ = program.decode(toks, pos, [c[:, :T] for c in caches])
+        out[f"decode[{i}](S={toks.shape[1]}).logits"] = logits.clone()
+    for spec, c in zip(program.cache.tensors, caches):
+        out[f"cache.{spec.name}"] = c
+    return out
+
+
+def compare(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerance) -> tuple[Numerics, list[str]]:
+    """Numerics over the tensors both runs have, and the list of violations (empty when within tolerance)."""
+    violations = []
+    max_abs = max_rel = 0.0
+    worst, worst_score = "", -1.0
+    agree = total = 0
+    sig = noise = 0.0
+    for k in ref:
+        if k not in got:
+            continue
+        a, b = got[k].double(), ref[k].double()
+        if a.shape != b.shape:
+            violations.append(f"{k}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
+            continue
+        if not torch.isfinite(a).all():
+            violations.append(f"{k}: non-finite values")
+            worst, worst_score = k, math.inf
+            continue
+        err = (a - b).abs()
+        ea = err.max().item() if err.numel() else 0.0
+        scale = b.abs().max().item() if b.numel() else 0.0
+        er = ea / scale if scale > 0 else ea
+        max_abs, max_rel = max(max_abs, ea), max(max_rel, er)
+        sig += b.pow(2).sum().item()
+        noise += err.pow(2).sum().item()
+        excess = (err - (tol.atol + tol.rtol * b.abs())).max().item() if err.numel() else -1.0
+        if excess > 0:
+            violations.append(f"{k}: max abs error {ea:.3g} exceeds atol {tol.atol:g} + rtol {tol.rtol:g}·|ref|")
+        score = excess if excess > 0 else er
+        if score > worst_score:
+            worst, worst_score = k, score
+        if k.endswith("logits"):
+            agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+            total += a.shape[:-1].numel()
+    top1 = agree / total if total else 1.0
+    sqnr = math.inf if noise == 0 else 10 * math.log10(max(sig, 1e-300) / noise)
+    if top1 < tol.min_top1:
+        violations.append(f"top-1 agreement {top1:.3f} below {tol.min_top1}")
+    if sqnr < tol.min_sqnr_db:
+        violations.append(f"SQNR {sqnr:.1f} dB below {tol.min_sqnr_db} dB")
+    return Numerics(max_abs, max_rel, top1, sqnr, worst), violations

@@ -1,0 +1,77 @@
+"""capture -> Program: runs like eager, saves and loads without pickles, entries share weights."""
+
+import json
+
+import pytest
+import torch
+
+from dsc.errors import DscError
+from dsc.program import Program
+from dsc.runtime import EagerBackend
+from dsc.verify import EXACT, compare, make_scenario, run_scenario
+
+
+def test_program_matches_eager_on_scenario(tiny, tiny_program):
+    sc = make_scenario(tiny.config, seed=3)
+    ref = run_scenario(EagerBackend(tiny), sc)
+    got = run_scenario(tiny_program, sc)
+    numerics, violations = compare(ref, got, EXACT)
+    assert not violations, violations
+    assert any(k.startswith("cache.") for k in got) and numerics.top1_agreement == 1.0
+
+
+def test_cache_spec(tiny_program, tiny_cfg):
+    spec = tiny_program.cache
+    assert len(spec.tensors) == 3 * tiny_cfg.num_layers_total
+    k0 = spec.tensors[0]
+    assert k0.name == "layers.0.k" and k0.tail == [tiny_cfg.num_attention_heads, tiny_cfg.qk_head_dim]
+    assert spec.bytes_per_token({0}) == 4 * (4 * 24 + 4 * 16 + 16)
+    caches = spec.allocate(3, 10)
+    assert caches[2].shape == (3, 10, tiny_cfg.index_head_dim)
+
+
+def test_save_load_runs_identically(tiny_optimized, tmp_path):
+    program, _ = tiny_optimized
+    program.save(tmp_path / "p")
+    files = sorted(p.name for p in (tmp_path / "p").rglob("*") if p.is_file())
+    assert files == ["constants.safetensors", "decode.json", "manifest.json", "prefill.json", "weights.safetensors"]
+    back = Program.load(tmp_path / "p")
+    sc = make_scenario(program.config, seed=1)
+    a, b = run_scenario(program, sc), run_scenario(back, sc)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # one weight store: both entries hold the very same tensor
+    pre, dec = back.entries["prefill"].state_dict, back.entries["decode"].state_dict
+    assert pre["m.lm_head.weight"] is dec["m.lm_head.weight"]
+    assert back.cache == program.cache and back.provenance["passes"] == program.provenance["passes"]
+    # the graphs keep the fused op
+    assert "dsc.add_rms_norm" in back.entries["decode"].graph_module.code
+
+
+def test_clone_never_touches_the_original(tiny_program):
+    code = tiny_program.entries["decode"].graph_module.code
+    c = tiny_program.clone()
+    for n in list(c.entries["decode"].graph.nodes):
+        if n.op == "call_function" and not n.users and "assert" in str(n.target):
+            c.entries["decode"].graph.erase_node(n)
+    c.entries["decode"].graph_module.recompile()
+    assert tiny_program.entries["decode"].graph_module.code == code
+    assert (
+        c.entries["decode"].state_dict["m.lm_head.weight"]
+        is tiny_program.entries["decode"].state_dict["m.lm_head.weight"]
+    )
+
+
+def test_load_errors(tmp_path, tiny_optimized):
+    with pytest.raises(DscError, match="not a saved dsc Program"):
+        Program.load(tmp_path)
+    program, _ = tiny_optimized
+    program.save(tmp_path / "p")
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(m | {"format_version": 99}))
+    with pytest.raises(DscError, match="version 99"):
+        Program.load(tmp_path / "p")
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "p" / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DscError, match="cannot read the Program's tensors"):
+        Program.load(tmp_path / "p")
