@@ -129,11 +129,10 @@ def fuse(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_after(fused):
             y = tag(gm.graph.call_function(operator.getitem, (fused, 0)), NAME)
             s_new = tag(gm.graph.call_function(operator.getitem, (fused, 1)), NAME)
-        # move the weight's definition ahead if it comes later (it is normally a placeholder)
         fused.meta["val"] = (_val(out), _val(add))
         y.meta["val"], s_new.meta["val"] = _val(out), _val(add)
         out.replace_all_uses_with(y)
-        add.replace_all_uses_with(s_new, delete_user_cb=lambda u: u is not fused)
+        add.replace_all_uses_with(s_new, delete_user_cb=lambda u, keep=fused: u is not keep)
         count += 1
     return count
 
