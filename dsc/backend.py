@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import torch
 from torch._dynamo import register_backend
@@ -29,7 +30,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, passes: list[str] | 
 
     unlifted = program.module("forward")
     # Dynamo already guards its graphs; export's own guard module cannot be pickled by Inductor's cache
-    graph = copy.deepcopy(unlifted.graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree spec deepcopy
+        graph = copy.deepcopy(unlifted.graph)
     for n in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         graph.erase_node(n)
     flat = torch.fx.GraphModule(unlifted, graph)

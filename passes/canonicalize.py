@@ -71,32 +71,32 @@ def _fold_views(gm: fx.GraphModule) -> int:
     n_changed = 0
     for n in call_nodes(gm):
         src = n.args[0] if n.args else None
-        if not isinstance(src, fx.Node) or src.op != "call_function":
+        if not isinstance(src, fx.Node):
+            continue
+        if n.target in RESHAPES and n.target is not aten._unsafe_view.default and _val(src) is not None:
+            if _val(n) is not None and tuple(_val(src).shape) == tuple(_val(n).shape):
+                n.replace_all_uses_with(src)  # reshape to the shape it already has
+                gm.graph.erase_node(n)
+                n_changed += 1
+                continue
+        if src.op != "call_function":
             continue
         if n.target in RESHAPES and src.target in SHAPE_ONLY:
             n.args = (src.args[0], *n.args[1:])
-            n.target = (
-                aten.reshape.default
-                if (n.target is aten.reshape.default or src.target is not aten.view.default)
-                else n.target
-            )
+            if n.target is aten.reshape.default or src.target is not aten.view.default:
+                n.target = aten.reshape.default
             tag(n, NAME)
             n_changed += 1
         elif n.target is aten.permute.default and src.target is aten.permute.default:
             inner, outer = list(src.args[1]), list(n.args[1])
             composed = [inner[d] for d in outer]
-            if composed == sorted(composed) and composed == list(range(len(composed))):
+            if composed == list(range(len(composed))):
                 n.replace_all_uses_with(src.args[0])
                 gm.graph.erase_node(n)
             else:
                 n.args = (src.args[0], composed)
                 tag(n, NAME)
             n_changed += 1
-        elif n.target in RESHAPES and _val(src) is not None and _val(n) is not None:
-            if tuple(_val(src).shape) == tuple(_val(n).shape) and n.target is not aten._unsafe_view.default:
-                n.replace_all_uses_with(src)
-                gm.graph.erase_node(n)
-                n_changed += 1
     return n_changed
 
 

@@ -124,7 +124,11 @@ def fuse(gm: fx.GraphModule) -> int:
         if res is None:
             continue
         add, a, b = res
-        with gm.graph.inserting_after(add):
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        anchor = add if order[w] < order[add] else w  # the fused op needs a, b and w defined
+        if any(order[u] <= order[anchor] for u in add.users if u is not s and u not in _nodes):
+            continue  # the sum is read before the weight exists: leave it
+        with gm.graph.inserting_after(anchor):
             fused = tag(gm.graph.call_function(torch.ops.dsc.add_rms_norm.default, (a, b, w, eps)), NAME)
         with gm.graph.inserting_after(fused):
             y = tag(gm.graph.call_function(operator.getitem, (fused, 0)), NAME)

@@ -1,0 +1,80 @@
+"""`dsc optimize` / `dsc generate` / `dsc passes` as a user runs them."""
+
+import json
+
+import pytest
+from dsc.model.checkpoint import checkpoint_from_model, save_hf
+
+from dsc.cli import main
+from dsc.pass_manager import REGISTRY, register_pass
+from dsc.verify import FP32_REASSOC
+
+
+def _gen(capsys, *args):
+    assert main(["generate", *args, "--prompt", "def ", "--max-new-tokens", "12", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_optimize_then_generate_matches_eager(tmp_path, capsys, tiny):
+    save_hf(checkpoint_from_model(tiny), tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert main(["optimize", str(tmp_path / "ckpt"), "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", "fuse_add_rms_norm"]
+    assert report["after"]["nodes"]["decode"] < report["before"]["nodes"]["decode"]
+    capsys.readouterr()
+    compiled = _gen(capsys, str(out))
+    eager = _gen(capsys, str(tmp_path / "ckpt"))
+    assert compiled["tokens"] == eager["tokens"] and len(compiled["tokens"]) == 12
+    assert set(compiled) == {"text", "tokens", "stats"}
+    # refuses to clobber a non-empty OUT; --force replaces it
+    assert main(["optimize", "tiny", "-o", str(out), "--passes", "canonicalize"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["optimize", "tiny", "-o", str(out), "--passes", "canonicalize", "--force"]) == 0
+    assert [p["name"] for p in json.loads((out / "report.json").read_text())["passes"]] == ["canonicalize"]
+
+
+def test_bad_options_exit_2(tmp_path, capsys):
+    assert main(["optimize", "tiny", "-o", str(tmp_path / "o"), "--disable-pass", "nope"]) == 2
+    assert "unknown pass 'nope'" in capsys.readouterr().err
+    assert main(["optimize", "deepseek-v3.2", "-o", str(tmp_path / "o")]) == 2
+    assert "shape and cost analysis only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        main(["optimize", "tiny", "-o", str(tmp_path / "o"), "--no-such-flag"])
+
+
+def test_planted_fault_exits_1_and_touches_nothing(tmp_path, capsys, tiny):
+    import torch
+
+    from dsc.fx_utils import call_nodes, finalize
+
+    @register_pass("plant_cli_fault", order=501, purpose="test only", tolerance=FP32_REASSOC, default=False)
+    def plant(program, ctx):
+        for ep in program.entries.values():
+            n = call_nodes(ep.graph_module, torch.ops.aten.softmax.int)[0]
+            n.target, n.args = torch.ops.aten.sigmoid.default, n.args[:1]
+            finalize(ep)
+        return 1, {}
+
+    try:
+        save_hf(checkpoint_from_model(tiny), tmp_path / "ckpt")
+        src = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "mine.txt").write_text("keep")
+        code = main(["optimize", str(tmp_path / "ckpt"), "-o", str(out), "--force", "--passes", "plant_cli_fault"])
+        err = capsys.readouterr().err
+        assert code == 1 and "pass 'plant_cli_fault'" in err and "worst tensor" in err and "dsc-dump-" in err
+        assert [p.name for p in out.iterdir()] == ["mine.txt"]
+        assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == src
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no temporaries left
+    finally:
+        del REGISTRY["plant_cli_fault"]
+
+
+def test_passes_listing(capsys):
+    assert main(["passes", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["canonicalize", "fuse_add_rms_norm"]
+    assert all(r["purpose"] for r in rows)

@@ -1,0 +1,63 @@
+"""The pass manager: selection, records, and a planted wrong rewrite caught and named."""
+
+import pytest
+import torch
+
+from dsc.errors import DscError
+from dsc.fx_utils import call_nodes, finalize
+from dsc.pass_manager import REGISTRY, PassVerificationError, register_pass, run_pipeline, select_passes
+from dsc.verify import FP32_REASSOC
+
+
+@pytest.fixture
+def planted():
+    """A wrong 'fusion': rewrites the first softmax of each entry into a sigmoid."""
+    name = "plant_wrong_softmax"
+
+    @register_pass(name, order=500, purpose="test only: a wrong rewrite", tolerance=FP32_REASSOC, default=False)
+    def plant(program, ctx):
+        n = 0
+        for ep in program.entries.values():
+            node = call_nodes(ep.graph_module, torch.ops.aten.softmax.int)[0]
+            node.target, node.args = torch.ops.aten.sigmoid.default, node.args[:1]
+            finalize(ep)
+            n += 1
+        return n, {}
+
+    yield name
+    del REGISTRY[name]
+
+
+def test_planted_wrong_rewrite_is_caught(tiny_program, planted, tmp_path):
+    before = {k: ep.graph_module.code for k, ep in tiny_program.entries.items()}
+    with pytest.raises(PassVerificationError) as e:
+        run_pipeline(tiny_program, select_passes(["canonicalize", planted]), dump_dir=tmp_path / "dump")
+    err = e.value
+    assert err.pass_name == planted and "plant_wrong_softmax" in str(err)
+    assert err.numerics.worst.startswith(("prefill", "decode", "cache"))
+    assert err.numerics.worst in str(err)
+    dumps = sorted(p.name for p in (tmp_path / "dump").iterdir())
+    assert "002_plant_wrong_softmax.decode.before.py" in dumps and "002_plant_wrong_softmax.decode.after.py" in dumps
+    after = (tmp_path / "dump" / "002_plant_wrong_softmax.decode.after.py").read_text()
+    assert "sigmoid" in after
+    # the input Program is untouched
+    assert {k: ep.graph_module.code for k, ep in tiny_program.entries.items()} == before
+
+
+def test_selection_and_records(tiny_program):
+    assert [p.name for p in select_passes()] == ["canonicalize", "fuse_add_rms_norm"]
+    assert [p.name for p in select_passes(disable=["fuse_add_rms_norm"])] == ["canonicalize"]
+    with pytest.raises(DscError, match="unknown pass 'nope'; available passes: canonicalize, fuse_add_rms_norm"):
+        select_passes(["nope"])
+    program, records = run_pipeline(tiny_program, select_passes())
+    r = records[1].to_dict()
+    assert r["name"] == "fuse_add_rms_norm" and r["changed"] and r["matches"] == 8
+    assert r["numerics"]["top1_agreement"] == 1.0 and r["tolerance"]["atol"] == FP32_REASSOC.atol
+    assert r["nodes_after"]["decode"] < r["nodes_before"]["decode"]
+    assert program.provenance["passes"] == ["canonicalize", "fuse_add_rms_norm"]
+
+
+def test_a_pass_that_finds_nothing_says_so(tiny_optimized):
+    program, _ = tiny_optimized
+    _, records = run_pipeline(program, select_passes(["fuse_add_rms_norm"]))
+    assert records[0].matches == 0 and not records[0].changed and records[0].numerics is None

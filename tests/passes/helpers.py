@@ -1,0 +1,24 @@
+"""Run one pass on a toy module or a Program, the way the pass manager does (on a clone)."""
+
+from __future__ import annotations
+
+import torch
+
+from dsc.fx_utils import op_histogram
+from dsc.pass_manager import PassContext, registry
+from dsc.program import CacheSpec, Program
+
+
+def toy_program(module: torch.nn.Module, *args) -> Program:
+    ep = torch.export.export(module, args)
+    return Program({"forward": ep}, CacheSpec([]), config=None)
+
+
+def apply(name: str, program: Program) -> tuple[Program, int, dict]:
+    work = program.clone()
+    matches, stats = registry()[name].fn(work, PassContext(name))
+    return work, matches, stats
+
+
+def ops(program: Program, entry: str = "forward") -> dict[str, int]:
+    return op_histogram(program.entries[entry])
