@@ -26,6 +26,7 @@ def atomic_dir(dest: str | Path, write: Callable[[Path], None], overwrite: bool 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         write(tmp)
+        _normal_permissions(tmp)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             dest.rename(old)
@@ -36,3 +37,12 @@ def atomic_dir(dest: str | Path, write: Callable[[Path], None], overwrite: bool 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp (and some writers) create owner-only modes; give the result the user's usual ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)

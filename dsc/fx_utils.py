@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from collections import Counter
 
 import torch
@@ -116,6 +117,10 @@ def drop_unused_inputs(ep: ExportedProgram) -> None:
         else:
             keep.append(spec)
     ep.graph_signature.input_specs[:] = keep
+    referenced = {s.target for s in keep if s.target is not None}
+    for store in (ep.state_dict, ep.constants):
+        for k in [k for k in store if k not in referenced]:
+            del store[k]
 
 
 def sync_outputs(ep: ExportedProgram) -> None:
@@ -140,3 +145,74 @@ def finalize(ep: ExportedProgram) -> None:
 def tag(node: fx.Node, pass_name: str) -> fx.Node:
     node.meta["dsc_pass"] = pass_name
     return node
+
+
+def _fmt_arg(a) -> str:
+    if isinstance(a, fx.Node):
+        return a.name
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(_fmt_arg(x) for x in a)
+        return f"[{inner}]" if isinstance(a, list) else f"({inner})"
+    if isinstance(a, torch.dtype):
+        return str(a).removeprefix("torch.")
+    return repr(a)
+
+
+def _fmt_val(v) -> str:
+    if isinstance(v, torch.Tensor):
+        dims = ", ".join(str(d) for d in v.shape)
+        return f"{str(v.dtype).removeprefix('torch.')}[{dims}]"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_fmt_val(x) for x in v) + ")"
+    return "" if v is None else str(v)
+
+
+def dim_names(ep: ExportedProgram) -> dict:
+    """Dynamic-size symbols of an entry named by role: tokens are (batch, seq), caches (batch, ctx, ...)."""
+    users = [
+        n for n, s in zip([n for n in ep.graph.nodes if n.op == "placeholder"], ep.graph_signature.input_specs)
+        if s.kind == InputKind.USER_INPUT
+    ]  # fmt: skip
+    out = {}
+
+    def sym(d):
+        return d.node.expr if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol else None
+
+    v = users[0].meta.get("val") if users else None
+    if isinstance(v, torch.Tensor) and v.ndim == 2:
+        out.update({s: name for s, name in ((sym(v.shape[0]), "batch"), (sym(v.shape[1]), "seq")) if s is not None})
+    for n in users[1:]:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.dtype.is_floating_point:
+            s = sym(v.shape[1])
+            if s is not None and s not in out:
+                out[s] = "ctx"
+            break
+    return out
+
+
+def listing(ep: ExportedProgram) -> str:
+    """The graph as readable code, one node a line: ``name = op(args)  # dtype[shape]  <- pass``."""
+    kinds = {s.arg.name: s.kind.name.lower() for s in ep.graph_signature.input_specs}
+    names = {str(k): v for k, v in dim_names(ep).items()}
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
+    lines = []
+    for n in ep.graph.nodes:
+        if n.op == "placeholder":
+            if kinds.get(n.name) == "user_input":
+                lines.append(f"{n.name}: {_fmt_val(n.meta.get('val'))}  # input")
+            continue
+        if n.op == "output":
+            lines.append(f"return {_fmt_arg(n.args[0])}")
+            continue
+        target = (
+            str(n.target).removeprefix("aten.")
+            if not callable(n.target) or isinstance(n.target, torch._ops.OpOverload)
+            else getattr(n.target, "__name__", str(n.target))
+        )
+        args = ", ".join([_fmt_arg(a) for a in n.args] + [f"{k}={_fmt_arg(v)}" for k, v in n.kwargs.items()])
+        src = n.meta.get("dsc_pass")
+        tail = f"  <- {src}" if src else ""
+        lines.append(f"{n.name} = {target}({args})  # {_fmt_val(n.meta.get('val'))}{tail}")
+    text = "\n".join(lines)
+    return pattern.sub(lambda m: names[m.group(1)], text) if pattern else text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from dsc.capture import capture
 from dsc.fsutil import atomic_dir
 from dsc.pass_manager import PassRecord, run_pipeline, select_passes
 from dsc.program import Program
+from dsc.report import SCHEMA_VERSION, write_report
 from dsc.sources import load_model
 
 
@@ -27,17 +27,16 @@ class OptimizeResult:
     report: dict
 
 
-def program_summary(p: Program) -> dict:
+def program_summary(p: Program, context: int = 4096) -> dict:
+    from dsc.cost import program_cost
     from dsc.fx_utils import node_count
 
-    weights = {}
-    for ep in p.entries.values():
-        weights.update({k: t for k, t in ep.state_dict.items()})
     return {
         "entries": sorted(p.entries),
         "nodes": {k: node_count(ep) for k, ep in p.entries.items()},
-        "param_bytes": sum(t.numel() * t.element_size() for t in weights.values()),
+        "param_bytes": p.param_bytes(),
         "cache_bytes_per_token": p.cache.bytes_per_token(),
+        **program_cost(p, context),
     }
 
 
@@ -65,6 +64,7 @@ def optimize(
     after, records = run_pipeline(before, chosen, verify=verify, dump_dir=dump_dir, on_event=on_event)
     timings["passes_s"] = time.perf_counter() - t
     report = {
+        "schema_version": SCHEMA_VERSION,
         "dsc_version": dsc.__version__,
         "torch_version": torch.__version__,
         "model": model_spec or "default",
@@ -80,7 +80,7 @@ def optimize(
 def write_output(result: OptimizeResult, out: str | Path, force: bool = False) -> None:
     def write(tmp: Path) -> None:
         result.after.save(tmp)
-        (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=str))
+        write_report(tmp, result.report, {r.name: r.graphs for r in result.records if r.changed})
 
     atomic_dir(out, write, overwrite=force)
 

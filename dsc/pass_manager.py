@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsc.errors import DscError
-from dsc.fx_utils import node_count, op_histogram
+from dsc.fx_utils import listing, node_count, op_histogram
 from dsc.program import Program
 from dsc.verify import Numerics, Tolerance, compare, make_scenario, run_scenario
 
@@ -73,6 +73,9 @@ class PassRecord:
     nodes_after: dict[str, int]
     ops_before: dict[str, dict[str, int]]
     ops_after: dict[str, dict[str, int]]
+    param_bytes: tuple[int, int] = (0, 0)
+    cache_bytes_per_token: tuple[int, int] = (0, 0)
+    graphs: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry -> (before, after) listings, if changed
 
     def to_dict(self) -> dict:
         return {
@@ -87,6 +90,8 @@ class PassRecord:
             "nodes_after": self.nodes_after,
             "ops_before": self.ops_before,
             "ops_after": self.ops_after,
+            "param_bytes": {"before": self.param_bytes[0], "after": self.param_bytes[1]},
+            "cache_bytes_per_token": {"before": self.cache_bytes_per_token[0], "after": self.cache_bytes_per_token[1]},
         }
 
 
@@ -168,6 +173,9 @@ def run_pipeline(
                 {k: node_count(ep) for k, ep in work.entries.items()},
                 {k: op_histogram(ep) for k, ep in program.entries.items()},
                 {k: op_histogram(ep) for k, ep in work.entries.items()},
+                (program.param_bytes(), work.param_bytes()),
+                (program.cache.bytes_per_token(), work.cache.bytes_per_token()),
+                {k: (listing(program.entries[k]), listing(ep)) for k, ep in work.entries.items()} if changed else {},
             )
         )  # fmt: skip
         log.info("pass %s: changed=%s matches=%d", info.name, changed, matches)

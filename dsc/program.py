@@ -101,6 +101,17 @@ class Program:
     def decode(self, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor]:
         return self.module("decode")(tokens, positions, caches)
 
+    # ---- size -------------------------------------------------------------------------------------
+    def weights(self) -> dict[str, Tensor]:
+        """Every distinct parameter / buffer the entries read, by name."""
+        out: dict[str, Tensor] = {}
+        for ep in self.entries.values():
+            out.update(ep.state_dict)
+        return out
+
+    def param_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.weights().values())
+
     # ---- copying --------------------------------------------------------------------------------
     def clone(self) -> Program:
         """New graphs and signatures, the same weight tensors: what a pass may edit freely."""

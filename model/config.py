@@ -284,6 +284,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         eos_token_id=257,
         torch_dtype="float32",
     ),  # fmt: skip
+    # The built-in demo model (trained by `python -m dsc.train`, shipped in dsc/assets/demo): byte-level,
+    # 512-token training context, DSA active beyond 64 visible tokens.
+    "demo": dict(
+        vocab_size=264,
+        hidden_size=192,
+        intermediate_size=512,
+        moe_intermediate_size=96,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        index_n_heads=4,
+        index_head_dim=32,
+        index_topk=64,
+        max_position_embeddings=2048,
+        rope_scaling=_yarn(4, 512),
+        bos_token_id=256,
+        eos_token_id=257,
+        torch_dtype="float32",
+    ),  # fmt: skip
     # The exact 671B config (spec §1.1): meta device only, for shape and cost analysis.
     "deepseek-v3.2": dict(
         quantization_config={

@@ -150,6 +150,9 @@ class MLA(nn.Module):
         self.kv_b_proj = _linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim))
         self.o_proj = _linear(self.n_heads * self.v_dim, cfg.hidden_size)
         self.indexer = Indexer(cfg)
+        # Training / analysis switches (plain attributes, constant under export):
+        self.sparse = True  # False: dense attention (the indexer still scores, for its KL warm-up)
+        self.aux: list | None = None  # when a list, each forward appends its attention and index scores
 
     def forward(self, x, cos, sin, positions, visible, cache_k, cache_v, cache_ik) -> Tensor:
         B, S, _ = x.shape
@@ -167,12 +170,20 @@ class MLA(nn.Module):
         write_cache(cache_k, positions, k)
         write_cache(cache_v, positions, v)
 
-        index_mask = self.indexer.select_mask(
-            self.indexer.scores(x, qr, cos, sin, positions, cache_ik), visible
-        )  # (B, S, T)
+        # In training the indexer learns only from its KL loss: its inputs are detached (spec §5.4).
+        xi, qri = (x.detach(), qr.detach()) if self.training else (x, qr)
+        index_scores = self.indexer.scores(xi, qri, cos, sin, positions, cache_ik)  # (B, S, T)
+        if self.sparse:
+            index_mask = self.indexer.select_mask(index_scores, visible)
+        else:
+            index_mask = torch.zeros_like(index_scores).masked_fill(~visible, NEG_INF)
         q = torch.cat((q_nope, q_pe), dim=-1)
         scores = torch.einsum("bshd,bthd->bsht", q.float(), cache_k.float()) * self.softmax_scale
         probs = (scores + index_mask.unsqueeze(2)).softmax(dim=-1)  # (B, S, H, T)
+        if self.aux is not None:
+            self.aux.append(
+                {"probs": probs, "index_scores": index_scores, "index_mask": index_mask, "visible": visible}
+            )
         o = torch.einsum("bsht,bthd->bshd", probs, cache_v.float()).to(x.dtype)
         return self.o_proj(o.flatten(2))
 
@@ -210,6 +221,8 @@ class Gate(nn.Module):
             dropped = torch.ones_like(group_score, dtype=torch.bool).scatter(-1, keep, False)
             biased = g.masked_fill(dropped.unsqueeze(-1), NEG_INF).flatten(1)
         idx = biased.topk(self.top_k, dim=-1).indices
+        if self.training:  # expert loads, for the trainer's bias update
+            self.last_counts = torch.bincount(idx.flatten(), minlength=scores.shape[-1]).detach()
         wts = scores.gather(-1, idx)
         if self.norm_topk_prob:
             wts = wts / wts.sum(-1, keepdim=True)

@@ -6,7 +6,8 @@ Rewrites, repeated to a fixed point, on every entry point:
 - fold view chains: ``view|reshape(view|reshape|flatten|unflatten(x))`` -> one ``reshape(x)``,
   ``permute(permute(x))`` -> one permute (none if it is the identity);
 - dead-code elimination (in-place cache writes are side effects and stay);
-- common-subexpression elimination over pure ops that read no memory written in place.
+- common-subexpression elimination over pure ops that read no memory written in place;
+- drop weights no entry reads (e.g. the MTP layer's, which prefill/decode never touch).
 
 Preconditions: torch.export training IR. Numerics: exact (no arithmetic changes).
 """
@@ -18,7 +19,7 @@ import operator
 import torch
 from torch import fx
 
-from dsc.fx_utils import call_nodes, finalize, mutated_inputs, tag
+from dsc.fx_utils import call_nodes, drop_unused_inputs, finalize, mutated_inputs, tag
 from dsc.pass_manager import register_pass
 from dsc.verify import EXACT
 
@@ -141,7 +142,7 @@ def _cse(ep) -> int:
 
 @register_pass(NAME, order=0, purpose="drop asserts and no-op casts, fold view chains, DCE, CSE", tolerance=EXACT)
 def canonicalize(program, ctx):
-    stats = {"asserts_and_casts": 0, "views": 0, "cse": 0, "dce": 0}
+    stats = {"asserts_and_casts": 0, "views": 0, "cse": 0, "dce": 0, "unused_weights": 0}
     for ep in program.entries.values():
         gm = ep.graph_module
         while True:
@@ -154,5 +155,8 @@ def canonicalize(program, ctx):
             stats["dce"] += mid - len(gm.graph.nodes)
             if len(gm.graph.nodes) == before:
                 break
+        n_inputs = len(ep.graph_signature.input_specs)
+        drop_unused_inputs(ep)
+        stats["unused_weights"] += n_inputs - len(ep.graph_signature.input_specs)
         finalize(ep)
     return sum(stats.values()), stats

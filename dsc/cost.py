@@ -1,0 +1,179 @@
+"""Symbolic cost of an entry point: FLOPs and bytes moved as sympy functions of the context length.
+
+Derived from the graph itself: every node's output shape (``meta["val"]``, whose dynamic sizes are
+sympy symbols) and a per-op rule. The entry's batch / new-token / context symbols are found from
+its inputs (tokens: (batch, seq); caches: (batch, ctx)) and substituted: a decode step is batch 1,
+one new token, context ``T``; a prefill is batch 1, ``T`` prompt tokens.
+
+FLOPs count multiply-adds as 2 (matmul-like ops: 2·|out|·K; einsum: 2·Π of all index sizes;
+the MoE op: its activated experts only) and 1 per output element for elementwise work. Bytes moved
+is the unfused estimate — every op reads its tensor inputs and writes its output, views are free,
+an in-place cache write moves only the written values — so it is an upper bound that fusion and
+better layouts lower, which is what a pass's effect should show.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import sympy
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+
+from dsc.fx_utils import VIEW_OPS, dim_names
+
+aten = torch.ops.aten
+T = sympy.Symbol("T", positive=True, integer=True)
+CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+
+ZERO_COST = VIEW_OPS | {
+    aten.sym_size.int, aten.arange.default, aten.arange.start, aten.zeros_like.default, aten.new_full.default,
+    aten.ones_like.default, aten.full.default, aten.zeros.default, aten.empty.memory_format, operator.getitem,
+}  # fmt: skip
+MATMUL_LIKE = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default}
+
+
+def _expr(x) -> sympy.Expr:
+    if isinstance(x, torch.SymInt):
+        return sympy.sympify(x.node.expr)
+    return sympy.Integer(int(x))
+
+
+def _numel(val) -> sympy.Expr:
+    if not isinstance(val, torch.Tensor):
+        return sympy.Integer(0)
+    return sympy.Mul(*[_expr(s) for s in val.shape]) if val.ndim else sympy.Integer(1)
+
+
+def _bytes(val) -> sympy.Expr:
+    if isinstance(val, torch.Tensor):
+        return _numel(val) * val.element_size()
+    if isinstance(val, (list, tuple)):
+        return sympy.Add(*[_bytes(v) for v in val])
+    return sympy.Integer(0)
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _einsum_flops(eq: str, operands) -> sympy.Expr:
+    lhs = eq.replace(" ", "").split("->")[0].split(",")
+    sizes: dict[str, sympy.Expr] = {}
+    for sub, op in zip(lhs, operands):
+        for ch, dim in zip(sub, _val(op).shape):
+            sizes[ch] = _expr(dim)
+    return 2 * sympy.Mul(*sizes.values())
+
+
+def node_flops(n: fx.Node) -> sympy.Expr:
+    t, out = n.target, _val(n)
+    if t in ZERO_COST or t is operator.getitem:
+        return sympy.Integer(0)
+    if t in MATMUL_LIKE:
+        a = _val(n.args[0] if t is not aten.addmm.default else n.args[1])
+        return 2 * _numel(out) * _expr(a.shape[-1])
+    if t is aten.einsum.default:
+        return _einsum_flops(n.args[0], n.args[1])
+    if t is torch.ops.dsc.moe_experts.default:
+        x, idx, gate_w = _val(n.args[0]), _val(n.args[1]), n.args[3]
+        F, D = _val(gate_w[0]).shape
+        return 2 * 3 * _numel(idx) * int(F) * int(D) + _numel(x)
+    if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
+        return 5 * _numel(out)
+    if t in (aten.sort.stable, aten.sort.default, aten.topk.default):
+        v = _val(n.args[0])
+        k = _expr(v.shape[-1])
+        return _numel(v) * sympy.log(k, 2)
+    if isinstance(out, torch.Tensor):
+        return _numel(out)
+    if isinstance(out, (tuple, list)):
+        return sympy.Add(*[_numel(v) for v in out if isinstance(v, torch.Tensor)])
+    return sympy.Integer(0)
+
+
+def node_bytes(n: fx.Node) -> sympy.Expr:
+    t = n.target
+    if t in ZERO_COST:
+        return sympy.Integer(0)
+    if t in (aten.index_put_.default, aten.index_put.default):
+        return 2 * _bytes(_val(n.args[2]))  # read the values, write them into the cache
+    reads = sympy.Add(*[_bytes(_val(a)) for a in n.all_input_nodes if isinstance(_val(a), torch.Tensor)])
+    if t is torch.ops.dsc.moe_experts.default:  # only the routed experts' weights are read
+        idx = _val(n.args[1])
+        per_expert = sum(int(_val(w[0]).numel()) * _val(w[0]).element_size() for w in n.args[3:6])
+        E = len(n.args[3])
+        reads = _bytes(_val(n.args[0])) + _bytes(idx) + _bytes(_val(n.args[2])) + sympy.Min(_numel(idx), E) * per_expert
+    return reads + _bytes(_val(n))
+
+
+def _symbols(ep: ExportedProgram) -> dict[str, sympy.Symbol]:
+    return {name: sym for sym, name in dim_names(ep).items()}
+
+
+@dataclass
+class EntryCost:
+    flops: sympy.Expr  # in T
+    bytes: sympy.Expr
+
+    def at(self, t: int) -> tuple[float, float]:
+        return float(self.flops.subs(T, t)), float(self.bytes.subs(T, t))
+
+    def curve(self, contexts=None) -> dict:
+        contexts = contexts or CONTEXTS
+        pts = [self.at(t) for t in contexts]
+        return {"context": list(contexts), "flops": [p[0] for p in pts], "bytes": [p[1] for p in pts]}
+
+
+def entry_cost(ep: ExportedProgram, kind: str) -> EntryCost:
+    """kind "decode": batch 1, 1 new token, context T; kind "prefill": batch 1, T tokens."""
+    syms = _symbols(ep)
+    subs = {syms[k]: 1 for k in ("batch",) if k in syms}
+    if kind == "decode":
+        subs.update({syms["seq"]: 1} if "seq" in syms else {})
+        subs.update({syms["ctx"]: T} if "ctx" in syms else {})
+    else:
+        subs.update({syms[k]: T for k in ("seq", "ctx") if k in syms})
+    flops = bytes_ = sympy.Integer(0)
+    for n in ep.graph.nodes:
+        if n.op != "call_function":
+            continue
+        flops += node_flops(n)
+        bytes_ += node_bytes(n)
+    return EntryCost(sympy.expand(flops.subs(subs)), sympy.expand(bytes_.subs(subs)))
+
+
+def program_cost(program, context: int = 4096) -> dict:
+    """Decode-step and prefill cost: formulas, values at ``context``, curves over CONTEXTS (up to the model's limit)."""
+    limit = program.config.max_position_embeddings if program.config is not None else CONTEXTS[-1]
+    context = min(context, limit)
+    contexts = [c for c in CONTEXTS if c <= limit]
+    if len(contexts) < 3:  # a short-context model: its own range, 1/8 of the limit up to the limit
+        contexts = [limit // 8, limit // 4, limit // 2, limit]
+    out = {"context_len": context}
+    for entry, kind in (("decode", "decode"), ("prefill", "prefill")):
+        if entry not in program.entries:
+            continue
+        c = entry_cost(program.entries[entry], kind)
+        f, b = c.at(context)
+        out[f"flops_per_{kind}" + ("_step" if kind == "decode" else "")] = f
+        out[f"bytes_per_{kind}" + ("_step" if kind == "decode" else "")] = b
+        out[f"{kind}_formula"] = {"flops": str(sympy.N(c.flops, 6)), "bytes": str(sympy.N(c.bytes, 6))}
+        out[f"{kind}_curve"] = c.curve(contexts)
+    return out
+
+
+def human(x: float, unit: str = "") -> str:
+    """3 significant digits with an SI prefix: human(6.5e6, "B") == "6.5 MB"."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g} {unit}".strip()
+    exp = max(min(int(math.log10(abs(x)) // 3), 5), 0)
+    return f"{x / 10 ** (3 * exp):.3g} {' kMGTP'[exp].strip()}{unit}".strip()
+
+
+def tokens_label(n: int) -> str:
+    """Context lengths read in binary thousands: 1024 -> "1K", 131072 -> "128K"."""
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)

@@ -1,0 +1,268 @@
+"""report.json and a self-contained report.html (inline CSS and SVG, no scripts, opens offline).
+
+``report.json`` (schema_version 1) is documented in the README; scripts rely on it. The HTML shows
+the same content for people: a before/after summary, the cost curves, the pass table, and for every
+pass that changed something the graph diff of each entry point, each new node tagged with its pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import html
+import json
+import math
+from pathlib import Path
+
+from dsc.cost import human, tokens_label
+
+SCHEMA_VERSION = 1
+COLORS = {"before": "#b4441c", "after": "#1f6fb2"}
+
+CSS = """
+body{font:14px/1.45 -apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 60px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:32px 0 10px;border-bottom:1px solid #dde1e6;padding-bottom:4px}
+h3{font-size:15px;margin:18px 0 6px}.sub{color:#5b6573;margin-bottom:18px}
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0001;margin:6px 0 14px;font-variant-numeric:tabular-nums}
+th,td{padding:6px 12px;border-bottom:1px solid #eceff3;text-align:right;vertical-align:top}
+th{background:#f0f2f5;font-weight:600}td:first-child,th:first-child{text-align:left}
+.good{color:#19753a;font-weight:600}.bad{color:#b3261e;font-weight:600}.muted{color:#7a8491}
+.cards{display:flex;gap:14px;flex-wrap:wrap}.card{background:#fff;box-shadow:0 1px 2px #0001;padding:12px 16px;min-width:200px}
+.card b{display:block;font-size:20px}.charts{display:flex;gap:18px;flex-wrap:wrap}
+svg{background:#fff;box-shadow:0 1px 2px #0001}
+pre.diff{background:#fff;box-shadow:0 1px 2px #0001;padding:10px;overflow:auto;font:12px/1.4 Menlo,Consolas,monospace;max-height:520px}
+.add{background:#e6f4ea;display:block}.del{background:#fce8e6;display:block}.hunk{color:#6b4fbb;display:block}
+.tag{background:#1f6fb2;color:#fff;border-radius:3px;padding:0 4px;margin-left:6px;font-size:11px}
+details{margin:4px 0 12px}summary{cursor:pointer;color:#1f6fb2}
+code{background:#eef1f4;padding:1px 4px;border-radius:3px}
+"""
+
+
+def svg_chart(
+    series: list[dict], title: str, ylabel: str, xlabel: str = "context length (tokens)", w=540, h=320
+) -> str:
+    """Log-log line chart. series: [{label, x, y, color}]."""
+    pts = [(x, y) for s in series for x, y in zip(s["x"], s["y"]) if x > 0 and y > 0]
+    if not pts:
+        return ""
+    lx = [math.log10(x) for x, _ in pts]
+    ly = [math.log10(y) for _, y in pts]
+    x0, x1 = min(lx), max(lx)
+    y0, y1 = math.floor(min(ly) * 2) / 2, math.ceil(max(ly) * 2) / 2
+    if y1 == y0:
+        y1 += 0.5
+    L, R, Tm, B = 62, 16, 34, 44
+
+    def sx(v):
+        return L + (math.log10(v) - x0) / max(x1 - x0, 1e-9) * (w - L - R)
+
+    def sy(v):
+        return h - B - (math.log10(v) - y0) / (y1 - y0) * (h - Tm - B)
+
+    out = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(title)}">']
+    out.append(f'<text x="{L}" y="20" font-size="13" font-weight="600">{html.escape(title)}</text>')
+    e = y0
+    while e <= y1 + 1e-9:
+        y = sy(10**e)
+        out.append(f'<line x1="{L}" x2="{w - R}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e9ed"/>')
+        out.append(
+            f'<text x="{L - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end" fill="#5b6573">{human(10**e)}</text>'
+        )
+        e += 0.5 if (y1 - y0) <= 3 else 1
+    xs = sorted({x for s in series for x in s["x"]})
+    for x in xs:
+        out.append(
+            f'<text x="{sx(x):.1f}" y="{h - B + 16}" font-size="11" text-anchor="middle" fill="#5b6573">{tokens_label(x)}</text>'
+        )
+    out.append(
+        f'<text x="{(L + w - R) / 2}" y="{h - 8}" font-size="11" text-anchor="middle" fill="#5b6573">{xlabel}</text>'
+    )
+    out.append(
+        f'<text x="14" y="{(Tm + h - B) / 2}" font-size="11" fill="#5b6573" transform="rotate(-90 14 {(Tm + h - B) / 2})" text-anchor="middle">{html.escape(ylabel)}</text>'
+    )
+    for i, s in enumerate(series):
+        p = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(s["x"], s["y"]) if x > 0 and y > 0)
+        dash = ' stroke-dasharray="6 4"' if s.get("dashed") else ""
+        out.append(f'<polyline fill="none" stroke="{s["color"]}" stroke-width="2.2"{dash} points="{p}"/>')
+        for x, y in zip(s["x"], s["y"]):
+            if x > 0 and y > 0:
+                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{s["color"]}"/>')
+        lx_ = w - R - 90 * (len(series) - i)
+        out.append(f'<rect x="{lx_}" y="12" width="14" height="4" fill="{s["color"]}"/>')
+        out.append(f'<text x="{lx_ + 18}" y="18" font-size="11">{html.escape(s["label"])}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def diff_html(before: str, after: str, context: int = 3) -> tuple[str, int, int]:
+    lines = list(
+        difflib.unified_diff(before.splitlines(), after.splitlines(), "before", "after", n=context, lineterm="")
+    )
+    added = sum(1 for ln in lines if ln.startswith("+") and not ln.startswith("+++"))
+    removed = sum(1 for ln in lines if ln.startswith("-") and not ln.startswith("---"))
+    out = []
+    for ln in lines[2:]:
+        esc = html.escape(ln)
+        if ln.startswith("+"):
+            if "  &lt;- " in esc:
+                body, _, tag = esc.rpartition("  &lt;- ")
+                esc = f'{body}<span class="tag">{tag}</span>'
+            out.append(f'<span class="add">{esc}</span>')
+        elif ln.startswith("-"):
+            out.append(f'<span class="del">{esc}</span>')
+        elif ln.startswith("@@"):
+            out.append(f'<span class="hunk">{esc}</span>')
+        else:
+            out.append(esc + "\n")
+    return "".join(out), added, removed
+
+
+def _ratio(b: float, a: float) -> str:
+    if not b or not a:
+        return ""
+    r = b / a
+    cls = "good" if r > 1.0001 else "bad" if r < 0.9999 else "muted"
+    return f'<span class="{cls}">{r:.2f}x</span>'
+
+
+def _fmt_num(n) -> str:
+    if not n:
+        return "-"
+    if n.get("sqnr_db") is None:
+        return "exact"
+    return f"{n['sqnr_db']:.1f} dB"
+
+
+def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | None = None) -> str:
+    b, a = report["before"], report["after"]
+    ctx = b.get("context_len", 4096)
+    title = f"dsc report — {report.get('model', '')}"
+    h = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
+    h.append(f"<style>{CSS}</style></head><body><main>")
+    h.append(f"<h1>{html.escape(title)}</h1>")
+    passes = report.get("passes", [])
+    changed = [p["name"] for p in passes if p["changed"]]
+    h.append(
+        f"<div class='sub'>dsc {report.get('dsc_version', '')} · torch {report.get('torch_version', '')} · "
+        f"{len(passes)} passes, {len(changed)} changed the program · verification "
+        f"{'on' if report.get('verified', True) else '<b>off</b>'}</div>"
+    )
+    cards = [
+        (
+            "FLOPs per decode step",
+            b.get("flops_per_decode_step"),
+            a.get("flops_per_decode_step"),
+            "FLOP",
+            f"at {tokens_label(ctx)} context",
+        ),
+        (
+            "bytes moved per decode step",
+            b.get("bytes_per_decode_step"),
+            a.get("bytes_per_decode_step"),
+            "B",
+            "unfused estimate",
+        ),
+        ("KV cache per token", b["cache_bytes_per_token"], a["cache_bytes_per_token"], "B", "all layers"),
+        ("weights", b["param_bytes"], a["param_bytes"], "B", "read by the entries"),
+    ]
+    h.append("<div class='cards'>")
+    for label, vb, va, unit, note in cards:
+        if vb is None:
+            continue
+        h.append(
+            f"<div class='card'>{label}<b>{human(va, unit)}</b>"
+            f"<span class='muted'>before {human(vb, unit)} {_ratio(vb, va)} · {note}</span></div>"
+        )
+    h.append("</div>")
+
+    h.append("<h2>Before and after</h2><table><tr><th></th><th>before</th><th>after</th><th>before/after</th></tr>")
+    for entry in b["nodes"]:
+        h.append(
+            f"<tr><td>nodes in <code>{entry}</code></td><td>{b['nodes'][entry]}</td><td>{a['nodes'].get(entry, '-')}</td><td>{_ratio(b['nodes'][entry], a['nodes'].get(entry, 0))}</td></tr>"
+        )
+    rows = [
+        ("parameter bytes", "param_bytes"), ("KV cache bytes per token", "cache_bytes_per_token"),
+        (f"FLOPs per decode step ({tokens_label(ctx)} ctx)", "flops_per_decode_step"),
+        (f"bytes moved per decode step ({tokens_label(ctx)} ctx)", "bytes_per_decode_step"),
+        (f"FLOPs per prefill ({tokens_label(ctx)} tokens)", "flops_per_prefill"),
+    ]  # fmt: skip
+    for label, key in rows:
+        if key in b:
+            h.append(
+                f"<tr><td>{label}</td><td>{human(b[key])}</td><td>{human(a[key])}</td><td>{_ratio(b[key], a[key])}</td></tr>"
+            )
+    h.append("</table>")
+    if "decode_formula" in b:
+        h.append(
+            "<details><summary>cost formulas (T = context length)</summary><table><tr><th></th><th>before</th><th>after</th></tr>"
+        )
+        for kind in ("decode", "prefill"):
+            for q in ("flops", "bytes"):
+                h.append(
+                    f"<tr><td>{kind} {q}</td><td><code>{html.escape(b[kind + '_formula'][q])}</code></td><td><code>{html.escape(a[kind + '_formula'][q])}</code></td></tr>"
+                )
+        h.append("</table></details>")
+
+    if "decode_curve" in b:
+        h.append("<h2>Cost against context length</h2><div class='charts'>")
+        for key, q, title_, unit in (
+            ("decode_curve", "flops", "FLOPs per decode step", "FLOPs"),
+            ("decode_curve", "bytes", "bytes moved per decode step", "bytes"),
+            ("prefill_curve", "flops", "FLOPs per prefill of T tokens", "FLOPs"),
+        ):
+            series = [
+                {"label": "before", "x": b[key]["context"], "y": b[key][q], "color": COLORS["before"]},
+                {"label": "after", "x": a[key]["context"], "y": a[key][q], "color": COLORS["after"], "dashed": True},
+            ]
+            h.append(svg_chart(series, title_, unit))
+        h.append("</div>")
+
+    if passes:
+        h.append("<h2>Passes</h2><table><tr><th>#</th><th>pass</th><th>changed</th><th>sites</th><th>nodes</th>"
+                 "<th>max abs err</th><th>max rel err</th><th>top-1</th><th>SQNR</th><th>tolerance</th><th>s</th></tr>")  # fmt: skip
+        for i, p in enumerate(passes, 1):
+            n = p.get("numerics") or {}
+            nodes = ", ".join(f"{e} {p['nodes_before'][e]}→{p['nodes_after'][e]}" for e in p["nodes_before"])
+            tol = p["tolerance"]
+            h.append(
+                f"<tr><td>{i}</td><td><a href='#pass-{p['name']}'>{p['name']}</a></td><td>{'yes' if p['changed'] else '<span class=muted>no</span>'}</td>"
+                f"<td>{p['matches']}</td><td>{nodes}</td><td>{n.get('max_abs_err', 0):.2e}</td><td>{n.get('max_rel_err', 0):.2e}</td>"
+                f"<td>{n.get('top1_agreement', 1):.3f}</td><td>{_fmt_num(n) if n else '-'}</td>"
+                f"<td>atol {tol['atol']:g}, rtol {tol['rtol']:g}</td><td>{p.get('seconds', 0):.2f}</td></tr>"
+            )
+        h.append("</table>")
+        for i, p in enumerate(passes, 1):
+            h.append(f"<h3 id='pass-{p['name']}'>{i}. {p['name']}</h3>")
+            if not p["changed"]:
+                h.append("<p class='muted'>Found nothing to rewrite: the program is unchanged.</p>")
+                continue
+            stats = ", ".join(f"{k}: {v}" for k, v in p.get("stats", {}).items())
+            h.append(f"<p>{p['matches']} sites · {html.escape(stats)} · parameters {human(p['param_bytes']['before'], 'B')} → "
+                     f"{human(p['param_bytes']['after'], 'B')} · cache {p['cache_bytes_per_token']['before']} → "
+                     f"{p['cache_bytes_per_token']['after']} B/token</p>")  # fmt: skip
+            ops = sorted(set().union(*[set(p["ops_before"][e]) | set(p["ops_after"][e]) for e in p["ops_before"]]))
+            delta = []
+            for op in ops:
+                d = {e: p["ops_after"][e].get(op, 0) - p["ops_before"][e].get(op, 0) for e in p["ops_before"]}
+                if any(d.values()):
+                    delta.append((op, d))
+            if delta:
+                entries = list(p["ops_before"])
+                h.append("<table><tr><th>op</th>" + "".join(f"<th>{e} before → after</th>" for e in entries) + "</tr>")
+                for op, _ in delta:
+                    cells = "".join(
+                        f"<td>{p['ops_before'][e].get(op, 0)} → {p['ops_after'][e].get(op, 0)}</td>" for e in entries
+                    )
+                    h.append(f"<tr><td><code>{html.escape(op)}</code></td>{cells}</tr>")
+                h.append("</table>")
+            for entry, (gb, ga) in (graphs or {}).get(p["name"], {}).items():
+                body, added, removed = diff_html(gb, ga)
+                h.append(f"<details{' open' if entry == 'decode' else ''}><summary>graph of <code>{entry}</code>: "
+                         f"+{added} / −{removed} lines</summary><pre class='diff'>{body}</pre></details>")  # fmt: skip
+    h.append("</main></body></html>")
+    return "".join(h)
+
+
+def write_report(out_dir: Path, report: dict, graphs: dict | None = None) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "report.html").write_text(render_html(report, graphs))

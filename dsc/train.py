@@ -1,0 +1,201 @@
+"""Train the built-in demo model: the full V3.2 architecture on the Python standard library's source.
+
+    python -m dsc.train --out runs/demo [--minutes 45] [--steps 1200]
+
+Seeded and resumable (re-run the same command: it continues from ``OUT/train_state.pt``). Losses:
+next-byte cross-entropy; the MTP module's cross-entropy for the byte after next, weight 0.3 (spec §8);
+the indexer's KL to the main attention (summed over heads, L1-normalised; spec §5.4). The indexer
+sees detached inputs, so it learns only from its KL and the model only from the LM losses. Stage 1
+(dense warm-up) attends densely and fits the indexer to all visible keys; stage 2 (sparse) turns
+the top-k selection on and restricts the KL to the selected keys. MoE balance is auxiliary-loss
+free: after each step every gate's selection bias moves by ``bias_rate`` towards equal load (spec §6).
+The result is written as an HF directory (config.json + bf16 model.safetensors) with its metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsc.data import load_corpus, random_windows
+from dsc.model import DeepseekV32ForCausalLM, preset
+from dsc.model.model import MLA, Gate
+
+MTP_WEIGHT = 0.3
+KL_WEIGHT = 1.0
+
+
+def indexer_kl(aux: list[dict], sparse: bool) -> torch.Tensor:
+    """Mean over layers and queries of KL(p || softmax(I)) on the visible (dense) or selected (sparse) keys."""
+    total = 0.0
+    for rec in aux:
+        p = rec["probs"].detach().sum(2)  # (B, S, T)
+        p = p / p.sum(-1, keepdim=True)
+        allowed = (rec["index_mask"] == 0) if sparse else rec["visible"]
+        logq = rec["index_scores"].masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        keep = (p > 0) & allowed
+        kl = torch.where(keep, p * (p.clamp_min(1e-30).log() - logq), torch.zeros_like(p)).sum(-1)
+        total = total + kl.mean()
+    return total / max(len(aux), 1)
+
+
+def set_attention(model: DeepseekV32ForCausalLM, sparse: bool, collect: bool) -> list[dict] | None:
+    aux = [] if collect else None
+    for m in model.modules():
+        if isinstance(m, MLA):
+            m.sparse = sparse
+            m.aux = aux
+    return aux
+
+
+def losses(model, tokens: torch.Tensor, sparse: bool) -> dict[str, torch.Tensor]:
+    aux = set_attention(model, sparse, collect=True)
+    logits, mtp = model(tokens)
+    V = logits.shape[-1]
+    out = {"lm": F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))}
+    if mtp is not None:
+        out["mtp"] = F.cross_entropy(mtp[:, :-1].reshape(-1, V), tokens[:, 2:].reshape(-1))
+    out["kl"] = indexer_kl(aux, sparse)
+    set_attention(model, sparse, collect=False)
+    return out
+
+
+@torch.no_grad()
+def update_balance_bias(model, rate: float) -> float:
+    """Aux-loss-free balancing; returns the worst max/mean expert load of this step."""
+    worst = 0.0
+    for g in model.modules():
+        if isinstance(g, Gate) and hasattr(g, "last_counts"):
+            load = g.last_counts.float()
+            g.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+            worst = max(worst, (load.max() / load.mean().clamp_min(1e-9)).item())
+    return worst
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train(args) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    cfg = preset(args.preset)
+    model = DeepseekV32ForCausalLM(cfg).init_weights(args.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(args.seed)
+    state_path = out / "train_state.pt"
+    step, history = 0, []
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        step, history = st["step"], st["history"]
+        print(f"resumed at step {step}", flush=True)
+    stream = load_corpus("train", cfg.bos_token_id, cfg.eos_token_id)
+    dense_steps = int(args.steps * args.dense_fraction)
+    t_start = time.time()
+    t_log, tokens_seen = time.time(), 0
+    while step < args.steps:
+        if args.minutes and (time.time() - t_start) > 60 * args.minutes:
+            print(f"time limit reached at step {step}", flush=True)
+            break
+        sparse = step >= dense_steps
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        batch = random_windows(stream, args.batch, args.seq_len + 1, gen)
+        parts = losses(model, batch, sparse)
+        loss = parts["lm"] + MTP_WEIGHT * parts.get("mtp", 0.0) + KL_WEIGHT * parts["kl"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        imbalance = update_balance_bias(model, args.bias_rate)
+        step += 1
+        tokens_seen += batch.numel()
+        rec = {k: round(v.item(), 4) for k, v in parts.items()} | {
+            "step": step,
+            "sparse": sparse,
+            "imbalance": round(imbalance, 3),
+        }
+        history.append(rec)
+        if step % args.log_every == 0 or step == args.steps:
+            dt = time.time() - t_log
+            eta = (args.steps - step) * (time.time() - t_start) / max(step - (history[0]["step"] - 1), 1)
+            print(
+                f"step {step}/{args.steps} [{'sparse' if sparse else 'dense'}] lm {rec['lm']:.3f} "
+                f"({rec['lm'] / math.log(2):.2f} bpb) mtp {rec.get('mtp', 0):.3f} kl {rec['kl']:.3f} "
+                f"load max/mean {imbalance:.2f} | {tokens_seen / dt:.0f} tok/s, eta {eta / 60:.0f} min",
+                flush=True,
+            )
+            t_log, tokens_seen = time.time(), 0
+        if step % args.save_every == 0:
+            _save_state(
+                state_path,
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "gen": gen.get_state(),
+                    "step": step,
+                    "history": history,
+                },
+            )
+    _save_state(
+        state_path,
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "gen": gen.get_state(),
+            "step": step,
+            "history": history,
+        },
+    )
+    (out / "history.json").write_text(json.dumps(history))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="run directory (train_state.pt, history.json)")
+    ap.add_argument("--preset", default="demo", help="model preset (default: demo)")
+    ap.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    ap.add_argument("--minutes", type=float, default=0, help="stop (resumably) after this many minutes (0: no limit)")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    ap.add_argument("--seq-len", type=int, default=512, help="training context (default 512)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    ap.add_argument("--warmup", type=int, default=50, help="warm-up steps (default 50)")
+    ap.add_argument("--dense-fraction", type=float, default=0.3, help="share of steps in the dense warm-up stage")
+    ap.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free balancing bias update speed")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--save-every", type=int, default=50)
+    train(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
