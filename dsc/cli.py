@@ -173,6 +173,114 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---- diff ---------------------------------------------------------------------------------------
+def cmd_diff(args) -> int:
+    from dsc.cost import human
+    from dsc.diff import diff, input_of, load_side
+    from dsc.report import render_html
+
+    a = load_side(args.a)
+    if args.b:
+        b, label_a, label_b = load_side(args.b), args.a, args.b
+    else:  # an optimize output against its input
+        b, a = a, input_of(a)
+        label_a, label_b = f"input ({b.provenance.get('source')})", args.a
+    report, graphs = diff(a, b, label_a, label_b, args.context)
+    if args.html:
+        html_report = dict(report, passes=[])
+        page = render_html(html_report, None)
+        from dsc.report import diff_html
+
+        extra = "".join(
+            f"<h3>graph of <code>{e}</code></h3><pre class='diff'>{diff_html(ga, gb)[0]}</pre>"
+            for e, (ga, gb) in graphs.items()
+        )
+        Path(args.html).write_text(page.replace("</main>", extra + "</main>"))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    bf, af = report["before"], report["after"]
+    t = Table(title=f"dsc diff: A = {label_a}, B = {label_b}")
+    for col in ("", "A", "B", "A/B"):
+        t.add_column(col)
+
+    def row(label, x, y, unit=""):
+        t.add_row(label, human(x, unit), human(y, unit), f"{x / y:.2f}x" if x and y else "-")
+
+    for e in bf["nodes"]:
+        row(f"nodes in {e}", bf["nodes"][e], af["nodes"].get(e, 0))
+    row("parameter bytes", bf["param_bytes"], af["param_bytes"], "B")
+    row("KV cache bytes / token", bf["cache_bytes_per_token"], af["cache_bytes_per_token"], "B")
+    ctx = bf["context_len"]
+    row(f"FLOPs / decode step @ {ctx}", bf["flops_per_decode_step"], af["flops_per_decode_step"])
+    row(f"bytes moved / decode step @ {ctx}", bf["bytes_per_decode_step"], af["bytes_per_decode_step"], "B")
+    row(f"FLOPs / prefill of {ctx}", bf["flops_per_prefill"], af["flops_per_prefill"])
+    out.print(t)
+    ops = Table(title="op counts that differ (A -> B)")
+    for col in ("entry", "op", "A", "B"):
+        ops.add_column(col)
+    for e, changes in report["op_changes"].items():
+        for op, (x, y) in changes.items():
+            ops.add_row(e, op, str(x), str(y))
+    out.print(ops)
+    if args.html:
+        out.print(f"wrote {args.html}")
+    return 0
+
+
+# ---- bench --------------------------------------------------------------------------------------
+def _ints(v: str | None, flag: str) -> tuple[int, ...] | None:
+    if not v:
+        return None
+    try:
+        return tuple(int(x) for x in v.split(","))
+    except ValueError:
+        raise DscError(f"{flag} takes comma-separated integers, got {v!r}") from None
+
+
+def cmd_bench(args) -> int:
+    from dsc.bench import SCENARIOS, VARIANTS, BenchConfig, run_bench, write_results
+
+    kw = {}
+    for flag, value, choices in (("--variants", args.variants, VARIANTS), ("--scenario", args.scenario, SCENARIOS)):
+        if value:
+            chosen = tuple(_split(value))
+            bad = [c for c in chosen if c not in choices]
+            if bad:
+                raise DscError(f"{flag}: unknown {bad}; choose from {', '.join(choices)}")
+            kw["variants" if flag == "--variants" else "scenarios"] = chosen
+    for name, flag in (("contexts", "--contexts"), ("prompts", "--prompts")):
+        v = _ints(getattr(args, name), flag)
+        if v:
+            kw[name] = v
+    for name in ("repeat", "warmup"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.model:
+        kw["model"] = args.model
+    cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
+    t0 = time.perf_counter()
+
+    def on_event(kind, msg):
+        console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/] {kind:>7}: {msg}", highlight=False)
+
+    res = run_bench(cfg, on_event)
+    paths = write_results(res, Path(args.output))
+    t = Table(
+        title=f"dsc bench {cfg.model} — memory bandwidth {res.bandwidth_gbs} GB/s, {res.config['threads']} threads"
+    )
+    for col in ("scenario", "tokens", "variant", "median ms", "vs eager", "x bandwidth bound", "peak MB"):
+        t.add_column(col)
+    for p in res.points:
+        t.add_row(
+            p["scenario"], str(p["tokens"]), p["variant"], f"{p['median_ms']:.2f}",
+            f"{p['speedup_vs_eager']:.2f}x" if p["speedup_vs_eager"] else "-", f"{p['x_bound']}", f"{p['peak_rss_mb']:.0f}",
+        )  # fmt: skip
+    out.print(t)
+    out.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsc", description="A compiler for DeepSeek-V3.2-style language models.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -196,6 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")
     p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("diff", help="compare two saved Programs (or an optimize output against its input)")
+    p.add_argument("a", help="a `dsc optimize` output directory")
+    p.add_argument("b", nargs="?", help="another one; omitted: compare A against the model it was made from")
+    p.add_argument("--context", type=int, default=4096, help="context length for the cost figures (default 4096)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--html", metavar="FILE", help="also write the comparison as a self-contained HTML page")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("bench", help="latency and memory of eager / torch.compile / dsc side by side")
+    p.add_argument("model", nargs="?", help="checkpoint, model.pt or preset (default: small; tiny with --quick)")
+    p.add_argument("--scenario", help="comma-separated: decode, prefill (default: both)")
+    p.add_argument("--variants", help="comma-separated: eager, compile, dsc (default: all)")
+    p.add_argument("--contexts", help="decode context lengths (default 1024,8192,32768)")
+    p.add_argument("--prompts", help="prefill prompt lengths (default 1024,4096)")
+    p.add_argument("--repeat", type=int, help="timed calls per point (default 5)")
+    p.add_argument("--warmup", type=int, help="untimed calls per point (default 2)")
+    p.add_argument("--quick", action="store_true", help="a one-minute smoke run on the tiny preset")
+    p.add_argument(
+        "-o", "--output", default="bench", help="directory for bench.json and the SVG plots (default ./bench)"
+    )
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="generate text with a model or an optimized Program directory")
     p.add_argument("model", nargs="?", help="dsc optimize output, checkpoint, model.pt or preset (default: built-in)")

@@ -91,9 +91,23 @@ class Program:
 
     # ---- running --------------------------------------------------------------------------------
     def module(self, entry: str) -> torch.nn.Module:
+        """The runnable entry point. Export's per-call input-constraint checks (sympy, about half
+        of a small model's step time) are left out; ``check_inputs`` validates against the CacheSpec."""
         if entry not in self._modules:
-            self._modules[entry] = self.entries[entry].module()
+            mod = self.entries[entry].module(check_guards=False)
+            mod._forward_pre_hooks.clear()
+            self._modules[entry] = mod
         return self._modules[entry]
+
+    def check_inputs(self, tokens: Tensor, caches: list[Tensor]) -> None:
+        if len(caches) != len(self.cache.tensors):
+            raise DscError(f"the Program takes {len(self.cache.tensors)} cache tensors, got {len(caches)}")
+        for spec, c in zip(self.cache.tensors, caches):
+            if list(c.shape[2:]) != spec.tail or c.shape[0] != tokens.shape[0] or str(c.dtype) != f"torch.{spec.dtype}":
+                raise DscError(
+                    f"cache {spec.name}: got {str(c.dtype).removeprefix('torch.')}{list(c.shape)}, expected "
+                    f"{spec.dtype}[{tokens.shape[0]}, T, {', '.join(map(str, spec.tail))}]"
+                )
 
     def prefill(self, tokens: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor]:
         return self.module("prefill")(tokens, caches)

@@ -59,7 +59,10 @@ def svg_chart(
     def sy(v):
         return h - B - (math.log10(v) - y0) / (y1 - y0) * (h - Tm - B)
 
-    out = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(title)}">']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+        f'aria-label="{html.escape(title)}" font-family="Helvetica, Arial, sans-serif" style="background:#fff">'
+    ]
     out.append(f'<text x="{L}" y="20" font-size="13" font-weight="600">{html.escape(title)}</text>')
     e = y0
     while e <= y1 + 1e-9:

@@ -90,6 +90,8 @@ def generate(backend, prompts: list[list[int]], params: SamplingParams) -> Gener
         )
     caches = backend.cache.allocate(B, total)
     tokens = torch.zeros(B, P, dtype=torch.long)
+    if hasattr(backend, "check_inputs"):
+        backend.check_inputs(tokens, caches)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
     gen = torch.Generator().manual_seed(params.seed)

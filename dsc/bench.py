@@ -1,0 +1,247 @@
+"""``dsc bench``: variants side by side in one process — medians, ratios, peak memory, bandwidth limit.
+
+Variants: ``eager`` (the reference model), ``compile`` (the reference under ``torch.compile``,
+Inductor, dynamic shapes), ``dsc`` (the verified, optimized Program). Scenarios: ``decode`` (one
+step of one new token at context T: the cache is filled with random values, so no prefill of T
+tokens is needed) and ``prefill`` (a prompt of P tokens). Each point: warm-up calls, then repeated
+timed calls; the median is reported, and every variant's ratio to ``eager``.
+
+Memory: the process's resident set is sampled every few ms while a variant runs; "peak" is the
+highest RSS above the level before its run. Bandwidth: a large tensor copy measured in the same
+run; ``bytes / bandwidth`` from the cost model is each point's lower bound, and ``x_bound`` says how
+far above it the measured time is.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsc.cost import entry_cost, tokens_label
+from dsc.runtime import EagerBackend
+
+log = logging.getLogger(__name__)
+VARIANTS = ("eager", "compile", "dsc")
+SCENARIOS = ("decode", "prefill")
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = "small"
+    variants: tuple[str, ...] = VARIANTS
+    scenarios: tuple[str, ...] = SCENARIOS
+    contexts: tuple[int, ...] = (1024, 8192, 32768)
+    prompts: tuple[int, ...] = (1024, 4096)
+    warmup: int = 2
+    repeat: int = 5
+    budget_s: float = 20.0  # per point: fewer repeats when a call is slow
+    threads: int = 0
+
+    @classmethod
+    def quick(cls, **kw) -> BenchConfig:
+        return cls(**({"model": "tiny", "contexts": (256, 768), "prompts": (128, 512), "warmup": 1, "repeat": 3} | kw))
+
+
+class _RssSampler:
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self):
+        self.base = self.rss()
+        self.peak = self.base
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def above_base(self) -> int:
+        return self.peak - self.base
+
+
+def measure_bandwidth(nbytes: int = 256 * 2**20, repeat: int = 5) -> float:
+    """Memory bandwidth in bytes/s from a large copy (read + write)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeat + 1):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times[1:])
+
+
+def _time(fn, warmup: int, repeat: int, budget: float) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    t_end = time.perf_counter() + budget
+    for i in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if time.perf_counter() > t_end and i >= 1:
+            break
+    return statistics.median(times), times
+
+
+@dataclass
+class BenchResult:
+    config: dict
+    bandwidth_gbs: float
+    points: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "bandwidth_gbs": self.bandwidth_gbs, "points": self.points}
+
+
+def build_variants(cfg: BenchConfig, on_event=print):
+    from dsc.capture import capture
+    from dsc.pass_manager import run_pipeline, select_passes
+    from dsc.sources import load_model
+
+    model, _ = load_model(cfg.model)
+    variants = {}
+    if "eager" in cfg.variants:
+        variants["eager"] = EagerBackend(model)
+    if "compile" in cfg.variants:
+        on_event("variant", "compile: torch.compile(dynamic=True) of prefill and decode (compiled on first call)")
+        compiled = EagerBackend(model)
+        compiled.prefill = torch.compile(model.prefill, dynamic=True)
+        compiled.decode = torch.compile(model.decode, dynamic=True)
+        variants["compile"] = compiled
+    reference = capture(model, source=cfg.model or "default")
+    costs = {"reference": reference}
+    if "dsc" in cfg.variants:
+        on_event("variant", "dsc: capture + verified pass pipeline")
+        program, _ = run_pipeline(reference, select_passes())
+        variants["dsc"] = program
+        costs["dsc"] = program
+    return model.config, variants, costs
+
+
+@torch.no_grad()
+def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    on_event("stage", "measuring memory bandwidth")
+    bw = measure_bandwidth()
+    mcfg, variants, programs = build_variants(cfg, on_event)
+    limit = mcfg.max_position_embeddings
+    res = BenchResult(
+        {"model": cfg.model, "variants": list(variants), "scenarios": list(cfg.scenarios), "warmup": cfg.warmup,
+         "repeat": cfg.repeat, "threads": torch.get_num_threads(), "torch": torch.__version__},
+        round(bw / 1e9, 2),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(mcfg.vocab_size, 256)
+    cost_cache = {}
+
+    def bound_bytes(variant: str, kind: str, n: int) -> float:
+        prog = programs["dsc" if variant == "dsc" else "reference"]
+        key = (variant == "dsc", kind)
+        if key not in cost_cache:
+            cost_cache[key] = entry_cost(prog.entries[kind], kind)
+        return cost_cache[key].at(n)[1]
+
+    for scenario in cfg.scenarios:
+        sizes = cfg.contexts if scenario == "decode" else cfg.prompts
+        for n in sizes:
+            if n + 1 > limit:
+                on_event("skip", f"{scenario} at {n}: beyond max_position_embeddings {limit}")
+                continue
+            base_time = None
+            for name, backend in variants.items():
+                gc.collect()
+                with _RssSampler() as mem:
+                    if scenario == "decode":
+                        caches = backend.cache.allocate(1, n + 1)
+                        for c in caches:
+                            c.normal_(generator=gen).mul_(0.1)
+                        tok = torch.randint(0, vocab, (1, 1), generator=gen)
+                        pos = torch.tensor([[n]])
+
+                        def call(backend=backend, caches=caches, tok=tok, pos=pos):
+                            backend.decode(tok, pos, caches)
+                    else:
+                        caches = backend.cache.allocate(1, n)
+                        tok = torch.randint(0, vocab, (1, n), generator=gen)
+
+                        def call(backend=backend, caches=caches, tok=tok):
+                            backend.prefill(tok, caches)
+
+                    median, times = _time(call, cfg.warmup, cfg.repeat, cfg.budget_s)
+                    del caches
+                bound = bound_bytes(name, scenario, n) / bw
+                base_time = base_time or (median if name == "eager" else None)
+                point = {
+                    "scenario": scenario, "variant": name, "tokens": n, "median_ms": round(median * 1e3, 3),
+                    "times_ms": [round(t * 1e3, 3) for t in times], "peak_rss_mb": round(mem.above_base / 2**20, 1),
+                    "bytes_moved": bound * bw, "bandwidth_bound_ms": round(bound * 1e3, 3),
+                    "x_bound": round(median / bound, 2) if bound else None,
+                    "speedup_vs_eager": round(base_time / median, 3) if base_time else None,
+                }  # fmt: skip
+                res.points.append(point)
+                on_event(
+                    "point",
+                    f"{scenario:7s} {tokens_label(n):>5s} {name:8s} {median * 1e3:10.2f} ms  "
+                    f"x{point['speedup_vs_eager'] or float('nan'):.2f} vs eager  peak +{point['peak_rss_mb']:.0f} MB",
+                )
+    return res
+
+
+def plot_svgs(res: BenchResult) -> dict[str, str]:
+    """One standalone SVG per scenario: median latency against tokens, one line per variant."""
+    from dsc.report import svg_chart
+
+    colors = {"eager": "#b4441c", "compile": "#7a5cc2", "dsc": "#1f6fb2"}
+    titles = {"decode": "decode step latency (ms) vs context", "prefill": "prefill latency (ms) vs prompt length"}
+    out = {}
+    for scenario, title in titles.items():
+        series = []
+        for v in res.config["variants"]:
+            pts = [p for p in res.points if p["scenario"] == scenario and p["variant"] == v]
+            if pts:
+                series.append(
+                    {
+                        "label": v,
+                        "x": [p["tokens"] for p in pts],
+                        "y": [p["median_ms"] for p in pts],
+                        "color": colors.get(v, "#444"),
+                    }
+                )
+        if series:
+            out[scenario] = svg_chart(series, title, "ms", "tokens")
+    return out
+
+
+def write_results(res: BenchResult, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "bench.json"]
+    paths[0].write_text(json.dumps(res.to_dict(), indent=2))
+    for scenario, svg in plot_svgs(res).items():
+        paths.append(out / f"bench_{scenario}.svg")
+        paths[-1].write_text(svg)
+    return paths

@@ -1,0 +1,24 @@
+import json
+
+from dsc.cli import main
+
+
+def test_bench_quick_smoke(tmp_path, capsys):
+    """The one-minute smoke run: every variant and scenario produces medians, ratios and plots."""
+    assert main(["bench", "--quick", "-o", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["bandwidth_gbs"] > 0
+    points = data["points"]
+    assert {p["variant"] for p in points} == {"eager", "compile", "dsc"}
+    assert {p["scenario"] for p in points} == {"decode", "prefill"}
+    for p in points:
+        assert p["median_ms"] > 0 and p["x_bound"] > 0
+        assert p["speedup_vs_eager"] == (1.0 if p["variant"] == "eager" else p["speedup_vs_eager"])
+    assert (tmp_path / "bench_decode.svg").read_text().startswith("<svg")
+    assert "vs eager" in capsys.readouterr().out
+
+
+def test_bench_bad_options(tmp_path, capsys):
+    assert main(["bench", "--quick", "--variants", "eager,turbo", "-o", str(tmp_path)]) == 2
+    assert "unknown ['turbo']" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--contexts", "1k", "-o", str(tmp_path)]) == 2

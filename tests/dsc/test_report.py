@@ -1,0 +1,90 @@
+"""report.json schema, the HTML page, the cost model, and `dsc diff`."""
+
+import json
+import re
+
+import sympy
+
+from dsc.cli import main
+from dsc.cost import T, entry_cost, program_cost
+from dsc.optimize import program_summary
+from dsc.report import SCHEMA_VERSION, render_html, write_report
+
+PASS_KEYS = {"name", "changed", "matches", "tolerance", "numerics"}
+NUMERICS_KEYS = {"max_abs_err", "max_rel_err", "top1_agreement", "sqnr_db", "worst"}
+SIDE_KEYS = {
+    "nodes",
+    "param_bytes",
+    "cache_bytes_per_token",
+    "flops_per_decode_step",
+    "bytes_per_decode_step",
+    "context_len",
+    "decode_curve",
+}
+
+
+def _report(tiny_program, tiny_optimized):
+    program, records = tiny_optimized
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": "tiny",
+        "passes": [r.to_dict() for r in records],
+        "before": program_summary(tiny_program),
+        "after": program_summary(program),
+    }, {r.name: r.graphs for r in records if r.changed}
+
+
+def test_report_json_schema(tiny_program, tiny_optimized, tmp_path):
+    report, graphs = _report(tiny_program, tiny_optimized)
+    write_report(tmp_path, report, graphs)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["schema_version"] == 1
+    assert [p["name"] for p in data["passes"]] == ["canonicalize", "fuse_add_rms_norm"]
+    for p in data["passes"]:
+        assert PASS_KEYS <= set(p) and NUMERICS_KEYS == set(p["numerics"])
+    for side in ("before", "after"):
+        assert SIDE_KEYS <= set(data[side])
+        assert len(data[side]["decode_curve"]["context"]) == len(data[side]["decode_curve"]["flops"]) >= 3
+    assert data["after"]["bytes_per_decode_step"] < data["before"]["bytes_per_decode_step"]
+
+
+def test_html_is_self_contained_and_traces_new_nodes(tiny_program, tiny_optimized):
+    report, graphs = _report(tiny_program, tiny_optimized)
+    page = render_html(report, graphs)
+    assert "<script" not in page and "<link" not in page
+    urls = set(re.findall(r"https?://[^\"' ]+", page))
+    assert urls <= {"http://www.w3.org/2000/svg"}  # the SVG namespace only: no CDN, fonts or scripts
+    assert page.count("<svg") == 3
+    assert '<span class="tag">fuse_add_rms_norm</span>' in page  # new nodes carry their pass
+    assert 'class="del"' in page and 'class="add"' in page
+
+
+def test_cost_model(tiny_program):
+    cfg = tiny_program.config
+    decode = entry_cost(tiny_program.entries["decode"], "decode")
+    # linear in T apart from the indexer's sort (T log T): the T coefficient covers QK^T and PV of every
+    # head and the indexer's per-head dot products, in each main layer
+    poly = decode.flops.subs(sympy.log(T + cfg.index_topk), 0)
+    coeff = sympy.Poly(sympy.expand(poly), T).coeff_monomial(T)
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    per_layer = 2 * H * (cfg.qk_head_dim + cfg.v_head_dim) + 2 * cfg.index_n_heads * cfg.index_head_dim
+    assert coeff >= L * per_layer
+    prefill = entry_cost(tiny_program.entries["prefill"], "prefill")
+    assert sympy.Poly(prefill.flops.subs(sympy.log(T + cfg.index_topk), 0), T).degree() == 2
+    c = program_cost(tiny_program)
+    assert c["decode_curve"]["context"][-1] == cfg.max_position_embeddings
+
+
+def test_dsc_diff(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["optimize", "tiny", "-o", str(a), "--passes", "canonicalize", "--no-verify"]) == 0
+    assert main(["optimize", "tiny", "-o", str(b), "--no-verify"]) == 0
+    assert (b / "report.html").exists()
+    capsys.readouterr()
+    assert main(["diff", str(a), str(b), "--json", "--html", str(tmp_path / "d.html")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["op_changes"]["decode"]["dsc.add_rms_norm.default"] == [0, 4]
+    assert "<svg" in (tmp_path / "d.html").read_text()
+    assert main(["diff", str(b)]) == 0  # against its input, re-captured
+    assert "aten._assert_tensor_metadata.default" in capsys.readouterr().out
+    assert main(["diff", str(tmp_path)]) == 2
