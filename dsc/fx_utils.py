@@ -216,3 +216,21 @@ def listing(ep: ExportedProgram) -> str:
         lines.append(f"{n.name} = {target}({args})  # {_fmt_val(n.meta.get('val'))}{tail}")
     text = "\n".join(lines)
     return pattern.sub(lambda m: names[m.group(1)], text) if pattern else text
+
+
+def refresh_meta(ep: ExportedProgram) -> None:
+    """Recompute every node's ``meta["val"]`` by fake-tensor propagation from the placeholders."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(vals)
+    ep.graph_module.recompile()
+    FakeTensorProp(ep.graph_module, mode).propagate_dont_convert_inputs(*vals)
+
+
+def set_cache_count(ep: ExportedProgram, entry_inputs: list[str], n_caches: int) -> None:
+    """Re-describe the entry's input structure ((inputs..., [caches]), {}) after caches were added or removed."""
+    args = tuple([0] * n_caches if name == "caches" else 0 for name in entry_inputs)
+    spec = torch.utils._pytree.tree_structure((args, {}))
+    ep.module_call_graph[0].signature.in_spec = spec
