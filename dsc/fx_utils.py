@@ -226,11 +226,29 @@ def refresh_meta(ep: ExportedProgram) -> None:
     vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(vals)
     ep.graph_module.recompile()
-    FakeTensorProp(ep.graph_module, mode).propagate_dont_convert_inputs(*vals)
+    with torch.no_grad():
+        FakeTensorProp(ep.graph_module, mode).propagate_dont_convert_inputs(*vals)
 
 
-def set_cache_count(ep: ExportedProgram, entry_inputs: list[str], n_caches: int) -> None:
-    """Re-describe the entry's input structure ((inputs..., [caches]), {}) after caches were added or removed."""
-    args = tuple([0] * n_caches if name == "caches" else 0 for name in entry_inputs)
-    spec = torch.utils._pytree.tree_structure((args, {}))
-    ep.module_call_graph[0].signature.in_spec = spec
+def drop_user_inputs(ep: ExportedProgram, names: list[str]) -> None:
+    """Remove user-input placeholders (unread) from the graph, the signature and the call's input structure."""
+    if not names:
+        return
+    pytree = torch.utils._pytree
+    users = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    drop = {users.index(n) for n in names}
+    spec = ep.module_call_graph[0].signature.in_spec
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+
+    def prune(t):
+        if isinstance(t, (list, tuple)):
+            return type(t)(prune(x) for x in t if not (isinstance(x, int) and x in drop))
+        if isinstance(t, dict):
+            return {k: prune(v) for k, v in t.items()}
+        return t
+
+    ep.module_call_graph[0].signature.in_spec = pytree.tree_structure(prune(tree))
+    ep.graph_signature.input_specs[:] = [s for s in ep.graph_signature.input_specs if s.arg.name not in names]
+    for n in [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in names]:
+        assert not n.users, f"input {n.name} is still read by {list(n.users)}"
+        ep.graph.erase_node(n)

@@ -30,9 +30,9 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
-from dsc.fx_utils import constant_of, finalize, refresh_meta, set_cache_count, tag
+from dsc.fx_utils import constant_of, drop_user_inputs, finalize, refresh_meta, tag
 from dsc.pass_manager import register_pass
-from dsc.program import ENTRY_INPUTS, CacheTensor
+from dsc.program import CacheTensor
 from dsc.verify import Tolerance
 
 aten = torch.ops.aten
@@ -70,22 +70,45 @@ class Decompress:
 def _decompress_part(n) -> tuple[Decompress, int] | None:
     """(decompression, part) when n is part 0 (k_nope) or 1 (v) of a per-head split of linear(c, W)."""
     n = _strip(n)
-    if not (_is(n, operator.getitem) and _is(n.args[0], aten.split_with_sizes.default, aten.split.Tensor)):
+    splits = (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default)
+    if not (_is(n, operator.getitem) and _is(n.args[0], *splits)):
         return None
     split, part = n.args[0], n.args[1]
-    sizes, dim = split.args[1], split.args[2] if len(split.args) > 2 else 0
     view = split.args[0]
-    if not (isinstance(sizes, (list, tuple)) and len(sizes) == 2 and dim in (-1, 3)):
-        return None
-    if not _is(view, aten.view.default, aten.reshape.default, aten.unflatten.int):
-        return None
-    lin = view.args[0]
-    if not (_is(lin, aten.linear.default) and (len(lin.args) < 3 or lin.args[2] is None)):
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if dim not in (-1, 3) or not _is(view, aten.view.default, aten.reshape.default, aten.unflatten.int):
         return None
     shape = _val(view).shape
-    if len(shape) != 4 or int(shape[-1]) != sum(sizes):
+    if len(shape) != 4:
         return None
-    return Decompress(lin, lin.args[0], lin.args[1], int(shape[2]), int(sizes[0]), int(sizes[1])), part
+    width = int(shape[-1])
+    if split.target is aten.split_with_sizes.default:
+        sizes = list(split.args[1])
+    elif split.target is aten.chunk.default and split.args[1] == 2 and width % 2 == 0:
+        sizes = [width // 2, width // 2]
+    elif split.target is aten.split.Tensor and isinstance(split.args[1], int) and 2 * split.args[1] == width:
+        sizes = [split.args[1]] * 2
+    else:
+        return None
+    if len(sizes) != 2 or sum(sizes) != width:
+        return None
+    proj = _projection(view.args[0])
+    if proj is None:
+        return None
+    return Decompress(view.args[0], proj[0], proj[1], int(shape[2]), int(sizes[0]), int(sizes[1])), part
+
+
+def _projection(n):
+    """(c, W) for y = c Wᵀ spelled linear(c, W) or matmul(c, W.t() / W.permute(1, 0) / W.transpose(0, 1))."""
+    if _is(n, aten.linear.default) and (len(n.args) < 3 or n.args[2] is None):
+        return n.args[0], n.args[1]
+    if _is(n, aten.matmul.default):
+        wt = n.args[1]
+        if _is(wt, aten.t.default) or (_is(wt, aten.permute.default) and list(wt.args[1]) == [1, 0]):
+            return n.args[0], wt.args[0]
+        if _is(wt, aten.transpose.int) and sorted(a % 2 for a in wt.args[1:3]) == [0, 1]:
+            return n.args[0], wt.args[0]
+    return None
 
 
 def _shared_rope(n) -> fx.Node | None:
@@ -149,6 +172,10 @@ def _cache_write(n):
     return None
 
 
+def _other_readers(cache: fx.Node, write: fx.Node) -> list[fx.Node]:
+    return [u for u in cache.users if u is not write and not (_is(u, aten.sym_size.int) and u.args[1] in (0, 1))]
+
+
 def match(ep, sm: fx.Node) -> Site | None:
     if sm.args[1] not in (-1, 3) or len(sm.users) != 1:
         return None
@@ -165,8 +192,8 @@ def match(ep, sm: fx.Node) -> Site | None:
         else:
             return None
     scale = 1.0
-    if _is(x, aten.mul.Tensor) and isinstance(x.args[1], float) and len(x.users) == 1:
-        x, scale = x.args[0], x.args[1]
+    if _is(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)) and len(x.users) == 1:
+        x, scale = x.args[0], (float(x.args[1]) if x.target is aten.mul.Tensor else 1.0 / float(x.args[1]))
     if not (_is(x, aten.einsum.default) and _is_scores(x.args[0]) and len(x.users) == 1):
         return None
     q, K = x.args[1]
@@ -186,8 +213,8 @@ def match(ep, sm: fx.Node) -> Site | None:
         k_pe = _shared_rope(k_rope)
         if not (kp and vp and k_pe is not None) or kp[1] != 0 or vp[1] != 1 or kp[0].linear is not vp[0].linear:
             return None
-        # nothing else may read the caches or the per-head pieces
-        if len(wk[0].users) != 1 or len(wv[0].users) != 1 or set(K.users) != {x} or set(V.users) != {pv}:
+        # nothing else may read the caches (their batch / length sizes aside) or the per-head pieces
+        if _other_readers(wk[0], K) or _other_readers(wv[0], V) or set(K.users) != {x} or set(V.users) != {pv}:
             return None
         if len(k_nope.users) != 1 or len(v_new.users) != 1:
             return None
@@ -270,8 +297,10 @@ def _sites(ep) -> list[Site]:
 
 
 def _cache_index(ep, ph: fx.Node) -> int:
-    caches = [n for n in _user_inputs(ep) if n.name.startswith("caches")]
-    return caches.index(ph)
+    """Position among the user inputs counted from the end: the same cache has the same index in
+    every entry (entries differ in their leading inputs, the cache list closes each signature)."""
+    users = _user_inputs(ep)
+    return users.index(ph) - len(users)
 
 
 def transform(ep, entry: str, accepted: set[int], form: str) -> dict:
@@ -295,6 +324,9 @@ def transform(ep, entry: str, accepted: set[int], form: str) -> dict:
             else:
                 rewrite_absorbed(g, site, latent_write, dc)
             old_writes += [site.k_write, site.v_write]
+            for u in list(vph.users):  # size reads of the V cache: the latent cache has the same (B, T)
+                if u is not site.v_write:
+                    u.replace_input_with(vph, kph)
             dropped.append(vph)
             latent_phs.append((kph, int(_val(site.dec.latent).shape[-1]) + int(_val(site.k_pe_new).shape[-1])))
             stats["per_head_cache_style"] += 1
@@ -303,16 +335,11 @@ def transform(ep, entry: str, accepted: set[int], form: str) -> dict:
     for n in old_writes:  # in-place writes are side effects: DCE keeps them, so they go by hand
         assert not n.users, f"{n.name} still read by {list(n.users)}"
         g.erase_node(n)
-    for ph in dropped:
-        assert not ph.users, f"{ph.name} still read by {list(ph.users)}"
-        ep.graph_signature.input_specs[:] = [s for s in ep.graph_signature.input_specs if s.arg.name != ph.name]
-        g.erase_node(ph)
+    drop_user_inputs(ep, [ph.name for ph in dropped])
     for ph, width in latent_phs:  # the K cache placeholder now holds the latent: (B, T, dc + dr)
         old = ph.meta["val"]
         with old.fake_mode:
             ph.meta["val"] = torch.empty((old.shape[0], old.shape[1], width), dtype=old.dtype)
-    n_caches = sum(1 for n in _user_inputs(ep) if n.name.startswith("caches"))
-    set_cache_count(ep, ENTRY_INPUTS.get(entry, ["tokens", "positions", "caches"]), n_caches)
     refresh_meta(ep)
     finalize(ep)
     return stats
@@ -335,19 +362,20 @@ def absorb_mla(program, ctx):
     readers: dict[int, set[str]] = {}
     hits: dict[int, set[str]] = {}
     for entry, ep in program.entries.items():
-        for i, ph in enumerate(n for n in _user_inputs(ep) if n.name.startswith("caches")):
+        for ph in _user_inputs(ep):
             if ph.users:
-                readers.setdefault(i, set()).add(entry)
+                readers.setdefault(_cache_index(ep, ph), set()).add(entry)
         for s in _sites(ep):
             if s.style == "per_head_cache":
                 k, v = _cache_index(ep, s.k_write.args[0]), _cache_index(ep, s.v_write.args[0])
                 dc, dr = int(_val(s.dec.latent).shape[-1]), int(_val(s.k_pe_new).shape[-1])
-                matched[k] = (v, program.cache.tensors[k].layer, dc, dr)
+                layer = program.cache.tensors[k].layer if program.cache.tensors else None
+                matched[k] = (v, layer, dc, dr)
                 hits.setdefault(k, set()).add(entry)
     accepted = {k for k in matched if hits[k] >= readers.get(k, set()) and hits[k] >= readers.get(matched[k][0], set())}
 
     # 2. rewrite each entry; prefill picks MHA or absorbed by the cost model
-    stats: dict = {"entries": {}, "layers": sorted(matched[k][1] for k in accepted)}
+    stats: dict = {"entries": {}, "layers": sorted(matched[k][1] for k in accepted if matched[k][1] is not None)}
     for entry, ep in program.entries.items():
         form, why = "absorbed", "decode attends to the whole cached context: read 576-wide latents, not per-head K/V"
         if entry == "prefill" and any(_is_prefill(ep, s) for s in _sites(ep) if s.style == "per_head_cache"):
@@ -364,19 +392,19 @@ def absorb_mla(program, ctx):
         s = transform(ep, entry, accepted, form)
         stats["entries"][entry] = {**s, "form": form if s["sites"] else "unchanged", "why": why}
 
-    # 3. the CacheSpec follows the entries
-    for k in sorted(accepted, key=lambda k: -matched[k][0]):
-        v, layer, dc, dr = matched[k]
-        old = program.cache.tensors[k]
-        program.cache.tensors[k] = CacheTensor(
-            f"layers.{layer}.kv_latent",
-            [dc + dr],
-            old.dtype,
-            "MLA latent [c_kv ; RoPE(k_pe)], shared by all heads",
-            layer,
-        )
-        del program.cache.tensors[v]
-    if accepted:
+    # 3. the CacheSpec follows the entries (indices count from the end, like the cache inputs)
+    if program.cache.tensors:
+        n = len(program.cache.tensors)
+        for k in accepted:
+            v, layer, dc, dr = matched[k]
+            old = program.cache.tensors[n + k]
+            meaning = "MLA latent [c_kv ; RoPE(k_pe)], shared by all heads"
+            program.cache.tensors[n + k] = CacheTensor(
+                f"layers.{layer}.kv_latent", [dc + dr], old.dtype, meaning, layer
+            )
+        for v in sorted((n + matched[k][0] for k in accepted), reverse=True):
+            del program.cache.tensors[v]
+    if accepted and program.cache.tensors:
         k0 = min(accepted)
         layer = matched[k0][1]
         stats["cache_bytes_per_token_per_layer"] = {

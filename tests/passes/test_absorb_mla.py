@@ -1,0 +1,222 @@
+"""absorb_mla: fires per MLA layer on the reference model and on independently written MLAs
+(latent-cache style, matmul/chunk spellings), keeps the numbers over long decodes, and does not fire
+when a precondition fails."""
+
+import math
+
+import pytest
+import torch
+from dsc.model import DeepseekV32ForCausalLM, preset
+from torch import nn
+
+from dsc.capture import capture
+from dsc.pass_manager import run_pipeline, select_passes
+from tests.passes.helpers import apply, ops, toy_program
+from tests.tolerances import TOL
+
+MLA_OP = "dsc.mla_decode.default"
+
+
+def _rope_half(x, pos):
+    d = x.shape[-1] // 2
+    inv = 1.0 / (10000 ** (torch.arange(d, dtype=torch.float32) / d))
+    ang = pos[..., None].float() * inv  # (B, S, d)
+    while ang.ndim < x.ndim:
+        ang = ang.unsqueeze(-2)
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat((x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()), -1)
+
+
+class LatentCacheMLA(nn.Module):
+    """Another team's MLA: caches the latent [c ; k_rope] and re-decompresses it through wkv_b every step
+    (cache style b); half-split RoPE; causal mask from positions; no normalisation on the latent."""
+
+    def __init__(self, d=32, H=3, dc=16, dr=8, dn=8, dv=12):
+        super().__init__()
+        self.H, self.dc, self.dr, self.dn, self.dv = H, dc, dr, dn, dv
+        self.wq = nn.Linear(d, H * (dn + dr), bias=False)
+        self.wkv_a = nn.Linear(d, dc + dr, bias=False)
+        self.wkv_b = nn.Linear(dc, H * (dn + dv), bias=False)
+        self.wo = nn.Linear(H * dv, d, bias=False)
+
+    def forward(self, x, pos, cache):
+        B, S, _ = x.shape
+        T = cache.shape[1]
+        q = self.wq(x).view(B, S, self.H, self.dn + self.dr)
+        q_nope, q_rope = torch.split(q, [self.dn, self.dr], dim=-1)
+        q = torch.cat([q_nope, _rope_half(q_rope, pos)], dim=-1)
+        c, kr = self.wkv_a(x).split([self.dc, self.dr], -1)
+        rows = torch.arange(B).unsqueeze(1).expand(B, S)
+        cache.index_put_((rows, pos), torch.cat([c, _rope_half(kr, pos)], -1))
+        kvb = self.wkv_b(cache[..., : self.dc]).view(B, T, self.H, self.dn + self.dv)
+        k_nope, v = kvb.split([self.dn, self.dv], -1)
+        k = torch.cat([k_nope, cache[..., self.dc :].unsqueeze(2).expand(B, T, self.H, self.dr)], -1)
+        att = torch.einsum("bqhc,bkhc->bqhk", q, k) / math.sqrt(self.dn + self.dr)
+        causal = torch.where(torch.arange(T) <= pos[..., None], 0.0, float("-inf"))  # (B, S, T)
+        p = (att + causal[:, :, None, :]).softmax(-1)
+        o = torch.einsum("bqhk,bkhc->bqhc", p, v)
+        return self.wo(o.reshape(B, S, self.H * self.dv))
+
+
+class PerHeadMatmulMLA(nn.Module):
+    """A third spelling: per-head K/V caches (style a), the up-projection as matmul with W.t(),
+    K/V split with chunk, the rope key broadcast with expand."""
+
+    def __init__(self, d=32, H=2, dc=16, dr=8, dh=8):
+        super().__init__()
+        self.H, self.dc, self.dr, self.dh = H, dc, dr, dh
+        self.q_proj = nn.Linear(d, H * (dh + dr), bias=False)
+        self.kv_down = nn.Linear(d, dc + dr, bias=False)
+        self.kv_up = nn.Parameter(torch.randn(H * 2 * dh, dc) * 0.2)
+        self.out = nn.Linear(H * dh, d, bias=False)
+
+    def forward(self, x, pos, k_cache, v_cache):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.H, self.dh + self.dr)
+        latent, k_rope = self.kv_down(x).split([self.dc, self.dr], -1)
+        kv = torch.matmul(latent, self.kv_up.t()).view(B, S, self.H, 2 * self.dh)
+        k_nope, v = kv.chunk(2, dim=-1)
+        k = torch.cat([k_nope, _rope_half(k_rope, pos).unsqueeze(2).expand(B, S, self.H, self.dr)], -1)
+        rows = torch.arange(B).unsqueeze(1).expand(B, S)
+        k_cache.index_put_((rows, pos), k)
+        v_cache.index_put_((rows, pos), v)
+        q = torch.cat([q[..., : self.dh], _rope_half(q[..., self.dh :], pos)], -1)
+        s = torch.einsum("bshd,bthd->bsht", q, k_cache) * 0.3
+        o = torch.einsum("bsht,bthd->bshd", s.softmax(-1), v_cache)
+        return self.out(o.flatten(2))
+
+
+def _toy(mod, *args):
+    p, _, _ = apply("canonicalize", toy_program(mod, *args))
+    return p
+
+
+def test_fires_on_latent_cache_mla():
+    mod = LatentCacheMLA().eval()
+    B, S, T = 2, 3, 7
+    pos = torch.tensor([[4, 5, 6], [4, 5, 6]])
+    args = (torch.randn(B, S, 32), pos, torch.randn(B, T, 24))
+    p = _toy(mod, *args)
+    out, matches, stats = apply("absorb_mla", p)
+    assert matches == 1 and stats["entries"]["forward"]["latent_cache_style"] == 1
+    h = ops(out)
+    assert h[MLA_OP] == 1 and "aten.softmax.int" not in h
+    cache_a, cache_b = torch.randn(B, T, 24), None
+    cache_b = cache_a.clone()
+    x = torch.randn(B, S, 32)
+    with torch.no_grad():
+        want = mod(x, pos, cache_a)
+        got = out.module("forward")(x, pos, cache_b)
+    torch.testing.assert_close(got, want, **TOL["fp32_rewrite"])
+    assert torch.equal(cache_a, cache_b)  # same cache layout, same writes
+
+
+def test_fires_on_per_head_matmul_mla_and_changes_its_cache():
+    mod = PerHeadMatmulMLA().eval()
+    B, S, T = 1, 2, 6
+    pos = torch.tensor([[4, 5]])
+    args = (torch.randn(B, S, 32), pos, torch.zeros(B, T, 2, 16), torch.zeros(B, T, 2, 8))
+    p = _toy(mod, *args)
+    out, matches, stats = apply("absorb_mla", p)
+    assert matches == 1 and stats["entries"]["forward"]["per_head_cache_style"] == 1
+    # one latent cache input (dc + dr wide) replaces the two per-head caches
+    phs = [
+        n
+        for n in out.entries["forward"].graph.nodes
+        if n.op == "placeholder" and n.name.startswith(("k_cache", "v_cache"))
+    ]
+    assert [tuple(n.meta["val"].shape[2:]) for n in phs] == [(24,)]
+
+
+def _long_compare(model, program_a, program_b, prompt=20, steps=32):
+    """Prefill, >= 32 single decode steps and one S = 3 extend: logits of both Programs."""
+    g = torch.Generator().manual_seed(5)
+    total = prompt + steps + 3
+    ca, cb = program_a.cache.allocate(2, total), program_b.cache.allocate(2, total)
+    toks = torch.randint(0, 256, (2, total), generator=g)
+    worst = 0.0
+    with torch.no_grad():
+        a, _ = program_a.prefill(toks[:, :prompt], [c[:, :prompt] for c in ca])
+        b, _ = program_b.prefill(toks[:, :prompt], [c[:, :prompt] for c in cb])
+        torch.testing.assert_close(b, a, **TOL["fp32_rewrite"])
+        p = prompt
+        for n in [1] * steps + [3]:
+            pos = torch.arange(p, p + n).expand(2, n)
+            a, _ = program_a.decode(toks[:, p : p + n], pos, [c[:, : p + n] for c in ca])
+            b, _ = program_b.decode(toks[:, p : p + n], pos, [c[:, : p + n] for c in cb])
+            torch.testing.assert_close(b, a, **TOL["fp32_rewrite"])
+            worst = max(worst, (a - b).abs().max().item())
+            p += n
+    return worst
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_reference_model(name, tiny_program):
+    cfg = preset(name)
+    base = tiny_program if name == "tiny" else capture(DeepseekV32ForCausalLM(cfg).init_weights(0).eval())
+    canon, _, _ = apply("canonicalize", base)
+    out, matches, stats = apply("absorb_mla", canon)
+    L = cfg.num_hidden_layers
+    assert matches == 2 * L and stats["layers"] == list(range(L))  # one site per MLA layer per entry
+    for entry in ("prefill", "decode"):
+        h = ops(out, entry)
+        assert h.get(MLA_OP, 0) == (L if stats["entries"][entry]["form"] == "absorbed" else 0)
+        assert h["aten.index_put_.default"] == 2 * L  # one latent write + one index-key write per layer
+    assert stats["entries"]["decode"]["form"] == "absorbed"
+    per_layer = {t.name: t.tail for t in out.cache.tensors if t.layer == 0}
+    assert per_layer == {
+        "layers.0.kv_latent": [cfg.kv_lora_rank + cfg.qk_rope_head_dim],
+        "layers.0.index_k": [cfg.index_head_dim],
+    }
+    assert out.cache.bytes_per_token({0}) < base.cache.bytes_per_token({0})
+    _long_compare(base.config, canon, out, prompt=20 if name == "tiny" else 12, steps=32)
+
+
+def test_does_not_fire_when_k_nope_has_another_reader():
+    class Leaky(PerHeadMatmulMLA):
+        def forward(self, x, pos, k_cache, v_cache):
+            out = super().forward(x, pos, k_cache, v_cache)
+            return out, k_cache.sum()  # the per-head cache is read elsewhere
+
+    args = (torch.randn(1, 2, 32), torch.tensor([[4, 5]]), torch.zeros(1, 6, 2, 16), torch.zeros(1, 6, 2, 8))
+    _, matches, _ = apply("absorb_mla", _toy(Leaky().eval(), *args))
+    assert matches == 0
+
+
+def test_does_not_fire_when_w_uk_is_not_constant():
+    class RuntimeWeight(LatentCacheMLA):
+        def forward(self, x, pos, cache, w):
+            self.wkv_b.weight = None  # use the runtime weight instead
+            return super().forward(x, pos, cache)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = LatentCacheMLA()
+
+        def forward(self, x, pos, cache, w):
+            m = self.m
+            B, S, _ = x.shape
+            T = cache.shape[1]
+            q = m.wq(x).view(B, S, m.H, m.dn + m.dr)
+            q_nope, q_rope = torch.split(q, [m.dn, m.dr], dim=-1)
+            q = torch.cat([q_nope, _rope_half(q_rope, pos)], dim=-1)
+            c, kr = m.wkv_a(x).split([m.dc, m.dr], -1)
+            rows = torch.arange(B).unsqueeze(1).expand(B, S)
+            cache.index_put_((rows, pos), torch.cat([c, _rope_half(kr, pos)], -1))
+            kvb = torch.nn.functional.linear(cache[..., : m.dc], w).view(B, T, m.H, m.dn + m.dv)  # w: an input
+            k_nope, v = kvb.split([m.dn, m.dv], -1)
+            k = torch.cat([k_nope, cache[..., m.dc :].unsqueeze(2).expand(B, T, m.H, m.dr)], -1)
+            p = (torch.einsum("bqhc,bkhc->bqhk", q, k) * 0.2).softmax(-1)
+            return m.wo(torch.einsum("bqhk,bkhc->bqhc", p, v).reshape(B, S, m.H * m.dv))
+
+    args = (torch.randn(1, 2, 32), torch.tensor([[4, 5]]), torch.randn(1, 6, 24), torch.randn(3 * 20, 16))
+    _, matches, _ = apply("absorb_mla", _toy(Wrapper().eval(), *args))
+    assert matches == 0
+
+
+def test_idempotent_and_end_to_end(tiny_program, tiny):
+    program, records = run_pipeline(tiny_program, select_passes())
+    assert [r.name for r in records] == ["canonicalize", "absorb_mla", "fuse_add_rms_norm"]
+    _, again = run_pipeline(program, select_passes(["absorb_mla"]))
+    assert again[0].matches == 0 and not again[0].changed
