@@ -32,13 +32,21 @@ class _Decode(_Prefill):
         return self.m.decode(tokens, positions, caches)
 
 
+class _Mtp(_Prefill):
+    def forward(self, hidden, tokens, positions, caches):
+        return self.m.mtp(hidden, tokens, positions, caches)
+
+
 def cache_spec_of(model: DeepseekV32ForCausalLM) -> CacheSpec:
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
     return CacheSpec([CacheTensor(e.name, list(e.tail), dtype, e.meaning, e.layer) for e in cache_layout(model.config)])
 
 
 def capture(model: DeepseekV32ForCausalLM, max_batch: int = 256, source: str = "") -> Program:
-    """Export ``prefill`` and ``decode`` of an eval-mode reference model into a Program."""
+    """Export ``prefill``, ``decode`` and (with an MTP module) ``mtp`` of an eval-mode reference model.
+
+    ``mtp(hidden, tokens, positions, caches)``: the MTP module's logits for t_{i+2} from the main
+    model's final hidden state h_i and the token t_{i+1}; it writes the MTP layer's caches."""
     cfg = model.config
     spec = cache_spec_of(model)
     n = len(spec.tensors)
@@ -59,6 +67,18 @@ def capture(model: DeepseekV32ForCausalLM, max_batch: int = 256, source: str = "
             (torch.zeros(2, 3, dtype=torch.long), torch.tensor([[8, 9, 10]] * 2), caches),
             dynamic_shapes=({0: batch, 1: new}, {0: batch, 1: new}, [{0: batch, 1: ctx}] * n),
         )
+        if cfg.num_nextn_predict_layers:
+            caches = spec.allocate(2, 11)
+            entries["mtp"] = torch.export.export(
+                _Mtp(model),
+                (
+                    torch.zeros(2, 3, cfg.hidden_size),
+                    torch.zeros(2, 3, dtype=torch.long),
+                    torch.tensor([[8, 9, 10]] * 2),
+                    caches,
+                ),
+                dynamic_shapes=({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: new}, [{0: batch, 1: ctx}] * n),
+            )
     for ep in entries.values():
         ep.example_inputs = None  # never saved; keeps Programs light
     return Program(entries, spec, cfg, {"source": source, "passes": []})

@@ -39,7 +39,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 # Positional inputs of each entry point, in order; "caches" is the CacheSpec's tensors as a list.
-ENTRY_INPUTS = {"prefill": ["tokens", "caches"], "decode": ["tokens", "positions", "caches"]}
+ENTRY_INPUTS = {
+    "prefill": ["tokens", "caches"],
+    "decode": ["tokens", "positions", "caches"],
+    "mtp": ["hidden", "tokens", "positions", "caches"],
+}
 
 
 @dataclass
@@ -114,6 +118,9 @@ class Program:
 
     def decode(self, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor]:
         return self.module("decode")(tokens, positions, caches)
+
+    def mtp(self, hidden: Tensor, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> Tensor:
+        return self.module("mtp")(hidden, tokens, positions, caches)
 
     # ---- size -------------------------------------------------------------------------------------
     def weights(self) -> dict[str, Tensor]:

@@ -34,6 +34,9 @@ class EagerBackend:
     def decode(self, tokens, positions, caches):
         return self.model.decode(tokens, positions, caches)
 
+    def mtp(self, hidden, tokens, positions, caches):
+        return self.model.mtp(hidden, tokens, positions, caches)
+
 
 @dataclass
 class SamplingParams:

@@ -12,7 +12,9 @@ from dsc.model.model import DeepseekV32ForCausalLM
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny"  # until the trained demo model ships
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+# The built-in default: the trained demo model when it ships with the package, else the tiny preset.
+DEFAULT_MODEL = str(DEMO_DIR) if (DEMO_DIR / "config.json").exists() else "tiny"
 META_ONLY = {"deepseek-v3.2"}
 SEED = 0
 

@@ -303,43 +303,46 @@ def _cache_index(ep, ph: fx.Node) -> int:
     return users.index(ph) - len(users)
 
 
-def transform(ep, entry: str, accepted: set[int], form: str) -> dict:
-    """Rewrite every accepted site of one entry in place; ``form`` is "absorbed" or "mha" (prefill only)."""
+def transform(ep, entry: str, accepted: dict[int, tuple[int, int]], form: str) -> dict:
+    """Rewrite one entry in place. ``accepted``: K cache index -> (V cache index, latent width) of the
+    per-head cache pairs that become latent caches (in every entry, read or not); ``form`` is
+    "absorbed" or "mha" (prefill only)."""
     g = ep.graph
     sites = _sites(ep)
     stats = {"sites": 0, "latent_cache_style": 0, "per_head_cache_style": 0}
-    old_writes, dropped, latent_phs = [], [], []
+    old_writes = []
     for site in sites:
         dc = int(constant_of(ep, site.dec.weight).shape[1])
         if site.style == "latent_cache":
             rewrite_absorbed(g, site, site.latent, dc)
             stats["latent_cache_style"] += 1
         else:
-            kph, vph = site.k_write.args[0], site.v_write.args[0]
-            if _cache_index(ep, kph) not in accepted:
+            if _cache_index(ep, site.k_write.args[0]) not in accepted:
                 continue
-            latent_write = _latent_write(g, site, kph, site.k_write.args[1], dc)
+            latent_write = _latent_write(g, site, site.k_write.args[0], site.k_write.args[1], dc)
             if form == "mha":
                 rewrite_mha_prefill(site)
             else:
                 rewrite_absorbed(g, site, latent_write, dc)
             old_writes += [site.k_write, site.v_write]
-            for u in list(vph.users):  # size reads of the V cache: the latent cache has the same (B, T)
-                if u is not site.v_write:
-                    u.replace_input_with(vph, kph)
-            dropped.append(vph)
-            latent_phs.append((kph, int(_val(site.dec.latent).shape[-1]) + int(_val(site.k_pe_new).shape[-1])))
             stats["per_head_cache_style"] += 1
         stats["sites"] += 1
     g.eliminate_dead_code()
     for n in old_writes:  # in-place writes are side effects: DCE keeps them, so they go by hand
         assert not n.users, f"{n.name} still read by {list(n.users)}"
         g.erase_node(n)
-    drop_user_inputs(ep, [ph.name for ph in dropped])
-    for ph, width in latent_phs:  # the K cache placeholder now holds the latent: (B, T, dc + dr)
-        old = ph.meta["val"]
+    # every accepted pair changes layout in this entry too: K slot -> latent, V slot gone
+    users = _user_inputs(ep)
+    dropped = []
+    for k, (v, width) in accepted.items():
+        kph, vph = users[len(users) + k], users[len(users) + v]
+        for u in list(vph.users):  # only size reads remain: the latent cache has the same (B, T)
+            u.replace_input_with(vph, kph)
+        dropped.append(vph.name)
+        old = kph.meta["val"]
         with old.fake_mode:
-            ph.meta["val"] = torch.empty((old.shape[0], old.shape[1], width), dtype=old.dtype)
+            kph.meta["val"] = torch.empty((old.shape[0], old.shape[1], width), dtype=old.dtype)
+    drop_user_inputs(ep, dropped)
     refresh_meta(ep)
     finalize(ep)
     return stats
@@ -363,7 +366,7 @@ def absorb_mla(program, ctx):
     hits: dict[int, set[str]] = {}
     for entry, ep in program.entries.items():
         for ph in _user_inputs(ep):
-            if ph.users:
+            if any(not _is(u, aten.sym_size.int) for u in ph.users):  # size reads do not count
                 readers.setdefault(_cache_index(ep, ph), set()).add(entry)
         for s in _sites(ep):
             if s.style == "per_head_cache":
@@ -372,7 +375,11 @@ def absorb_mla(program, ctx):
                 layer = program.cache.tensors[k].layer if program.cache.tensors else None
                 matched[k] = (v, layer, dc, dr)
                 hits.setdefault(k, set()).add(entry)
-    accepted = {k for k in matched if hits[k] >= readers.get(k, set()) and hits[k] >= readers.get(matched[k][0], set())}
+    accepted = {
+        k: (matched[k][0], matched[k][2] + matched[k][3])
+        for k in matched
+        if hits[k] >= readers.get(k, set()) and hits[k] >= readers.get(matched[k][0], set())
+    }
 
     # 2. rewrite each entry; prefill picks MHA or absorbed by the cost model
     stats: dict = {"entries": {}, "layers": sorted(matched[k][1] for k in accepted if matched[k][1] is not None)}

@@ -20,7 +20,7 @@ def test_optimize_then_generate_matches_eager(tmp_path, capsys, tiny):
     out = tmp_path / "out"
     assert main(["optimize", str(tmp_path / "ckpt"), "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == ["canonicalize", "fuse_add_rms_norm"]
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", "absorb_mla", "fuse_add_rms_norm"]
     assert report["after"]["nodes"]["decode"] < report["before"]["nodes"]["decode"]
     capsys.readouterr()
     compiled = _gen(capsys, str(out))
@@ -76,5 +76,5 @@ def test_planted_fault_exits_1_and_touches_nothing(tmp_path, capsys, tiny):
 def test_passes_listing(capsys):
     assert main(["passes", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == ["canonicalize", "fuse_add_rms_norm"]
+    assert [r["name"] for r in rows] == ["canonicalize", "absorb_mla", "fuse_add_rms_norm"]
     assert all(r["purpose"] for r in rows)

@@ -34,7 +34,14 @@ def test_save_load_runs_identically(tiny_optimized, tmp_path):
     program, _ = tiny_optimized
     program.save(tmp_path / "p")
     files = sorted(p.name for p in (tmp_path / "p").rglob("*") if p.is_file())
-    assert files == ["constants.safetensors", "decode.json", "manifest.json", "prefill.json", "weights.safetensors"]
+    assert files == [
+        "constants.safetensors",
+        "decode.json",
+        "manifest.json",
+        "mtp.json",
+        "prefill.json",
+        "weights.safetensors",
+    ]
     back = Program.load(tmp_path / "p")
     sc = make_scenario(program.config, seed=1)
     a, b = run_scenario(program, sc), run_scenario(back, sc)

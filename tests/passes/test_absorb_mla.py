@@ -157,7 +157,9 @@ def test_reference_model(name, tiny_program):
     canon, _, _ = apply("canonicalize", base)
     out, matches, stats = apply("absorb_mla", canon)
     L = cfg.num_hidden_layers
-    assert matches == 2 * L and stats["layers"] == list(range(L))  # one site per MLA layer per entry
+    # one site per MLA layer per entry: L in prefill, L in decode, the MTP layer in mtp
+    assert matches == 2 * L + 1 and stats["layers"] == list(range(L + 1))
+    assert stats["entries"]["mtp"]["sites"] == 1
     for entry in ("prefill", "decode"):
         h = ops(out, entry)
         assert h.get(MLA_OP, 0) == (L if stats["entries"][entry]["form"] == "absorbed" else 0)

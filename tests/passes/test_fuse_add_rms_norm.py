@@ -78,7 +78,7 @@ def test_reference_model_one_site_per_residual_norm(tiny_program):
     canon, _, _ = apply("canonicalize", tiny_program)
     out, matches, stats = apply("fuse_add_rms_norm", canon)
     # per entry, tiny (2 layers): post-attn norm of layer 0, both norms of layer 1, the final norm
-    assert stats == {"sites_per_entry": {"prefill": 4, "decode": 4}} and matches == 8
+    assert stats == {"sites_per_entry": {"prefill": 4, "decode": 4, "mtp": 2}} and matches == 10
     for entry in ("prefill", "decode"):
         h = ops(out, entry)
         assert h[FUSED] == 4 and h["aten.rsqrt.default"] == 5  # q_a/kv_a norms x2 and layer 0's input norm remain
