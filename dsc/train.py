@@ -116,6 +116,16 @@ def train(args) -> Path:
         gen.set_state(st["gen"])
         step, history = st["step"], st["history"]
         print(f"resumed at step {step}", flush=True)
+
+    def snapshot() -> dict:
+        return {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "gen": gen.get_state(),
+            "step": step,
+            "history": history,
+        }
+
     stream = load_corpus("train", cfg.bos_token_id, cfg.eos_token_id)
     dense_steps = int(args.steps * args.dense_fraction)
     t_start = time.time()
@@ -154,26 +164,8 @@ def train(args) -> Path:
             )
             t_log, tokens_seen = time.time(), 0
         if step % args.save_every == 0:
-            _save_state(
-                state_path,
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "gen": gen.get_state(),
-                    "step": step,
-                    "history": history,
-                },
-            )
-    _save_state(
-        state_path,
-        {
-            "model": model.state_dict(),
-            "opt": opt.state_dict(),
-            "gen": gen.get_state(),
-            "step": step,
-            "history": history,
-        },
-    )
+            _save_state(state_path, snapshot())
+    _save_state(state_path, snapshot())
     (out / "history.json").write_text(json.dumps(history))
     return out
 

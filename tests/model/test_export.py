@@ -5,21 +5,8 @@ import torch
 from dsc.model import DeepseekV32ForCausalLM, preset
 from torch.export import Dim
 
+from dsc.capture import _Decode, _Prefill
 from tests.tolerances import TOL
-
-
-class _Prefill(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, tokens, caches):
-        return self.m.prefill(tokens, caches)
-
-
-class _Decode(_Prefill):
-    def forward(self, tokens, positions, caches):
-        return self.m.decode(tokens, positions, caches)
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
