@@ -130,9 +130,13 @@ def train(args) -> Path:
     dense_steps = int(args.steps * args.dense_fraction)
     t_start = time.time()
     t_log, tokens_seen = time.time(), 0
+    first = step
     while step < args.steps:
         if args.minutes and (time.time() - t_start) > 60 * args.minutes:
             print(f"time limit reached at step {step}", flush=True)
+            break
+        if args.stop_after and step - first >= args.stop_after:
+            print(f"stopping after {args.stop_after} steps at step {step} (resumable)", flush=True)
             break
         sparse = step >= dense_steps
         for group in opt.param_groups:
@@ -176,6 +180,7 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="demo", help="model preset (default: demo)")
     ap.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
     ap.add_argument("--minutes", type=float, default=0, help="stop (resumably) after this many minutes (0: no limit)")
+    ap.add_argument("--stop-after", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     ap.add_argument("--seq-len", type=int, default=512, help="training context (default 512)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")

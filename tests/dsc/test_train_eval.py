@@ -1,0 +1,62 @@
+"""The demo training script (seeded, resumable) and the evaluation, on the tiny preset."""
+
+import json
+
+import torch
+from dsc.model import DeepseekV32ForCausalLM, preset
+
+from dsc.data import eval_windows, load_corpus, stdlib_files
+from dsc.evaluate import evaluate
+from dsc.train import main as train_main
+
+
+def test_corpus_split_is_fixed_and_disjoint():
+    files = stdlib_files()
+    assert len(files) > 100
+    held = load_corpus("heldout", 256, 257)
+    train = load_corpus("train", 256, 257, max_bytes=200_000)
+    assert held.max() <= 257 and train.max() <= 257 and len(held) > 10_000
+    assert torch.equal(held, load_corpus("heldout", 256, 257))  # deterministic
+
+
+def test_train_is_seeded_and_resumable(tmp_path, capsys):
+    args = [
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--seq-len",
+        "40",
+        "--warmup",
+        "1",
+        "--log-every",
+        "1",
+        "--steps",
+        "3",
+        "--dense-fraction",
+        "0.4",
+    ]
+    train_main(["--out", str(tmp_path / "a"), *args])
+    train_main(["--out", str(tmp_path / "b"), "--stop-after", "2", *args])
+    train_main(["--out", str(tmp_path / "b"), *args])  # resumes at step 2
+    out = capsys.readouterr().out
+    assert "resumed at step 2" in out and "step 3/3" in out and "bpb" in out
+    a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-6, rtol=1e-5)
+    hist = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert [h["sparse"] for h in hist] == [False, True, True]  # dense warm-up, then DSA
+    # the aux-loss-free balancing moved the gate biases, gradients did not
+    assert any(v.abs().sum() > 0 for k, v in a["model"].items() if k.endswith("e_score_correction_bias"))
+
+
+def test_evaluate_reports_every_figure():
+    model = DeepseekV32ForCausalLM(preset("tiny")).init_weights(0).eval()
+    windows = eval_windows(load_corpus("heldout", 256, 257), 40, 3)
+    res = evaluate(model, windows, batch=2)
+    assert 6 < res["bits_per_byte_sparse"] < 10 and 6 < res["bits_per_byte_dense"] < 10  # untrained: ~log2(320)
+    assert 0 < res["indexer_topk_recall"] <= 1
+    assert len(res["expert_load_per_moe_layer"]) == 2  # layer 1 and the MTP layer
+    assert 0 <= res["mtp_first_draft_acceptance"] <= 1
