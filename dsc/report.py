@@ -136,6 +136,19 @@ def _fmt_num(n) -> str:
     return f"{n['sqnr_db']:.1f} dB"
 
 
+def _is_table(v) -> bool:
+    return isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values())
+
+
+def _stats_table(title: str, rows: dict[str, dict]) -> str:
+    cols = list(dict.fromkeys(c for r in rows.values() for c in r))
+    out = [f"<table><tr><th>{html.escape(title)}</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
+    for name, r in rows.items():
+        cells = "".join(f"<td style='text-align:left'>{html.escape(str(r.get(c, '')))}</td>" for c in cols)
+        out.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
+    return "".join(out) + "</table>"
+
+
 def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | None = None) -> str:
     b, a = report["before"], report["after"]
     ctx = b.get("context_len", 4096)
@@ -239,10 +252,14 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
             if not p["changed"]:
                 h.append("<p class='muted'>Found nothing to rewrite: the program is unchanged.</p>")
                 continue
-            stats = ", ".join(f"{k}: {v}" for k, v in p.get("stats", {}).items())
+            flat = {k: v for k, v in p.get("stats", {}).items() if not _is_table(v)}
+            stats = ", ".join(f"{k}: {v}" for k, v in flat.items())
             h.append(f"<p>{p['matches']} sites · {html.escape(stats)} · parameters {human(p['param_bytes']['before'], 'B')} → "
                      f"{human(p['param_bytes']['after'], 'B')} · cache {p['cache_bytes_per_token']['before']} → "
                      f"{p['cache_bytes_per_token']['after']} B/token</p>")  # fmt: skip
+            for k, v in p.get("stats", {}).items():
+                if _is_table(v):
+                    h.append(_stats_table(k, v))
             ops = sorted(set().union(*[set(p["ops_before"][e]) | set(p["ops_after"][e]) for e in p["ops_before"]]))
             delta = []
             for op in ops:

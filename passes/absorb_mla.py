@@ -384,7 +384,7 @@ def absorb_mla(program, ctx):
     # 2. rewrite each entry; prefill picks MHA or absorbed by the cost model
     stats: dict = {"entries": {}, "layers": sorted(matched[k][1] for k in accepted if matched[k][1] is not None)}
     for entry, ep in program.entries.items():
-        form, why = "absorbed", "decode attends to the whole cached context: read 576-wide latents, not per-head K/V"
+        form, why = "absorbed", "attends to the whole cached context every step: read the latents, not per-head K/V"
         if entry == "prefill" and any(_is_prefill(ep, s) for s in _sites(ep) if s.style == "per_head_cache"):
             options = {}
             for f in ("mha", "absorbed"):
@@ -400,6 +400,8 @@ def absorb_mla(program, ctx):
         stats["entries"][entry] = {**s, "form": form if s["sites"] else "unchanged", "why": why}
 
     # 3. the CacheSpec follows the entries (indices count from the end, like the cache inputs)
+    layer0 = matched[min(accepted)][1] if accepted else None
+    before = program.cache.bytes_per_token({layer0}) if accepted and program.cache.tensors else None
     if program.cache.tensors:
         n = len(program.cache.tensors)
         for k in accepted:
@@ -414,9 +416,7 @@ def absorb_mla(program, ctx):
     if accepted and program.cache.tensors:
         k0 = min(accepted)
         layer = matched[k0][1]
-        stats["cache_bytes_per_token_per_layer"] = {
-            "after": program.cache.bytes_per_token({layer}),
-        }
+        stats["cache_bytes_per_token_per_layer"] = {"before": before, "after": program.cache.bytes_per_token({layer})}
     return sum(e["sites"] for e in stats["entries"].values()), stats
 
 
