@@ -1,7 +1,8 @@
 """``dsc bench``: variants side by side in one process — medians, ratios, peak memory, bandwidth limit.
 
 Variants: ``eager`` (the reference model), ``compile`` (the reference under ``torch.compile``,
-Inductor, dynamic shapes), ``dsc`` (the verified, optimized Program). Scenarios: ``decode`` (one
+Inductor, dynamic shapes), ``dsc`` (the verified, optimized Program) and per-pass ablations
+``dsc:a+b`` (the Program after only passes a and b). Scenarios: ``decode`` (one
 step of one new token at context T: the cache is filled with random values, so no prefill of T
 tokens is needed) and ``prefill`` (a prompt of P tokens). Each point: warm-up calls, then repeated
 timed calls; the median is reported, and every variant's ratio to ``eager``.
@@ -142,11 +143,13 @@ def build_variants(cfg: BenchConfig, on_event=print):
         variants["compile"] = compiled
     reference = capture(model, source=cfg.model or "default")
     costs = {"reference": reference}
-    if "dsc" in cfg.variants:
-        on_event("variant", "dsc: capture + verified pass pipeline")
-        program, _ = run_pipeline(reference, select_passes())
-        variants["dsc"] = program
-        costs["dsc"] = program
+    for v in cfg.variants:  # "dsc": the default pipeline; "dsc:a+b": an ablation with only passes a, b
+        if v == "dsc" or v.startswith("dsc:"):
+            passes = v.split(":", 1)[1].split("+") if ":" in v else None
+            on_event("variant", f"{v}: capture + verified pass pipeline")
+            program, _ = run_pipeline(reference, select_passes(passes))
+            variants[v] = program
+            costs[v] = program
     return model.config, variants, costs
 
 
@@ -168,8 +171,8 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
     cost_cache = {}
 
     def bound_bytes(variant: str, kind: str, n: int) -> float:
-        prog = programs["dsc" if variant == "dsc" else "reference"]
-        key = (variant == "dsc", kind)
+        prog = programs.get(variant, programs["reference"])
+        key = (variant if variant in programs else "reference", kind)
         if key not in cost_cache:
             cost_cache[key] = entry_cost(prog.entries[kind], kind)
         return cost_cache[key].at(n)[1]

@@ -245,7 +245,7 @@ def cmd_bench(args) -> int:
     for flag, value, choices in (("--variants", args.variants, VARIANTS), ("--scenario", args.scenario, SCENARIOS)):
         if value:
             chosen = tuple(_split(value))
-            bad = [c for c in chosen if c not in choices]
+            bad = [c for c in chosen if c not in choices and not (flag == "--variants" and c.startswith("dsc:"))]
             if bad:
                 raise DscError(f"{flag}: unknown {bad}; choose from {', '.join(choices)}")
             kw["variants" if flag == "--variants" else "scenarios"] = chosen
@@ -316,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency and memory of eager / torch.compile / dsc side by side")
     p.add_argument("model", nargs="?", help="checkpoint, model.pt or preset (default: small; tiny with --quick)")
     p.add_argument("--scenario", help="comma-separated: decode, prefill (default: both)")
-    p.add_argument("--variants", help="comma-separated: eager, compile, dsc (default: all)")
+    p.add_argument(
+        "--variants",
+        help="comma-separated: eager, compile, dsc, or dsc:PASS+PASS ablations (default: eager,compile,dsc)",
+    )
     p.add_argument("--contexts", help="decode context lengths (default 1024,8192,32768)")
     p.add_argument("--prompts", help="prefill prompt lengths (default 1024,4096)")
     p.add_argument("--repeat", type=int, help="timed calls per point (default 5)")

@@ -22,3 +22,16 @@ def test_bench_bad_options(tmp_path, capsys):
     assert main(["bench", "--quick", "--variants", "eager,turbo", "-o", str(tmp_path)]) == 2
     assert "unknown ['turbo']" in capsys.readouterr().err
     assert main(["bench", "--quick", "--contexts", "1k", "-o", str(tmp_path)]) == 2
+
+
+def test_bench_per_pass_ablation():
+    from dsc.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig.quick(
+        variants=("eager", "dsc:canonicalize", "dsc"), scenarios=("decode",), contexts=(64,), repeat=2, warmup=1
+    )
+    res = run_bench(cfg, on_event=lambda *a: None)
+    assert [p["variant"] for p in res.points] == ["eager", "dsc:canonicalize", "dsc"]
+    by = {p["variant"]: p for p in res.points}
+    # the ablation without absorb_mla moves more bytes per step than the full pipeline
+    assert by["dsc:canonicalize"]["bytes_moved"] > by["dsc"]["bytes_moved"]
