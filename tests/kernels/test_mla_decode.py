@@ -5,6 +5,8 @@ import sys
 import pytest
 import torch
 from dsc.kernels.mla_decode import mla_decode_ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.tolerances import TOL
 
@@ -92,3 +94,22 @@ def test_triton_kernel_on_gpu():
         q, kv, mask = (t.cuda() for t in _inputs(B, S, H, dc, dr, T))
         got = torch.ops.dsc.mla_decode(q, kv, mask, 0.1352, dc)
         torch.testing.assert_close(got, mla_decode_ref(q, kv, mask, 0.1352, dc), atol=2e-3, rtol=2e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    S=st.integers(1, 3),
+    H=st.integers(1, 6),
+    dc=st.integers(1, 24),
+    dr=st.integers(0, 8),
+    T=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_matches_reference_on_any_shape(B, S, H, dc, dr, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, kv = torch.randn(B, S, H, dc + dr, generator=g), torch.randn(B, T, dc + dr, generator=g)
+    mask = torch.where(torch.rand(B, S, T, generator=g) < 0.3, float("-inf"), 0.0)
+    mask[..., 0] = 0.0  # at least one visible key per query
+    got = torch.ops.dsc.mla_decode(q, kv, mask, 0.3, dc)
+    torch.testing.assert_close(got, mla_decode_ref(q, kv, mask, 0.3, dc), **TOL["fp32_reassoc"])
