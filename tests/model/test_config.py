@@ -54,6 +54,6 @@ def test_presets():
     assert sum(p.numel() for p in tiny.parameters()) < 1_000_000
     cfg = preset("tiny")
     assert cfg.num_hidden_layers == 2 and cfg.num_nextn_predict_layers == 1 and cfg.first_k_dense_replace == 1
-    assert set(PRESETS) == {"tiny", "small", "deepseek-v3.2"}
+    assert set(PRESETS) == {"tiny", "small", "demo", "deepseek-v3.2"}
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         preset("huge")
