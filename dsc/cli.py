@@ -111,12 +111,9 @@ def cmd_optimize(args) -> int:
 
     check_output_dir(args.output, args.force, [args.model])
     t0 = time.perf_counter()
-    state = {"t": t0}
 
     def on_event(kind: str, msg: str) -> None:
-        now = time.perf_counter()
-        console.print(f"[dim]{now - t0:7.1f}s[/] {kind:>6}: {msg}", highlight=False)
-        state["t"] = now
+        console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/] {kind:>6}: {msg}", highlight=False)
 
     with console.status("optimizing...", spinner="dots"):
         result = optimize(
