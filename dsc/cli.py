@@ -84,10 +84,11 @@ def cmd_passes(args) -> int:
     reg = registry()
     if args.json:
         print(json.dumps([{"name": p.name, "order": p.order, "default": p.default, "purpose": p.purpose,
-                           "tolerance": p.tolerance.to_dict()} for p in reg.values()], indent=2))  # fmt: skip
+                           "tolerance": p.tolerance.to_dict(), "options": p.options} for p in reg.values()],
+                         indent=2))  # fmt: skip
         return 0
     t = Table(title="dsc passes (default pipeline in this order)")
-    for col in ("order", "name", "default", "purpose", "tolerance (atol / rtol)"):
+    for col in ("order", "name", "default", "purpose", "options", "tolerance (atol / rtol)"):
         t.add_column(col)
     for p in reg.values():
         t.add_row(
@@ -95,6 +96,7 @@ def cmd_passes(args) -> int:
             p.name,
             "yes" if p.default else "no",
             p.purpose,
+            "\n".join(f"{k}={'|'.join(v)}" for k, v in p.options.items()),
             f"{p.tolerance.atol:g} / {p.tolerance.rtol:g}",
         )
     out.print(t)
@@ -118,7 +120,7 @@ def cmd_optimize(args) -> int:
     with console.status("optimizing...", spinner="dots"):
         result = optimize(
             args.model, _split(args.passes), _split(args.disable_pass), verify=not args.no_verify,
-            trust_pickle=args.trust_pickle, on_event=on_event,
+            trust_pickle=args.trust_pickle, on_event=on_event, options=args.pass_option,
         )  # fmt: skip
         on_event("stage", f"writing {args.output}")
         write_output(result, args.output, force=args.force)
@@ -297,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory (created atomically)")
     p.add_argument("--passes", help="comma-separated passes to run, in this order (default: the default pipeline)")
     p.add_argument("--disable-pass", help="comma-separated passes to leave out")
+    p.add_argument(
+        "--pass-option", action="append", metavar="PASS.OPTION=VALUE",
+        help="a pass's option, e.g. absorb_mla.products=always (repeatable; `dsc passes` lists them)",
+    )  # fmt: skip
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check after each pass")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")

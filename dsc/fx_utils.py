@@ -91,7 +91,10 @@ def add_constant_input(ep: ExportedProgram, name: str, tensor: torch.Tensor, kin
     )
     with graph.inserting_before(first_user) if first_user is not None else graph.inserting_after(placeholders[-1]):
         node = graph.placeholder(node_name)
-    node.meta["val"] = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True).from_tensor(tensor)
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([n.meta.get("val") for n in placeholders])  # the graph's own: one mode per graph
+    node.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
     specs = ep.graph_signature.input_specs
     idx = next((i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT), len(specs))
     if kind == "parameter":
@@ -178,15 +181,15 @@ def dim_names(ep: ExportedProgram) -> dict:
     def sym(d):
         return d.node.expr if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol else None
 
-    v = users[0].meta.get("val") if users else None
-    if isinstance(v, torch.Tensor) and v.ndim == 2:
-        out.update({s: name for s, name in ((sym(v.shape[0]), "batch"), (sym(v.shape[1]), "seq")) if s is not None})
-    for n in users[1:]:
-        v = n.meta.get("val")
-        if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.dtype.is_floating_point:
-            s = sym(v.shape[1])
-            if s is not None and s not in out:
-                out[s] = "ctx"
+    vals = [n.meta.get("val") for n in users]
+    vals = [v for v in vals if isinstance(v, torch.Tensor)]
+    tokens = next((v for v in vals if v.ndim == 2 and not v.dtype.is_floating_point), None)  # mtp: after hidden
+    if tokens is not None:
+        out.update({s: nm for s, nm in ((sym(tokens.shape[0]), "batch"), (sym(tokens.shape[1]), "seq")) if s is not None})
+    for v in vals:  # the first float input with an unnamed second dim: a cache (batch, ctx, ...)
+        s = sym(v.shape[1]) if v.ndim >= 2 and v.dtype.is_floating_point else None
+        if s is not None and s not in out:
+            out[s] = "ctx"
             break
     return out
 

@@ -12,7 +12,7 @@ import torch
 import dsc
 from dsc.capture import capture
 from dsc.fsutil import atomic_dir
-from dsc.pass_manager import PassRecord, run_pipeline, select_passes
+from dsc.pass_manager import PassRecord, parse_pass_options, run_pipeline, select_passes
 from dsc.program import Program
 from dsc.report import SCHEMA_VERSION, write_report
 from dsc.sources import load_model
@@ -48,9 +48,12 @@ def optimize(
     trust_pickle: bool = False,
     dump_dir: Path | None = None,
     on_event: Callable[[str, str], None] | None = None,
+    options: list[str] | None = None,
 ) -> OptimizeResult:
+    """``options``: "PASS.OPTION=VALUE" strings (``dsc optimize --pass-option``)."""
     emit = on_event or (lambda kind, msg: None)
-    chosen = select_passes(passes, disable)  # bad names fail before any work
+    chosen = select_passes(passes, disable)  # bad names and options fail before any work
+    pass_options = parse_pass_options(options)
     timings = {}
     t = time.perf_counter()
     emit("stage", "loading model")
@@ -61,7 +64,9 @@ def optimize(
     before = capture(model, source=model_spec or "default")
     timings["capture_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    after, records = run_pipeline(before, chosen, verify=verify, dump_dir=dump_dir, on_event=on_event)
+    after, records = run_pipeline(
+        before, chosen, verify=verify, dump_dir=dump_dir, on_event=on_event, options=pass_options
+    )
     timings["passes_s"] = time.perf_counter() - t
     report = {
         "schema_version": SCHEMA_VERSION,

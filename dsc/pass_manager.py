@@ -34,15 +34,18 @@ class PassInfo:
     tolerance: Tolerance
     fn: Callable
     default: bool = True
+    options: dict[str, tuple] = field(default_factory=dict)  # option -> allowed values, the first the default
 
 
 REGISTRY: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, order: int, purpose: str, tolerance: Tolerance, default: bool = True):
+def register_pass(
+    name: str, order: int, purpose: str, tolerance: Tolerance, default: bool = True, options: dict | None = None
+):
     def deco(fn):
         assert name not in REGISTRY, f"pass {name!r} registered twice"
-        REGISTRY[name] = PassInfo(name, order, purpose, tolerance, fn, default)
+        REGISTRY[name] = PassInfo(name, order, purpose, tolerance, fn, default, dict(options or {}))
         return fn
 
     return deco
@@ -76,11 +79,13 @@ class PassRecord:
     param_bytes: tuple[int, int] = (0, 0)
     cache_bytes_per_token: tuple[int, int] = (0, 0)
     graphs: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry -> (before, after) listings, if changed
+    options: dict[str, str] = field(default_factory=dict)  # the pass options it ran with
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "changed": self.changed,
+            "options": self.options,
             "matches": self.matches,
             "stats": self.stats,
             "tolerance": self.tolerance.to_dict(),
@@ -117,6 +122,26 @@ def select_passes(passes: list[str] | None = None, disable: list[str] | None = N
     return [p for p in chosen if p.name not in set(disable or [])]
 
 
+def parse_pass_options(items: list[str] | None) -> dict[str, dict[str, str]]:
+    """``["absorb_mla.products=always"]`` -> ``{"absorb_mla": {"products": "always"}}``, checked against the registry."""
+    reg, out = registry(), {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not (sep and dot and value):
+            raise DscError(f"pass option {item!r}: write PASS.OPTION=VALUE, e.g. absorb_mla.products=always")
+        if name not in reg:
+            raise DscError(f"pass option {item!r}: unknown pass {name!r}; available passes: {', '.join(reg)}")
+        allowed = reg[name].options.get(option)
+        if allowed is None:
+            known = ", ".join(reg[name].options) or "none"
+            raise DscError(f"pass option {item!r}: {name} has no option {option!r} (its options: {known})")
+        if value not in allowed:
+            raise DscError(f"pass option {item!r}: {option} must be one of {', '.join(allowed)}")
+        out.setdefault(name, {})[option] = value
+    return out
+
+
 def graph_code(program: Program) -> dict[str, str]:
     return {name: ep.graph_module.code for name, ep in program.entries.items()}
 
@@ -136,8 +161,10 @@ def run_pipeline(
     seed: int = 0,
     dump_dir: Path | None = None,
     on_event: Callable[[str, str], None] | None = None,
+    options: dict[str, dict[str, str]] | None = None,
 ) -> tuple[Program, list[PassRecord]]:
-    """Run ``passes`` in order on clones of ``program``; returns the final Program and one record per pass."""
+    """Run ``passes`` in order on clones of ``program``; returns the final Program and one record per pass.
+    ``options``: per pass name, its options (see ``parse_pass_options``)."""
     emit = on_event or (lambda kind, msg: None)
     scenario = make_scenario(program.config, seed) if verify else None
     before_out = None
@@ -149,7 +176,8 @@ def run_pipeline(
         emit("pass", info.name)
         t0 = time.perf_counter()
         work = program.clone()
-        matches, stats = info.fn(work, PassContext(info.name))
+        ctx = PassContext(info.name, dict((options or {}).get(info.name, {})))
+        matches, stats = info.fn(work, ctx)
         seconds = time.perf_counter() - t0
         changed = graph_code(work) != graph_code(program) or work.cache != program.cache
         numerics = None
@@ -176,6 +204,7 @@ def run_pipeline(
                 (program.param_bytes(), work.param_bytes()),
                 (program.cache.bytes_per_token(), work.cache.bytes_per_token()),
                 {k: (listing(program.entries[k]), listing(ep)) for k, ep in work.entries.items()} if changed else {},
+                ctx.options,
             )
         )  # fmt: skip
         log.info("pass %s: changed=%s matches=%d", info.name, changed, matches)

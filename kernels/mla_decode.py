@@ -6,7 +6,7 @@
 q: (B, S, H, C) — the absorbed query [W_UKᵀ q_nope ; q_pe], C = kv_lora_rank + qk_rope_head_dim;
 kv: (B, T, C) — the latent cache [c_kv ; k_pe] (576 wide at full size), shared by all heads;
 mask: optional (B, S, T) additive (0 / -inf: causality, DSA selection, validity);
-indices: optional (B, S, K) int64 token slots to attend to (-1: none) instead of all T;
+indices: optional (B, S, K) int64 token slots to attend to (-1: none) instead of all T (mask unused);
 returns (B, S, H, dv) with dv = kv_lora_rank: the latent output, to be multiplied by W_UV.
 
 Per-head K/V is never materialised: the CPU implementation is two batched matmuls with the heads
@@ -62,19 +62,19 @@ def _(q, kv, mask, scale, dv, indices=None):
 
 @mla_decode.register_kernel("cuda")
 def _(q, kv, mask, scale, dv, indices=None):
-    if indices is not None or not HAVE_TRITON:
+    if not HAVE_TRITON:
         return mla_decode_ref(q, kv, mask, scale, dv, indices)
-    return mla_decode_triton(q, kv, mask, scale, dv)
+    return mla_decode_triton(q, kv, mask, scale, dv, indices=indices)
 
 
 if HAVE_TRITON:
 
     @triton.jit
     def _mla_decode_kernel(
-        Q, KV, M, O_part, LSE_part, T, H, scale, tokens_per_split,
-        stride_qr, stride_qh, stride_kvb, stride_kvt, stride_mr, stride_or, stride_os, stride_oh,
+        Q, KV, M, IDX, O_part, LSE_part, T, H, scale, tokens_per_split,
+        stride_qr, stride_qh, stride_kvb, stride_kvt, stride_mr, stride_ir, stride_or, stride_os, stride_oh,
         stride_lr, stride_ls,
-        S: tl.constexpr, C: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr,
+        S: tl.constexpr, C: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_IDX: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)  # b * S + s
@@ -95,10 +95,15 @@ if HAVE_TRITON:
         t_start = split * tokens_per_split
         t_end = tl.minimum(t_start + tokens_per_split, T)
         for t0 in range(t_start, t_end, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
+            offs_t = t0 + tl.arange(0, BLOCK_T)  # context positions, or slots of IDX with HAS_IDX
             t_ok = offs_t < t_end
+            tok = offs_t
+            if HAS_IDX:  # DSA: gather the selected tokens' latents, slot -1 attends to nothing
+                tok = tl.load(IDX + row * stride_ir + offs_t, mask=t_ok, other=-1)
+                t_ok = t_ok & (tok >= 0)
+                tok = tl.where(t_ok, tok, 0)
             kv = tl.load(
-                KV + b * stride_kvb + offs_t[:, None] * stride_kvt + offs_c[None, :],
+                KV + b * stride_kvb + tok[:, None] * stride_kvt + offs_c[None, :],
                 mask=t_ok[:, None] & c_ok[None, :], other=0.0,
             ).to(tl.float32)  # (BLOCK_T, BLOCK_C)  # fmt: skip
             s = tl.dot(q, tl.trans(kv)) * scale  # (BLOCK_H, BLOCK_T)
@@ -124,27 +129,42 @@ if HAVE_TRITON:
 
 
 def mla_decode_triton(
-    q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dv: int, splits: int | None = None
+    q: Tensor,
+    kv: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    dv: int,
+    splits: int | None = None,
+    indices: Tensor | None = None,
 ) -> Tensor:
-    """Flash-decoding over the latent cache: context splits in parallel, then a log-sum-exp merge."""
+    """Flash-decoding over the latent cache: context splits in parallel, then a log-sum-exp merge.
+    With ``indices`` (B, S, K) the splits run over the K selected slots (DSA) and ``mask`` is unused."""
     assert HAVE_TRITON, "triton is not installed (pip install 'dsc[gpu]')"
     B, S, H, C = q.shape
     T = kv.shape[1]
     assert kv.shape == (B, T, C) and dv <= C, f"q {tuple(q.shape)} kv {tuple(kv.shape)} dv {dv}"
     q2 = q.contiguous().view(B * S, H, C)
     kv = kv.contiguous()
-    splits = splits or max(1, min(64, triton.cdiv(T, 256)))
-    per_split = triton.cdiv(T, splits)
+    if indices is not None:
+        assert indices.shape[:2] == (B, S), f"indices {tuple(indices.shape)} for q {tuple(q.shape)}"
+        idx, mask = indices.contiguous().view(B * S, -1), None
+        length = idx.shape[1]
+    else:
+        idx, length = q2, T
+    splits = splits or max(1, min(64, triton.cdiv(length, 256)))
+    per_split = triton.cdiv(length, splits)
     o_part = torch.empty(B * S, splits, H, C, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * S, splits, H, dtype=torch.float32, device=q.device)
     m = mask.float().contiguous().view(B * S, T) if mask is not None else q2
     BLOCK_H = max(16, min(64, triton.next_power_of_2(H)))
     grid = (B * S, triton.cdiv(H, BLOCK_H), splits)
     _mla_decode_kernel[grid](
-        q2, kv, m, o_part, lse_part, T, H, scale, per_split,
+        q2, kv, m, idx, o_part, lse_part, length, H, scale, per_split,
         q2.stride(0), q2.stride(1), kv.stride(0), kv.stride(1), m.stride(0) if mask is not None else 0,
+        idx.stride(0) if indices is not None else 0,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        S=S, C=C, DV=dv, HAS_MASK=mask is not None, BLOCK_H=BLOCK_H, BLOCK_T=32, BLOCK_C=triton.next_power_of_2(C),
+        S=S, C=C, DV=dv, HAS_MASK=mask is not None, HAS_IDX=indices is not None,
+        BLOCK_H=BLOCK_H, BLOCK_T=32, BLOCK_C=triton.next_power_of_2(C),
     )  # fmt: skip
     w = torch.softmax(lse_part, dim=1).nan_to_num(0.0)  # (B*S, splits, H): each split's share
     out = (o_part[..., :dv] * w.unsqueeze(-1)).sum(1)

@@ -22,6 +22,7 @@ a cache that other code reads. Preconditions: ``canonicalize``. Numerics: fp32 r
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import warnings
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
-from dsc.fx_utils import constant_of, drop_user_inputs, finalize, refresh_meta, tag
+from dsc.fx_utils import add_constant_input, constant_of, drop_unused_inputs, drop_user_inputs, finalize, refresh_meta, tag
 from dsc.pass_manager import register_pass
 from dsc.program import CacheTensor
 from dsc.verify import Tolerance
@@ -49,10 +50,43 @@ def _is(n, *targets) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
+CONTRACTIONS = (aten.einsum.default, aten.matmul.default, aten.bmm.default)
+
+
 def _strip(n):
     while _is(n, aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default):
         n = n.args[0]
     return n
+
+
+def _perm_of(n) -> list[int] | None:
+    """p with n.dim i == input.dim p[i], when n is a permute / transpose."""
+    if _is(n, aten.permute.default):
+        return [d % len(n.args[1]) for d in n.args[1]]
+    if _is(n, aten.transpose.int, aten.t.default):
+        nd = _val(n).ndim
+        p = list(range(nd))
+        if n.target is aten.transpose.int:
+            a, b = n.args[1] % nd, n.args[2] % nd
+            p[a], p[b] = p[b], p[a]
+        elif nd == 2:
+            p = [1, 0]
+        return p
+    return None
+
+
+def _peel(n) -> tuple[fx.Node, list[int], list[fx.Node]]:
+    """(base, perm, chain): n is base under casts and permutes with n.dim i == base.dim perm[i];
+    chain lists the peeled nodes from n down."""
+    perm, chain = list(range(_val(n).ndim)), []
+    while True:
+        p = _perm_of(n)
+        if p is not None:
+            perm = [p[i] for i in perm]
+        elif not _is(n, aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default):
+            return n, perm, chain
+        chain.append(n)
+        n = n.args[0]
 
 
 @dataclass
@@ -67,19 +101,20 @@ class Decompress:
     dv: int
 
 
-def _decompress_part(n) -> tuple[Decompress, int] | None:
-    """(decompression, part) when n is part 0 (k_nope) or 1 (v) of a per-head split of linear(c, W)."""
+def _decompress_part(n) -> tuple[Decompress, int, list[int]] | None:
+    """(decompression, part, perm) when n is part 0 (k_nope) or 1 (v) of a per-head split of
+    linear(c, W), viewed (B, T, H, dn + dv) and possibly permuted: n.dim i == view.dim perm[i]."""
     n = _strip(n)
     splits = (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default)
     if not (_is(n, operator.getitem) and _is(n.args[0], *splits)):
         return None
     split, part = n.args[0], n.args[1]
-    view = split.args[0]
+    view, perm, _ = _peel(split.args[0])
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    if dim not in (-1, 3) or not _is(view, aten.view.default, aten.reshape.default, aten.unflatten.int):
+    if not _is(view, aten.view.default, aten.reshape.default, aten.unflatten.int):
         return None
     shape = _val(view).shape
-    if len(shape) != 4:
+    if len(shape) != 4 or perm[dim % 4] != 3:
         return None
     width = int(shape[-1])
     if split.target is aten.split_with_sizes.default:
@@ -95,68 +130,115 @@ def _decompress_part(n) -> tuple[Decompress, int] | None:
     proj = _projection(view.args[0])
     if proj is None:
         return None
-    return Decompress(view.args[0], proj[0], proj[1], int(shape[2]), int(sizes[0]), int(sizes[1])), part
+    return Decompress(view.args[0], proj[0], proj[1], int(shape[2]), int(sizes[0]), int(sizes[1])), part, perm
 
 
 def _projection(n):
     """(c, W) for y = c Wᵀ spelled linear(c, W) or matmul(c, W.t() / W.permute(1, 0) / W.transpose(0, 1))."""
     if _is(n, aten.linear.default) and (len(n.args) < 3 or n.args[2] is None):
         return n.args[0], n.args[1]
-    if _is(n, aten.matmul.default):
+    if _is(n, aten.matmul.default) and _val(n.args[1]).ndim == 2:
         wt = n.args[1]
-        if _is(wt, aten.t.default) or (_is(wt, aten.permute.default) and list(wt.args[1]) == [1, 0]):
-            return n.args[0], wt.args[0]
-        if _is(wt, aten.transpose.int) and sorted(a % 2 for a in wt.args[1:3]) == [0, 1]:
+        if _perm_of(wt) == [1, 0]:
             return n.args[0], wt.args[0]
     return None
 
 
-def _shared_rope(n) -> fx.Node | None:
-    """k_pe when n broadcasts one (B, S, dr) key over the heads: expand(unsqueeze(k_pe, 2), ...)."""
-    if _is(n, aten.expand.default, aten.expand_as.default) and _is(n.args[0], aten.unsqueeze.default):
-        if n.args[0].args[1] in (2, -2):
-            return n.args[0].args[0]
-    return None
-
-
-def _einsum_roles(eq: str, lhs_len: int = 4) -> list[str] | None:
-    eq = eq.replace(" ", "")
-    if "->" not in eq or "." in eq:
+def _shared_rope(n, hpos: int) -> tuple[fx.Node, int | None] | None:
+    """(k_pe, squeeze_dim) when n broadcasts one rope key over the heads at dim hpos:
+    expand(unsqueeze(k_pe, hpos)) -> (k_pe, None), expand(k_pe with size 1 at hpos) -> (k_pe, hpos)."""
+    n = _strip(n)
+    if not _is(n, aten.expand.default, aten.expand_as.default):
         return None
-    ins, out = eq.split("->")
-    ops = ins.split(",")
-    return [*ops, out] if len(ops) == 2 and all(len(o) == lhs_len for o in ops + [out]) else None
+    x = n.args[0]
+    shape = _val(x).shape
+    if len(shape) != 4 or str(shape[hpos]) != "1":
+        return None
+    if _is(x, aten.unsqueeze.default) and x.args[1] % 4 == hpos:
+        return x.args[0], None
+    return x, hpos
 
 
-def _is_scores(eq: str) -> bool:
-    """'bshd,bthd->bsht' in any letters: shared batch and head, contract d, keep s and t."""
-    r = _einsum_roles(eq)
-    if r is None:
-        return False
-    (b, s, h, d), (b2, t, h2, d2), o = r
-    return b == b2 and h == h2 and d == d2 and len({b, s, h, d, t}) == 5 and o == b + s + h + t
+@dataclass
+class Contraction:
+    """A two-operand contraction as einsum letters; operands with casts and permutes peeled
+    (their letters follow the peeled tensors' dims)."""
+
+    node: fx.Node
+    ops: tuple
+    letters: tuple[str, str]
+    out: str
+    chains: tuple[list, list]
 
 
-def _is_pv(eq: str) -> bool:
-    """'bsht,bthd->bshd' in any letters."""
-    r = _einsum_roles(eq)
-    if r is None:
-        return False
-    (b, s, h, t), (b2, t2, h2, d), o = r
-    return b == b2 and h == h2 and t == t2 and len({b, s, h, t, d}) == 5 and o == b + s + h + d
+def _peeled(xs, ins):
+    ops, letters, chains = [], [], []
+    for x, lx in zip(xs, ins):
+        if not isinstance(x, fx.Node) or _val(x) is None or len(lx) != _val(x).ndim:
+            return None
+        base, perm, chain = _peel(x)
+        lb = [""] * len(lx)
+        for i, p in enumerate(perm):
+            lb[p] = lx[i]
+        ops.append(base)
+        letters.append("".join(lb))
+        chains.append(chain)
+    return tuple(ops), tuple(letters), tuple(chains)
+
+
+def _contraction(n) -> Contraction | None:
+    """einsum('xy,yz->..'), or matmul / bmm of two tensors of the same rank >= 3, as letters."""
+    if _is(n, aten.einsum.default):
+        eq = n.args[0].replace(" ", "")
+        if "->" not in eq or "." in eq:
+            return None
+        ins, out = eq.split("->")
+        ins, xs = ins.split(","), n.args[1]
+        if len(ins) != 2 or len(xs) != 2:
+            return None
+    elif _is(n, aten.matmul.default, aten.bmm.default):
+        nd = _val(n.args[0]).ndim
+        if nd < 3 or _val(n.args[1]).ndim != nd:
+            return None
+        batch = "pqruw"[: nd - 2]
+        ins, out, xs = [batch + "ik", batch + "kj"], batch + "ij", n.args[:2]
+    else:
+        return None
+    peeled = _peeled(xs, ins)
+    return None if peeled is None else Contraction(n, *peeled[:2], out, peeled[2])
+
+
+def _sdpa(n):
+    """scaled_dot_product_attention(q, k, v, mask, scale) as (scores, P·V) contractions, scale, mask."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    a = dict(zip(names, n.args)) | dict(n.kwargs)
+    if a.get("dropout_p", 0.0) != 0.0 or a.get("is_causal", False) or a.get("enable_gqa", False):
+        return None  # is_causal: top-left aligned, not the cache's alignment; left to an explicit mask
+    nd = _val(a["query"]).ndim
+    batch = "pqruw"[: nd - 2]
+    qk = _peeled((a["query"], a["key"]), (batch + "sd", batch + "td"))
+    v = _peeled((a["value"],), (batch + "tv",))
+    if qk is None or v is None:
+        return None
+    scores = Contraction(None, *qk[:2], batch + "st", qk[2])
+    pv = Contraction(n, (None, v[0][0]), (batch + "st", v[1][0]), batch + "sv", ([], v[2][0]))
+    scale = a.get("scale") or 1.0 / math.sqrt(int(_val(a["query"]).shape[-1]))
+    return scores, pv, float(scale), a.get("attn_mask")
 
 
 @dataclass
 class Site:
-    softmax: fx.Node
-    scores: fx.Node
-    pv: fx.Node
+    out: fx.Node  # the attention output: the P·V contraction or the SDPA node
+    out_roles: str  # its dims as roles over "bshv" (batch, query, head, value)
     q_nope: fx.Node
     q_pe: fx.Node
+    q_roles: str  # their dims as roles over "bshd"
     scale: float
-    mask: fx.Node | None  # (B, S, T) additive
+    mask: fx.Node | None  # additive (or boolean: True = attend), broadcast over the scores
+    mask_roles: str  # the mask's dims as roles over "bsht"
     dec: Decompress
-    k_pe_new: fx.Node  # (B, S, dr) of this chunk
+    k_pe: fx.Node  # style a: this chunk's rope key; style b: the cached rope keys
+    k_pe_squeeze: int | None  # a size-1 head dim of k_pe to drop
     style: str  # "per_head_cache" | "latent_cache"
     k_write: fx.Node | None = None  # style a: index_put_ into the K cache (the scores read it)
     v_write: fx.Node | None = None
@@ -176,73 +258,244 @@ def _other_readers(cache: fx.Node, write: fx.Node) -> list[fx.Node]:
     return [u for u in cache.users if u is not write and not (_is(u, aten.sym_size.int) and u.args[1] in (0, 1))]
 
 
-def match(ep, sm: fx.Node) -> Site | None:
-    if sm.args[1] not in (-1, 3) or len(sm.users) != 1:
+def _sole_path(base: fx.Node, chain: list[fx.Node], consumer: fx.Node) -> bool:
+    """Nothing but the peeled chain down from ``consumer`` reads ``base`` and the chain's nodes."""
+    path = [consumer, *chain, base]
+    return all(set(path[i + 1].users) == {path[i]} for i in range(len(path) - 1))
+
+
+def _attention(node):
+    """(scores, pv, scale, mask, softmax dim) of a softmax-spelled attention or an SDPA node."""
+    if _is(node, aten.scaled_dot_product_attention.default):
+        r = _sdpa(node)
+        return None if r is None else (*r, None)
+    if node.args[1] is None or len(node.users) != 1:
         return None
-    pv = next(iter(sm.users))
-    if not (_is(pv, aten.einsum.default) and _is_pv(pv.args[0]) and pv.args[1][0] is sm):
+    pv = _contraction(next(iter(node.users)))
+    if pv is None or pv.ops[0] is not node or not _sole_path(node, pv.chains[0], pv.node):
         return None
-    x, mask = sm.args[0], None
+    x, mask = node.args[0], None
     if _is(x, aten.add.Tensor) and len(x.users) == 1:
         a, b = x.args[:2]
-        if _is(b, aten.unsqueeze.default) and b.args[1] in (2, -2):
-            x, mask = a, b.args[0]
-        elif _is(a, aten.unsqueeze.default) and a.args[1] in (2, -2):
-            x, mask = b, a.args[0]
-        else:
+        scores_side = lambda n: _is(n, aten.mul.Tensor, aten.div.Tensor, *CONTRACTIONS)
+        x, mask = (a, b) if scores_side(a) else (b, a)
+        if not isinstance(mask, fx.Node):
             return None
     scale = 1.0
     if _is(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)) and len(x.users) == 1:
         x, scale = x.args[0], (float(x.args[1]) if x.target is aten.mul.Tensor else 1.0 / float(x.args[1]))
-    if not (_is(x, aten.einsum.default) and _is_scores(x.args[0]) and len(x.users) == 1):
+    sc = _contraction(x)
+    if sc is None or len(x.users) != 1:
         return None
-    q, K = x.args[1]
-    V = pv.args[1][1]
-    q = _strip(q)
-    if not (_is(q, aten.cat.default) and len(q.args[0]) == 2 and q.args[1] in (-1, 3)):
-        return None
-    q_nope, q_pe = q.args[0]
+    # P's letters name the scores' dims: rename P·V into the scores' alphabet
+    ren = dict(zip(pv.letters[0], sc.out))
+    fresh = next(ch for ch in "vzyx" if ch not in sc.out)
+    rn = lambda s: "".join(ren.get(ch, fresh) for ch in s)
+    pv = Contraction(pv.node, pv.ops, (sc.out, rn(pv.letters[1])), rn(pv.out), pv.chains)
+    return sc, pv, scale, mask, node.args[1] % _val(node).ndim
 
+
+def _k_layout(ep, K, V):
+    """Where K and V come from: style (a) per-head caches written in place, or (b) decompressed from a
+    latent cache here. Returns (fields for Site, K roles over 'bthd', V roles over 'bthv') or None."""
     wk, wv = _cache_write(K), _cache_write(V)
-    if wk and wv:  # style (a): per-head caches written with this chunk's K and V
+    if wk and wv:  # (a): caches indexed (batch, position) in their first two dims
         k_new, v_new = _strip(wk[2]), _strip(wv[2])
-        if not (_is(k_new, aten.cat.default) and len(k_new.args[0]) == 2):
+        if not (_is(k_new, aten.cat.default) and len(k_new.args[0]) == 2 and k_new.args[1] in (-1, 3)):
             return None
         k_nope, k_rope = k_new.args[0]
         kp, vp = _decompress_part(k_nope), _decompress_part(v_new)
-        k_pe = _shared_rope(k_rope)
-        if not (kp and vp and k_pe is not None) or kp[1] != 0 or vp[1] != 1 or kp[0].linear is not vp[0].linear:
+        rope = _shared_rope(k_rope, 2)
+        if not (kp and vp and rope) or (kp[1], vp[1]) != (0, 1) or kp[0].linear is not vp[0].linear:
             return None
-        # nothing else may read the caches (their batch / length sizes aside) or the per-head pieces
-        if _other_readers(wk[0], K) or _other_readers(wv[0], V) or set(K.users) != {x} or set(V.users) != {pv}:
+        if kp[2] != [0, 1, 2, 3] or vp[2] != [0, 1, 2, 3] or len(k_nope.users) != 1 or len(v_new.users) != 1:
             return None
-        if len(k_nope.users) != 1 or len(v_new.users) != 1:
+        if _other_readers(wk[0], K) or _other_readers(wv[0], V):  # the caches' sizes aside, nothing else reads them
             return None
-        dec = kp[0]
-        site = Site(sm, x, pv, q_nope, q_pe, scale, mask, dec, k_pe, "per_head_cache", K, V, k_new=k_new, v_new=v_new)
-    else:  # style (b): K, V decompressed from a latent cache right here
-        K = _strip(K)
-        if not (_is(K, aten.cat.default) and len(K.args[0]) == 2):
+        fields = dict(dec=kp[0], k_pe=rope[0], k_pe_squeeze=rope[1], style="per_head_cache")
+        return fields | dict(k_write=K, v_write=V, k_new=k_new, v_new=v_new), "bthd", "bthv"
+    K = _strip(K)
+    if not (_is(K, aten.cat.default) and len(K.args[0]) == 2 and K.args[1] in (-1, 3)):
+        return None
+    kp, vp = _decompress_part(K.args[0][0]), _decompress_part(V)
+    if not (kp and vp) or kp[0].linear is not vp[0].linear or (kp[1], vp[1]) != (0, 1):
+        return None
+    k_roles, v_roles = "".join("bthd"[p] for p in kp[2]), "".join("bthv"[p] for p in vp[2])
+    rope = _shared_rope(K.args[0][1], k_roles.index("h"))
+    if rope is None or len(K.args[0][0].users) != 1 or len(_strip(V).users) != 1:
+        return None
+    r_all = rope[0]
+    if rope[1] is not None and _is(r_all, aten.view.default, aten.reshape.default):
+        r_all = r_all.args[0]  # a view that only inserted the size-1 head dim
+    c_all, r_all = _strip(kp[0].latent), _strip(r_all)
+    # both must be slices [.., :dc] and [.., dc:] of one written latent cache, rope keys (B, T, dr)
+    if not (_is(c_all, aten.slice.Tensor) and _is(r_all, aten.slice.Tensor) and c_all.args[0] is r_all.args[0]):
+        return None
+    if k_roles.replace("h", "") != "btd" or _val(r_all).ndim != 3 or _cache_write(c_all.args[0]) is None:
+        return None
+    fields = dict(dec=kp[0], k_pe=r_all, k_pe_squeeze=None, style="latent_cache", latent=c_all.args[0])
+    return fields, k_roles, v_roles
+
+
+def match(ep, node: fx.Node) -> Site | None:
+    att = _attention(node)
+    if att is None:
+        return None
+    sc, pv, scale, mask, sm_dim = att
+    (qb, K), (lq, lk) = sc.ops, sc.letters
+    A, B, O = set(lq), set(lk), set(sc.out)
+    d, s, t, shared = (A & B) - O, A - B, B - A, A & B & O
+    if len(d) != 1 or len(s) != 1 or len(t) != 1 or len(shared) != 2 or O != shared | s | t or len(sc.out) != 4:
+        return None
+    V = pv.ops[1]
+    layout = _k_layout(ep, K, V)
+    if layout is None:
+        return None
+    fields, k_roles, v_roles = layout
+    role = dict(zip(lk, k_roles)) | {next(iter(s)): "s"}
+    if role[next(iter(t))] != "t" or role[next(iter(d))] != "d" or {role[ch] for ch in shared} != {"b", "h"}:
+        return None
+    so_roles = "".join(role[ch] for ch in sc.out)
+    q_roles = "".join(role[ch] for ch in lq)
+    # P·V: contracts exactly t; V's dims are what its source says; the output holds b, s, h, v
+    lp, lv = pv.letters
+    role_pv = role | {ch: "v" for ch in lv if ch not in lp}
+    if set(lp) & set(lv) - set(pv.out) != t or "".join(role_pv[ch] for ch in lv) != v_roles:
+        return None
+    out_roles = "".join(role_pv[ch] for ch in pv.out)
+    if sorted(out_roles) != sorted("bshv") or (sm_dim is not None and so_roles[sm_dim] != "t"):
+        return None
+    # q = cat([q_nope, q_pe]) over d, its last dim
+    qb = _strip(qb)
+    if not (_is(qb, aten.cat.default) and len(qb.args[0]) == 2 and qb.args[1] % 4 == 3 and q_roles[3] == "d"):
+        return None
+    q_nope, q_pe = qb.args[0]
+    mask_roles = ""
+    if mask is not None:
+        mval = _val(mask)
+        mask_roles = so_roles[max(0, 4 - mval.ndim) :]
+        if mval.ndim > 4 or ("h" in mask_roles and str(mval.shape[mask_roles.index("h")]) != "1"):
             return None
-        kp, vp = _decompress_part(K.args[0][0]), _decompress_part(V)
-        k_pe_all = _shared_rope(K.args[0][1])
-        if not (kp and vp and k_pe_all is not None) or kp[0].linear is not vp[0].linear or (kp[1], vp[1]) != (0, 1):
+    if fields["style"] == "per_head_cache":  # the per-head caches go away: only this attention may read them
+        if not (_sole_path(K, sc.chains[1], sc.node or pv.node) and _sole_path(V, pv.chains[1], pv.node)):
             return None
-        dec = kp[0]
-        c_all, r_all = _strip(dec.latent), _strip(k_pe_all)
-        # both must be slices [.., :dc] and [.., dc:] of one written latent cache
-        if not (_is(c_all, aten.slice.Tensor) and _is(r_all, aten.slice.Tensor) and c_all.args[0] is r_all.args[0]):
-            return None
-        latent = c_all.args[0]
-        if _cache_write(latent) is None or len(K.args[0][0].users) != 1 or len(V.users) != 1:
-            return None
-        site = Site(sm, x, pv, q_nope, q_pe, scale, mask, dec, k_pe_all, "latent_cache", latent=latent)
+    dec = fields["dec"]
     w = constant_of(ep, dec.weight)
     if w is None or w.ndim != 2:  # W_UK must be a constant to absorb it
         return None
-    if int(_val(q_nope).shape[-1]) != dec.dn:
+    if int(_val(q_nope).shape[q_roles.index("d")]) != dec.dn:
         return None
-    return site
+    return Site(pv.node, out_roles, q_nope, q_pe, q_roles, scale, mask, mask_roles, **fields)
+
+
+def _to_roles(g: fx.Graph, n: fx.Node, have: str, want: str) -> fx.Node:
+    if have == want:
+        return n
+    return tag(g.call_function(aten.permute.default, (n, [have.index(r) for r in want])), NAME)
+
+
+def _mask_bst(g: fx.Graph, site: Site) -> fx.Node | None:
+    """The scores' mask as an additive (B|1, S|1, T|1) tensor, what ``mla_decode`` broadcasts."""
+    m, roles = site.mask, site.mask_roles
+    if m is None:
+        return None
+    if "h" in roles:
+        i = roles.index("h")
+        if _is(m, aten.unsqueeze.default) and m.args[1] % len(roles) == i:
+            m = m.args[0]
+        else:
+            m = tag(g.call_function(aten.squeeze.dim, (m, i)), NAME)
+        roles = roles.replace("h", "")
+    if _val(site.mask).dtype == torch.bool:
+        m = tag(g.call_function(aten.where.Scalar, (m, 0.0, float("-inf"))), NAME)
+    want = "".join(r for r in "bst" if r in roles)
+    m = _to_roles(g, m, roles, want)
+    for r in "bst":
+        if r not in want:
+            m = tag(g.call_function(aten.unsqueeze.default, (m, "bst".index(r))), NAME)
+            want = "".join(x for x in "bst" if x in want + r)
+    return m
+
+
+@dataclass
+class Products:
+    """The projections around a site that precomputed products replace: q_nope = part 0 of
+    linear(c_q, W_q) per head, and o_proj = linear(flatten(P·V over heads), W_o[, bias])."""
+
+    cq: fx.Node
+    w_q: fx.Node
+    q_pe_part: fx.Node  # part 1 of the same split: the rope rows, kept as their own projection
+    q_perm: list[int]
+    dr: int
+    out_linear: fx.Node
+
+
+def match_products(ep, site: Site) -> Products | None:
+    qp = _decompress_part(site.q_nope)
+    if qp is None or qp[1] != 0 or len(site.q_nope.users) != 1:
+        return None
+    qd, _, q_perm = qp
+    if qd.heads != site.dec.heads or qd.dn != site.dec.dn or constant_of(ep, qd.weight) is None:
+        return None
+    split = _strip(site.q_nope).args[0]
+    pe = [u for u in split.users if _is(u, operator.getitem) and u.args[1] == 1]
+    if len(pe) != 1:
+        return None
+    # o -> [permute to (b, s, h, v)] -> reshape (B, S, H * dv) -> linear(., W_o[, bias])
+    n, roles = site.out, site.out_roles
+    while len(n.users) == 1:
+        u = next(iter(n.users))
+        p = _perm_of(u)
+        if p is not None:
+            roles = "".join(roles[i] for i in p)
+        elif not _is(u, aten.contiguous.default, aten.clone.default):
+            break
+        n = u
+    if len(n.users) != 1 or roles != "bshv":
+        return None
+    flat = next(iter(n.users))
+    if not _is(flat, aten.view.default, aten.reshape.default, aten.flatten.using_ints) or _val(flat).ndim != 3:
+        return None
+    if len(flat.users) != 1:
+        return None
+    lin = next(iter(flat.users))
+    if not _is(lin, aten.linear.default) or lin.args[0] is not flat or constant_of(ep, lin.args[1]) is None:
+        return None
+    return Products(qd.latent, qd.weight, pe[0], q_perm, qd.dv, lin)
+
+
+def _param_name(ep, node: fx.Node) -> str:
+    return ep.graph_signature.inputs_to_parameters.get(node.name) or ep.graph_signature.inputs_to_buffers.get(
+        node.name, node.name
+    )
+
+
+@torch.no_grad()
+def product_weights(ep, site: Site, pr: Products) -> dict[str, torch.Tensor]:
+    """W_UQ·W_UK (H, dc, q_lora), the rope rows of W_UQ (H·dr, q_lora) and W_UV·W_O (d, H·dc),
+    computed once in fp32 from the original weights, stored in their dtype."""
+    d = site.dec
+    w_kvb = constant_of(ep, d.weight)
+    w_q, w_o = constant_of(ep, pr.w_q), constant_of(ep, pr.out_linear.args[1])
+    dc, ql = w_kvb.shape[1], w_q.shape[1]
+    kvb = w_kvb.float().view(d.heads, d.dn + d.dv, dc)
+    q = w_q.float().view(d.heads, d.dn + pr.dr, ql)
+    o = w_o.float().view(w_o.shape[0], d.heads, d.dv)
+    return {
+        "uq_uk": torch.einsum("hnc,hnl->hcl", kvb[:, : d.dn], q[:, : d.dn]).to(w_q.dtype).contiguous(),
+        "q_rope": q[:, d.dn :].reshape(d.heads * pr.dr, ql).to(w_q.dtype).contiguous(),
+        "uv_o": torch.einsum("ehv,hvc->ehc", o, kvb[:, d.dn :]).reshape(w_o.shape[0], -1).to(w_o.dtype).contiguous(),
+    }
+
+
+def param_bytes(ep, site: Site, pr: Products) -> tuple[int, int]:
+    """Bytes of the weights the products replace (W_UQ's nope rows, W_UK, W_UV, W_O) and of the products."""
+    d = site.dec
+    w_kvb, w_q, w_o = (constant_of(ep, n) for n in (d.weight, pr.w_q, pr.out_linear.args[1]))
+    ql, dc, e = w_q.shape[1], w_kvb.shape[1], w_o.shape[0]
+    factored = d.heads * (d.dn * ql * w_q.element_size() + (d.dn + d.dv) * dc * w_kvb.element_size())
+    factored += w_o.numel() * w_o.element_size()
+    return factored, d.heads * dc * (ql * w_q.element_size() + e * w_o.element_size())
 
 
 def _weights(g: fx.Graph, site: Site, dc: int):
@@ -253,25 +506,51 @@ def _weights(g: fx.Graph, site: Site, dc: int):
     return [tag(n, NAME) for n in (wv, w_uk, w_uv)]
 
 
-def rewrite_absorbed(g: fx.Graph, site: Site, latent: fx.Node, dc: int) -> None:
-    with g.inserting_before(site.pv):
+def rewrite_absorbed(g: fx.Graph, site: Site, latent: fx.Node, dc: int, products=None) -> None:
+    """products: (Products, {name: placeholder}) to use W_UQ·W_UK and W_UV·W_O instead of the factors."""
+    with g.inserting_before(site.out):
         _, w_uk, w_uv = _weights(g, site, dc)
-        q_abs = tag(g.call_function(aten.einsum.default, ("bshd,hdc->bshc", [site.q_nope, w_uk])), NAME)
-        q_cat = tag(g.call_function(aten.cat.default, ([q_abs, site.q_pe], -1)), NAME)
-        o_lat = tag(g.call_function(torch.ops.dsc.mla_decode.default, (q_cat, latent, site.mask, site.scale, dc)), NAME)
-        o = tag(g.call_function(aten.einsum.default, ("bshc,hdc->bshd", [o_lat, w_uv])), NAME)
-    site.pv.replace_all_uses_with(o)
+        q_pe = _to_roles(g, site.q_pe, site.q_roles, "bshd")
+        if products:
+            pr, w = products
+            q_abs = g.call_function(aten.einsum.default, ("bsl,hcl->bshc", [pr.cq, w["uq_uk"]]))
+        else:
+            q_nope = _to_roles(g, site.q_nope, site.q_roles, "bshd")
+            q_abs = g.call_function(aten.einsum.default, ("bshd,hdc->bshc", [q_nope, w_uk]))
+        q_cat = tag(g.call_function(aten.cat.default, ([tag(q_abs, NAME), q_pe], -1)), NAME)
+        mask = _mask_bst(g, site)
+        o_lat = tag(g.call_function(torch.ops.dsc.mla_decode.default, (q_cat, latent, mask, site.scale, dc)), NAME)
+        if products:
+            flat = tag(g.call_function(aten.flatten.using_ints, (o_lat, 2)), NAME)
+            bias = pr.out_linear.args[2] if len(pr.out_linear.args) > 2 else None
+            o = tag(g.call_function(aten.linear.default, (flat, w["uv_o"], bias)), NAME)
+            pr.out_linear.replace_all_uses_with(o)
+        else:
+            o = tag(g.call_function(aten.einsum.default, (f"bshc,hvc->{site.out_roles}", [o_lat, w_uv])), NAME)
+            site.out.replace_all_uses_with(o)
+    if products:  # the rope rows of W_q become their own projection; the nope rows are absorbed
+        pr, w = products
+        with g.inserting_before(pr.q_pe_part):
+            heads = site.dec.heads
+            y = tag(g.call_function(aten.linear.default, (pr.cq, w["q_rope"])), NAME)
+            y = tag(g.call_function(aten.unflatten.int, (y, -1, [heads, pr.dr])), NAME)
+            y = _to_roles(g, y, "bshd", "".join("bshd"[p] for p in pr.q_perm))
+        pr.q_pe_part.replace_all_uses_with(y)
 
 
 def rewrite_mha_prefill(site: Site) -> None:
     """Prefill from position 0 with T == S: the cache holds exactly this chunk's K/V."""
-    site.scores.replace_input_with(site.k_write, site.k_new)
-    site.pv.replace_input_with(site.v_write, site.v_new)
+    for old, new in ((site.k_write, site.k_new), (site.v_write, site.v_new)):
+        for u in list(old.users):
+            u.replace_input_with(old, new)
 
 
 def _latent_write(g: fx.Graph, site: Site, cache_ph: fx.Node, indices, dc: int) -> fx.Node:
     with g.inserting_before(site.k_write):
-        lat = tag(g.call_function(aten.cat.default, ([site.dec.latent, site.k_pe_new], -1)), NAME)
+        k_pe = site.k_pe
+        if site.k_pe_squeeze is not None:
+            k_pe = tag(g.call_function(aten.squeeze.dim, (k_pe, site.k_pe_squeeze)), NAME)
+        lat = tag(g.call_function(aten.cat.default, ([site.dec.latent, k_pe], -1)), NAME)
         return tag(g.call_function(aten.index_put_.default, (cache_ph, indices, lat)), NAME)
 
 
@@ -289,10 +568,11 @@ def _is_prefill(ep, site: Site) -> bool:
 
 def _sites(ep) -> list[Site]:
     out = []
-    for sm in [n for n in ep.graph.nodes if _is(n, aten.softmax.int, aten._softmax.default)]:
-        s = match(ep, sm)
-        if s is not None:
-            out.append(s)
+    for n in list(ep.graph.nodes):
+        if _is(n, aten.softmax.int, aten._softmax.default, aten.scaled_dot_product_attention.default):
+            s = match(ep, n)
+            if s is not None:
+                out.append(s)
     return out
 
 
@@ -303,30 +583,48 @@ def _cache_index(ep, ph: fx.Node) -> int:
     return users.index(ph) - len(users)
 
 
-def transform(ep, entry: str, accepted: dict[int, tuple[int, int]], form: str) -> dict:
+def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict | None = None) -> dict:
     """Rewrite one entry in place. ``accepted``: K cache index -> (V cache index, latent width) of the
-    per-head cache pairs that become latent caches (in every entry, read or not); ``form`` is
-    "absorbed" or "mha" (prefill only)."""
-    g = ep.graph
-    sites = _sites(ep)
-    stats = {"sites": 0, "latent_cache_style": 0, "per_head_cache_style": 0}
-    old_writes = []
-    for site in sites:
+    per-head cache pairs that become latent caches (in every entry, read or not); ``form``: "mha"
+    (prefill only), "absorbed", or "products" (absorbed with W_UQ·W_UK and W_UV·W_O precomputed;
+    ``store`` keeps those tensors by name so that every entry shares one copy)."""
+    g, store = ep.graph, {} if store is None else store
+    stats = {"sites": 0, "latent_cache_style": 0, "per_head_cache_style": 0, "products": 0}
+    old_writes, replaced = [], []
+    for site in _sites(ep):
         dc = int(constant_of(ep, site.dec.weight).shape[1])
+        if site.style == "per_head_cache" and _cache_index(ep, site.k_write.args[0]) not in accepted:
+            continue
+        products = None
+        pr = match_products(ep, site) if form == "products" else None
+        if pr is not None:
+            base = _param_name(ep, site.dec.weight).removesuffix(".weight")
+            made, w = None, {}
+            for key in ("uq_uk", "q_rope", "uv_o"):
+                name = f"{base}.absorbed_{key}"
+                if name not in store:
+                    made = made or product_weights(ep, site, pr)
+                    store[name] = made[key]
+                w[key] = add_constant_input(ep, name, store[name])
+            products = (pr, w)
+            stats["products"] += 1
         if site.style == "latent_cache":
-            rewrite_absorbed(g, site, site.latent, dc)
+            rewrite_absorbed(g, site, site.latent, dc, products)
             stats["latent_cache_style"] += 1
         else:
-            if _cache_index(ep, site.k_write.args[0]) not in accepted:
-                continue
             latent_write = _latent_write(g, site, site.k_write.args[0], site.k_write.args[1], dc)
             if form == "mha":
                 rewrite_mha_prefill(site)
             else:
-                rewrite_absorbed(g, site, latent_write, dc)
+                rewrite_absorbed(g, site, latent_write, dc, products)
             old_writes += [site.k_write, site.v_write]
             stats["per_head_cache_style"] += 1
         stats["sites"] += 1
+        replaced.append(site.out)
+    g.eliminate_dead_code()
+    for n in replaced:  # DCE keeps SDPA (its dropout makes it "random"): it goes by hand
+        if n.graph is g and not n.users and _is(n, aten.scaled_dot_product_attention.default):
+            g.erase_node(n)
     g.eliminate_dead_code()
     for n in old_writes:  # in-place writes are side effects: DCE keeps them, so they go by hand
         assert not n.users, f"{n.name} still read by {list(n.users)}"
@@ -343,6 +641,7 @@ def transform(ep, entry: str, accepted: dict[int, tuple[int, int]], form: str) -
         with old.fake_mode:
             kph.meta["val"] = torch.empty((old.shape[0], old.shape[1], width), dtype=old.dtype)
     drop_user_inputs(ep, dropped)
+    drop_unused_inputs(ep)
     refresh_meta(ep)
     finalize(ep)
     return stats
@@ -353,25 +652,37 @@ def _roofline_s(cost, context: int) -> tuple[float, float, float]:
     return max(flops / PEAK_FLOPS, nbytes / PEAK_BW), flops, nbytes
 
 
+PRODUCTS = ("auto", "never", "always")
+PRODUCTS_MIN_GAIN = 0.1  # "auto" takes the products only for this much less roofline time
+
+
 @register_pass(
     NAME, order=20, purpose="MLA weight absorption: attention over the latent [c_kv ; k_pe] cache",
     tolerance=Tolerance(atol=1e-4, rtol=1e-3, min_top1=0.95, min_sqnr_db=60.0),
+    options={"products": PRODUCTS},
 )  # fmt: skip
 def absorb_mla(program, ctx):
+    """Option ``products``: precompute W_UQ·W_UK and W_UV·W_O for the absorbed form — "auto" (the
+    cost model decides per entry), "never", "always"."""
     from dsc.cost import entry_cost
 
+    products = ctx.options.get("products", "auto")
     # 1. which per-head K/V cache pairs can change layout: matched in every entry that reads them
     matched: dict[int, tuple[int, int, int, int]] = {}  # k cache index -> (v index, layer, dc, dr)
     readers: dict[int, set[str]] = {}
     hits: dict[int, set[str]] = {}
+    inflation = None
     for entry, ep in program.entries.items():
         for ph in _user_inputs(ep):
             if any(not _is(u, aten.sym_size.int) for u in ph.users):  # size reads do not count
                 readers.setdefault(_cache_index(ep, ph), set()).add(entry)
         for s in _sites(ep):
+            pr = match_products(ep, s)
+            if pr is not None and inflation is None:
+                inflation = param_bytes(ep, s, pr)
             if s.style == "per_head_cache":
                 k, v = _cache_index(ep, s.k_write.args[0]), _cache_index(ep, s.v_write.args[0])
-                dc, dr = int(_val(s.dec.latent).shape[-1]), int(_val(s.k_pe_new).shape[-1])
+                dc, dr = int(_val(s.dec.latent).shape[-1]), int(_val(s.k_pe).shape[-1])
                 layer = program.cache.tensors[k].layer if program.cache.tensors else None
                 matched[k] = (v, layer, dc, dr)
                 hits.setdefault(k, set()).add(entry)
@@ -381,23 +692,43 @@ def absorb_mla(program, ctx):
         if hits[k] >= readers.get(k, set()) and hits[k] >= readers.get(matched[k][0], set())
     }
 
-    # 2. rewrite each entry; prefill picks MHA or absorbed by the cost model
+    # 2. rewrite each entry; the cost model picks the form where there is a choice
     stats: dict = {"entries": {}, "layers": sorted(matched[k][1] for k in accepted if matched[k][1] is not None)}
+    store: dict[str, torch.Tensor] = {}
     for entry, ep in program.entries.items():
-        form, why = "absorbed", "attends to the whole cached context every step: read the latents, not per-head K/V"
-        if entry == "prefill" and any(_is_prefill(ep, s) for s in _sites(ep) if s.style == "per_head_cache"):
+        prefill = entry == "prefill" and any(_is_prefill(ep, s) for s in _sites(ep) if s.style == "per_head_cache")
+        forms = ["mha"] if prefill else []
+        forms += {"never": ["absorbed"], "always": ["products"], "auto": ["absorbed", "products"]}[products]
+        if products == "auto" and not any(match_products(ep, s) for s in _sites(ep)):
+            forms.remove("products")
+        kind = "prefill" if entry == "prefill" else "decode"
+        form, why = forms[0], "the only form asked for"
+        if len(forms) > 1:
             options = {}
-            for f in ("mha", "absorbed"):
+            for f in forms:
                 trial = _clone_entry(ep)
-                transform(trial, entry, accepted, f)
-                options[f] = _roofline_s(entry_cost(trial, "prefill"), 4096)
+                transform(trial, accepted, f, store)
+                options[f] = _roofline_s(entry_cost(trial, kind), 4096)
             form = min(options, key=lambda f: options[f][0])
             why = ", ".join(
                 f"{f}: {v[1]:.3g} FLOP, {v[2]:.3g} B, {v[0] * 1e6:.1f} us on the roofline" for f, v in options.items()
             )
-            why = f"prefill of 4096 tokens — {why}"
-        s = transform(ep, entry, accepted, form)
+            why = f"{'prefill of 4096 tokens' if kind == 'prefill' else 'decode step at 4096 context'} — {why}"
+            rest = {f: v for f, v in options.items() if f != "products"}
+            if form == "products" and rest and options[form][0] > (1 - PRODUCTS_MIN_GAIN) * min(rest.values())[0]:
+                form = min(rest, key=lambda f: rest[f][0])  # more weight memory must buy a real gain
+                why += f"; products save under {PRODUCTS_MIN_GAIN:.0%}: not worth their extra weights"
+        elif form != "mha":
+            why = "attends to the whole cached context every step: read the latents, not per-head K/V"
+        s = transform(ep, accepted, form, store)
         stats["entries"][entry] = {**s, "form": form if s["sites"] else "unchanged", "why": why}
+    if inflation is not None:
+        stats["products"] = {
+            "option": products,
+            "entries": [e for e, v in stats["entries"].items() if v["products"]],
+            "param_bytes_per_layer": {"factored": inflation[0], "products": inflation[1]},
+            "inflation": round(inflation[1] / inflation[0], 2),
+        }
 
     # 3. the CacheSpec follows the entries (indices count from the end, like the cache inputs)
     layer0 = matched[min(accepted)][1] if accepted else None

@@ -42,16 +42,23 @@ def test_cpu_matches_reference_and_per_head_attention(shape):
     assert torch.isfinite(got).all()
 
 
-def test_indices_equal_mask():
-    B, S, H, dc, dr, T = 2, 2, 4, 16, 8, 40
-    q, kv, _ = _inputs(B, S, H, dc, dr, T)
-    idx = torch.stack([torch.stack([torch.randperm(T)[:10] for _ in range(S)]) for _ in range(B)])
+def _selection(B, S, T, K, seed=0):
+    """(indices with some -1 slots, the equivalent additive mask)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(S)]) for _ in range(B)])
     idx[0, 0, -3:] = -1  # invalid slots
     mask = torch.full((B, S, T), float("-inf"))
     for b in range(B):
         for s in range(S):
             valid = idx[b, s][idx[b, s] >= 0]
             mask[b, s, valid] = 0.0
+    return idx, mask
+
+
+def test_indices_equal_mask():
+    B, S, H, dc, dr, T = 2, 2, 4, 16, 8, 40
+    q, kv, _ = _inputs(B, S, H, dc, dr, T)
+    idx, mask = _selection(B, S, T, 10)
     got = torch.ops.dsc.mla_decode(q, kv, None, 0.2, dc, idx)
     torch.testing.assert_close(got, mla_decode_ref(q, kv, mask, 0.2, dc), **TOL["fp32_reassoc"])
 
@@ -59,7 +66,7 @@ def test_indices_equal_mask():
 TRITON_CHECK = """
 import torch
 from dsc.kernels.mla_decode import mla_decode_ref, mla_decode_triton
-from tests.kernels.test_mla_decode import SHAPES, _inputs
+from tests.kernels.test_mla_decode import SHAPES, _inputs, _selection
 torch.manual_seed(0)
 for shape in SHAPES:
     q, kv, mask = _inputs(*shape)
@@ -69,6 +76,12 @@ for shape in SHAPES:
         assert torch.allclose(got, ref, atol=1e-4, rtol=1e-3), (shape, splits, (got - ref).abs().max())
     got = mla_decode_triton(q, kv, None, 0.125, shape[3])
     assert torch.allclose(got, mla_decode_ref(q, kv, None, 0.125, shape[3]), atol=1e-4, rtol=1e-3)
+    B, S, H, dc, dr, T = shape
+    idx, sel_mask = _selection(B, S, T, min(T, 37))
+    for splits in (1, 2):  # DSA: only the selected slots, -1 slots ignored
+        got = mla_decode_triton(q, kv, None, 0.125, dc, splits=splits, indices=idx)
+        ref = mla_decode_ref(q, kv, sel_mask, 0.125, dc)
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-3), (shape, "indices", (got - ref).abs().max())
 print("ok")
 """
 
@@ -94,6 +107,9 @@ def test_triton_kernel_on_gpu():
         q, kv, mask = (t.cuda() for t in _inputs(B, S, H, dc, dr, T))
         got = torch.ops.dsc.mla_decode(q, kv, mask, 0.1352, dc)
         torch.testing.assert_close(got, mla_decode_ref(q, kv, mask, 0.1352, dc), atol=2e-3, rtol=2e-3)
+        idx, sel_mask = _selection(B, S, T, 512)
+        got = torch.ops.dsc.mla_decode(q, kv, None, 0.1352, dc, idx.cuda())
+        torch.testing.assert_close(got, mla_decode_ref(q, kv, sel_mask.cuda(), 0.1352, dc), atol=2e-3, rtol=2e-3)
 
 
 @settings(max_examples=25, deadline=None)

@@ -14,9 +14,9 @@ def toy_program(module: torch.nn.Module, *args) -> Program:
     return Program({"forward": ep}, CacheSpec([]), config=None)
 
 
-def apply(name: str, program: Program) -> tuple[Program, int, dict]:
+def apply(name: str, program: Program, options: dict | None = None) -> tuple[Program, int, dict]:
     work = program.clone()
-    matches, stats = registry()[name].fn(work, PassContext(name))
+    matches, stats = registry()[name].fn(work, PassContext(name, dict(options or {})))
     return work, matches, stats
 
 

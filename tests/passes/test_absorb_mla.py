@@ -17,10 +17,12 @@ from tests.tolerances import TOL
 MLA_OP = "dsc.mla_decode.default"
 
 
-def _rope_half(x, pos):
+def _rope_half(x, pos, heads_first=False):
     d = x.shape[-1] // 2
     inv = 1.0 / (10000 ** (torch.arange(d, dtype=torch.float32) / d))
     ang = pos[..., None].float() * inv  # (B, S, d)
+    if heads_first:  # x: (B, H, S, 2d)
+        ang = ang.unsqueeze(1)
     while ang.ndim < x.ndim:
         ang = ang.unsqueeze(-2)
     x1, x2 = x[..., :d], x[..., d:]
@@ -87,6 +89,70 @@ class PerHeadMatmulMLA(nn.Module):
         return self.out(o.flatten(2))
 
 
+class HeadsFirstMatmulMLA(nn.Module):
+    """The layout of the Hugging Face modeling code: (B, H, S, D) after a transpose, the split after the
+    transpose, scores as matmul(q, k.transpose(2, 3)), a (B, 1, S, T) mask, softmax in fp32, P·V by
+    matmul, heads merged by transpose + reshape. Caches the latent (style b); q through a LoRA pair."""
+
+    def __init__(self, d=32, H=3, dc=16, dr=8, dn=8, dv=12, ql=24):
+        super().__init__()
+        self.H, self.dc, self.dr, self.dn, self.dv = H, dc, dr, dn, dv
+        self.q_a, self.q_b = nn.Linear(d, ql, bias=False), nn.Linear(ql, H * (dn + dr), bias=False)
+        self.kv_a = nn.Linear(d, dc + dr, bias=False)
+        self.kv_b = nn.Linear(dc, H * (dn + dv), bias=False)
+        self.o = nn.Linear(H * dv, d, bias=True)
+
+    def forward(self, x, pos, cache):
+        B, S, _ = x.shape
+        T, H = cache.shape[1], self.H
+        q = self.q_b(self.q_a(x)).view(B, S, H, self.dn + self.dr).transpose(1, 2)
+        q_nope, q_pe = torch.split(q, [self.dn, self.dr], dim=-1)
+        q = torch.cat([q_nope, _rope_half(q_pe, pos, heads_first=True)], dim=-1)
+        c, kr = self.kv_a(x).split([self.dc, self.dr], -1)
+        rows = torch.arange(B).unsqueeze(1).expand(B, S)
+        cache.index_put_((rows, pos), torch.cat([c, _rope_half(kr, pos)], -1))
+        kv = self.kv_b(cache[..., : self.dc]).view(B, T, H, self.dn + self.dv).transpose(1, 2)
+        k_nope, v = torch.split(kv, [self.dn, self.dv], dim=-1)
+        k = torch.cat([k_nope, cache[..., self.dc :].unsqueeze(1).expand(B, H, T, self.dr)], dim=-1)
+        w = torch.matmul(q, k.transpose(2, 3)) * (self.dn + self.dr) ** -0.5
+        w = w + torch.where(torch.arange(T) <= pos[..., None], 0.0, float("-inf"))[:, None]  # (B, 1, S, T)
+        p = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(p, v).transpose(1, 2).reshape(B, S, H * self.dv)
+        return self.o(o)
+
+
+class SdpaPerHeadMLA(nn.Module):
+    """scaled_dot_product_attention over per-head K/V caches (style a, passed as a list like the reference
+    model's) with a boolean (B, 1, S, T) mask, q / k / v transposed to (B, H, S, D) for it, an explicit scale."""
+
+    def __init__(self, d=32, H=2, dc=16, dr=8, dn=8, dv=4):
+        super().__init__()
+        self.H, self.dc, self.dr, self.dn, self.dv = H, dc, dr, dn, dv
+        self.wq = nn.Linear(d, H * (dn + dr), bias=False)
+        self.kv_down = nn.Linear(d, dc + dr, bias=False)
+        self.kv_up = nn.Linear(dc, H * (dn + dv), bias=False)
+        self.out = nn.Linear(H * dv, d, bias=False)
+
+    def forward(self, x, pos, caches, causal=False):
+        k_cache, v_cache = caches
+        B, S, _ = x.shape
+        T, H = k_cache.shape[1], self.H
+        q_nope, q_pe = self.wq(x).view(B, S, H, self.dn + self.dr).split([self.dn, self.dr], -1)
+        q = torch.cat([q_nope, _rope_half(q_pe, pos)], -1)
+        latent, k_rope = self.kv_down(x).split([self.dc, self.dr], -1)
+        k_nope, v = self.kv_up(latent).view(B, S, H, self.dn + self.dv).split([self.dn, self.dv], -1)
+        k = torch.cat([k_nope, _rope_half(k_rope, pos).unsqueeze(2).expand(B, S, H, self.dr)], -1)
+        rows = torch.arange(B).unsqueeze(1).expand(B, S)
+        k_cache.index_put_((rows, pos), k)
+        v_cache.index_put_((rows, pos), v)
+        visible = (torch.arange(T) <= pos[..., None])[:, None]  # (B, 1, S, T) bool
+        o = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+            attn_mask=None if causal else visible, is_causal=causal, scale=0.25,
+        )  # fmt: skip
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
 def _toy(mod, *args):
     p, _, _ = apply("canonicalize", toy_program(mod, *args))
     return p
@@ -129,6 +195,57 @@ def test_fires_on_per_head_matmul_mla_and_changes_its_cache():
     assert [tuple(n.meta["val"].shape[2:]) for n in phs] == [(24,)]
 
 
+@pytest.mark.parametrize("products", ["never", "always"])
+def test_fires_on_heads_first_matmul_mla(products):
+    mod = HeadsFirstMatmulMLA().eval()
+    B, S, T = 2, 2, 9
+    pos = torch.tensor([[6, 7], [3, 4]])
+    args = (torch.randn(B, S, 32), pos, torch.randn(B, T, 24))
+    out, matches, stats = apply("absorb_mla", _toy(mod, *args), options={"products": products})
+    assert matches == 1 and stats["entries"]["forward"]["latent_cache_style"] == 1
+    assert stats["entries"]["forward"]["products"] == (products == "always")
+    # W_UQ·W_UK (H, dc, q_lora) + W_UV·W_O (d, H·dc) against W_UQ's nope rows, W_kvb and W_O
+    H, dc, dn, dv, ql, d = 3, 16, 8, 12, 24, 32
+    factored, made = 4 * (H * dn * ql + H * (dn + dv) * dc + d * H * dv), 4 * (H * dc * ql + d * H * dc)
+    assert stats["products"]["param_bytes_per_layer"] == {"factored": factored, "products": made}
+    h = ops(out)
+    assert h[MLA_OP] == 1 and "aten.softmax.int" not in h and "aten.matmul.default" not in h
+    x, cache = torch.randn(B, S, 32), torch.randn(B, T, 24)
+    with torch.no_grad():
+        want = mod(x, pos, cache.clone())
+        got = out.module("forward")(x, pos, cache.clone())
+    torch.testing.assert_close(got, want, **TOL["fp32_rewrite"])
+
+
+def test_fires_on_sdpa_per_head_mla():
+    mod = SdpaPerHeadMLA().eval()
+    B, S, T = 2, 3, 8
+    pos = torch.tensor([[2, 3, 4], [5, 6, 7]])
+    caches = (torch.zeros(B, T, 2, 16), torch.zeros(B, T, 2, 4))
+    out, matches, stats = apply("absorb_mla", _toy(mod, torch.randn(B, S, 32), pos, list(caches)))
+    assert matches == 1 and stats["entries"]["forward"]["per_head_cache_style"] == 1
+    h = ops(out)
+    assert h[MLA_OP] == 1 and "aten.scaled_dot_product_attention.default" not in h
+    # the run-time check: the reference on per-head caches against the Program on one latent cache
+    g = torch.Generator().manual_seed(3)
+    kc, vc, lat = torch.zeros(B, T, 2, 16), torch.zeros(B, T, 2, 4), torch.zeros(B, T, 24)
+    with torch.no_grad():
+        for p0 in (0, 3, 5):  # chunks of 3 tokens filling the caches in order (the last rewrites slot 5)
+            x, p = torch.randn(B, S, 32, generator=g), torch.arange(p0, p0 + S).expand(B, S)
+            torch.testing.assert_close(out.module("forward")(x, p, [lat]), mod(x, p, [kc, vc]), **TOL["fp32_rewrite"])
+
+
+def test_does_not_fire_on_sdpa_is_causal():
+    # is_causal aligns the mask top-left, not to the cache's positions: left alone
+    class Causal(SdpaPerHeadMLA):
+        def forward(self, x, pos, caches):
+            return super().forward(x, pos, caches, causal=True)
+
+    args = (torch.randn(1, 2, 32), torch.tensor([[0, 1]]), [torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 4)])
+    _, matches, _ = apply("absorb_mla", _toy(Causal().eval(), *args))
+    assert matches == 0
+
+
 def _long_compare(model, program_a, program_b, prompt=20, steps=32):
     """Prefill, >= 32 single decode steps and one S = 3 extend: logits of both Programs."""
     g = torch.Generator().manual_seed(5)
@@ -163,9 +280,9 @@ def test_reference_model(name, tiny_program):
     assert stats["entries"]["mtp"]["sites"] == 1
     for entry in ("prefill", "decode"):
         h = ops(out, entry)
-        assert h.get(MLA_OP, 0) == (L if stats["entries"][entry]["form"] == "absorbed" else 0)
+        assert h.get(MLA_OP, 0) == (0 if stats["entries"][entry]["form"] == "mha" else L)
         assert h["aten.index_put_.default"] == 2 * L  # one latent write + one index-key write per layer
-    assert stats["entries"]["decode"]["form"] == "absorbed"
+    assert stats["entries"]["decode"]["form"] in ("absorbed", "products")
     per_layer = {t.name: t.tail for t in out.cache.tensors if t.layer == 0}
     assert per_layer == {
         "layers.0.kv_latent": [cfg.kv_lora_rank + cfg.qk_rope_head_dim],
@@ -191,6 +308,33 @@ def test_does_not_fire_when_w_uk_is_not_constant():
     args = (torch.randn(1, 2, 32), torch.tensor([[4, 5]]), torch.randn(1, 6, 24), torch.randn(3 * 20, 16))
     _, matches, _ = apply("absorb_mla", _toy(LatentCacheMLA().eval(), *args))
     assert matches == 0
+
+
+def test_products_on_the_reference_model(tiny_program):
+    canon, _, _ = apply("canonicalize", tiny_program)
+    out, _, stats = apply("absorb_mla", canon, options={"products": "always"})
+    L = tiny_program.config.num_hidden_layers
+    assert stats["entries"]["decode"]["products"] == L and stats["entries"]["mtp"]["products"] == 1
+    assert stats["products"]["inflation"] > 1 and out.param_bytes() > canon.param_bytes()
+    _long_compare(tiny_program.config, canon, out, steps=32)
+    # auto: the cost model compares the forms per entry and says so
+    _, _, auto = apply("absorb_mla", canon)
+    assert "products:" in auto["entries"]["decode"]["why"] and "absorbed:" in auto["entries"]["decode"]["why"]
+
+
+def test_pass_options_are_checked():
+    from dsc.errors import DscError
+    from dsc.pass_manager import parse_pass_options
+
+    assert parse_pass_options(["absorb_mla.products=always"]) == {"absorb_mla": {"products": "always"}}
+    for bad, says in [
+        ("absorb_mla.products=sometimes", "must be one of auto, never, always"),
+        ("absorb_mla.colour=red", "has no option 'colour'"),
+        ("nopass.x=1", "unknown pass 'nopass'"),
+        ("absorb_mla", "PASS.OPTION=VALUE"),
+    ]:
+        with pytest.raises(DscError, match=says):
+            parse_pass_options([bad])
 
 
 def test_idempotent_and_end_to_end(tiny_program, tiny):
