@@ -140,6 +140,25 @@ def _is_table(v) -> bool:
     return isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values())
 
 
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = ", ".join(map(str, v)) if isinstance(v, list) else v
+    return out
+
+
+def _facts_table(title: str, d: dict) -> str:
+    """A nested dict of facts as key / value rows (byte counts also in SI units)."""
+    rows = []
+    for k, v in _flatten(d).items():
+        shown = f"{v} ({human(v, 'B')})" if "bytes" in k and isinstance(v, int) and v >= 1000 else str(v)
+        rows.append(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(shown)}</td></tr>")
+    return f"<table><tr><th colspan='2' style='text-align:left'>{html.escape(title)}</th></tr>{''.join(rows)}</table>"
+
+
 def _stats_table(title: str, rows: dict[str, dict]) -> str:
     cols = list(dict.fromkeys(c for r in rows.values() for c in r))
     out = [f"<table><tr><th>{html.escape(title)}</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
@@ -252,14 +271,18 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
             if not p["changed"]:
                 h.append("<p class='muted'>Found nothing to rewrite: the program is unchanged.</p>")
                 continue
-            flat = {k: v for k, v in p.get("stats", {}).items() if not _is_table(v)}
+            flat = {k: v for k, v in p.get("stats", {}).items() if not isinstance(v, dict)}
             stats = ", ".join(f"{k}: {v}" for k, v in flat.items())
+            if p.get("options"):
+                stats += " · options: " + ", ".join(f"{k}={v}" for k, v in p["options"].items())
             h.append(f"<p>{p['matches']} sites · {html.escape(stats)} · parameters {human(p['param_bytes']['before'], 'B')} → "
                      f"{human(p['param_bytes']['after'], 'B')} · cache {p['cache_bytes_per_token']['before']} → "
                      f"{p['cache_bytes_per_token']['after']} B/token</p>")  # fmt: skip
             for k, v in p.get("stats", {}).items():
                 if _is_table(v):
                     h.append(_stats_table(k, v))
+                elif isinstance(v, dict) and v:
+                    h.append(_facts_table(k, v))
             ops = sorted(set().union(*[set(p["ops_before"][e]) | set(p["ops_after"][e]) for e in p["ops_before"]]))
             delta = []
             for op in ops:

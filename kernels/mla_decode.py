@@ -9,10 +9,10 @@ mask: optional (B, S, T) additive (0 / -inf: causality, DSA selection, validity)
 indices: optional (B, S, K) int64 token slots to attend to (-1: none) instead of all T (mask unused);
 returns (B, S, H, dv) with dv = kv_lora_rank: the latent output, to be multiplied by W_UV.
 
-Per-head K/V is never materialised: the CPU implementation is two batched matmuls with the heads
-folded into the query rows (one K/V head shared by all query heads), and the Triton kernel splits
-the context like flash-decoding (one program per (query row, head block, context split), online
-softmax, then a log-sum-exp merge of the splits).
+Per-head K/V is never materialised: the CPU implementation is batched matmuls with the heads
+folded into the query rows (one K/V head shared by all query heads) over blocks of the context with
+an online softmax, and the Triton kernel splits the context like flash-decoding (one program per
+(query row, head block, context split), online softmax, then a log-sum-exp merge of the splits).
 """
 
 from __future__ import annotations
@@ -45,14 +45,37 @@ def mla_decode(
 ) -> Tensor:
     if indices is not None:
         return mla_decode_ref(q, kv, mask, scale, dv, indices)
+    return mla_decode_cpu(q, kv, mask, scale, dv)
+
+
+CPU_BLOCK = 2048  # context tokens per block: 2048 x 576 fp32 latents = 4.7 MB, read once per block
+
+
+def mla_decode_cpu(q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dv: int, block: int = CPU_BLOCK) -> Tensor:
+    """Batched matmuls with the heads folded into the query rows (one shared K/V head), over the
+    context in blocks with an online softmax: each block of latents is read once for its scores and
+    its share of P·V while it is still in cache, and no (rows, T) score matrix is materialised."""
     B, S, H, C = q.shape
+    T = kv.shape[1]
     qf = q.float().reshape(B, S * H, C)
     kvf = kv.float()
-    scores = torch.bmm(qf, kvf.transpose(1, 2)).mul_(scale)  # (B, S*H, T): heads folded into rows, one shared K
-    if mask is not None:
-        scores = (scores.view(B, S, H, -1) + mask.float().unsqueeze(2)).view(B, S * H, -1)
-    out = torch.bmm(scores.softmax(-1), kvf[..., :dv])  # (B, S*H, dv)
-    return out.view(B, S, H, dv).to(q.dtype)
+    m_all = mask.float().expand(B, S, T) if mask is not None else None
+    m = torch.full((B, S * H, 1), float("-inf"))
+    l = torch.zeros(B, S * H, 1)
+    acc = torch.zeros(B, S * H, dv)
+    for t0 in range(0, T, block):
+        k = kvf[:, t0 : t0 + block]
+        s = torch.bmm(qf, k.transpose(1, 2)).mul_(scale)  # (B, S*H, blk)
+        if m_all is not None:
+            s = (s.view(B, S, H, -1) + m_all[:, :, t0 : t0 + block].unsqueeze(2)).view(B, S * H, -1)
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # a row that has seen only -inf so far
+        p = torch.exp(s - m_safe)
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(-1, keepdim=True)
+        acc = torch.baddbmm(acc * alpha, p, k[..., :dv])
+        m = m_new
+    return (acc / l).view(B, S, H, dv).to(q.dtype)
 
 
 @mla_decode.register_fake

@@ -2,21 +2,29 @@
 
     softmax(q·(W_UK c)ᵀ + m) (W_UV c)  ->  W_UV · mla_decode([W_UKᵀ q_nope ; q_pe], [c ; k_pe], m)
 
-Found by computation: a softmax over the last axis whose scores are a per-head contraction
-``einsum(q, K)`` (optionally scaled, plus an additive mask that does not depend on K) and whose
-probabilities are contracted with V; K = [k_nope ; broadcast k_pe] and V where k_nope and V are the
-two halves of one constant projection ``W_kvb`` of a latent c, reshaped per head. Two cache styles:
-(a) per-head K/V caches written in place (the reference model): both become one latent cache
-[c ; k_pe] (kv_lora_rank + qk_rope_head_dim per token) and the CacheSpec changes with them;
-(b) a latent cache re-decompressed through ``W_kvb`` every step: the attention reads it directly.
-W_UK and W_UV are views of the original ``kv_b_proj`` weight: no new parameters, no approximation.
+Found by computation. An attention is a softmax (or ``scaled_dot_product_attention``) between two
+contractions, each read as einsum letters whatever its spelling: einsum, or matmul / bmm of tensors
+of the same rank, with the operands' casts, transposes and permutes folded into the letters. The
+scores contract one letter d of q and K and keep q's s and K's t; two letters are shared. Which
+shared letter is the head and which the batch comes from where K and V are made: k_nope and V are
+per-head projections of one latent c — the two row blocks of one constant ``W_kvb`` split after a
+per-head view, or two separate constant projections — and K = [k_nope ; k_pe broadcast over the
+heads]. An optional scalar scale and an additive (or, for SDPA, boolean) mask with no head extent
+are carried over. Two cache styles: (a) per-head K/V caches written in place (the reference model):
+both become one latent cache [c ; k_pe] (kv_lora_rank + qk_rope_head_dim per token) and the
+CacheSpec changes with them; (b) a latent cache re-decompressed every step: the attention reads it
+directly. W_UK and W_UV are views of the original weights: no approximation.
 
-Prefill keeps the MHA form when the cost model says it is cheaper (it attends to the chunk's own
-decompressed K/V, which is what the cache holds when T == S from position 0); decode is always
-absorbed (an MHA form over a latent cache would decompress the whole context every step).
+Each entry gets the form with the least H200-roofline time for 4096 tokens (``dsc.cost``): prefill
+may keep the MHA form (it attends to the chunk's own K/V, which is what the cache holds when T == S
+from position 0); decode is absorbed. Option ``products`` (auto | never | always): the absorbed form
+with W_UQ·W_UK (H, dc, q_lora) and W_UV·W_O (d, H·dc) precomputed, which saves a matmul per side but
+inflates those weights (3.6x at full size); ``auto`` takes it only where it is 10% faster.
 
-Not fired: k_nope or V read by anything else; W_kvb not a constant; K/V of different projections;
-a cache that other code reads. Preconditions: ``canonicalize``. Numerics: fp32 re-association.
+Not fired: k_nope or V read by anything else; W_UK / W_UV not constants; K and V from different
+latents; a per-head cache that other code reads; SDPA with ``is_causal`` (top-left aligned) or
+dropout; heads folded into the batch dim. Preconditions: ``canonicalize``. Numerics: fp32
+re-association.
 """
 
 from __future__ import annotations
@@ -236,7 +244,7 @@ class Site:
     scale: float
     mask: fx.Node | None  # additive (or boolean: True = attend), broadcast over the scores
     mask_roles: str  # the mask's dims as roles over "bsht"
-    dec: Decompress
+    dec: KVProj
     k_pe: fx.Node  # style a: this chunk's rope key; style b: the cached rope keys
     k_pe_squeeze: int | None  # a size-1 head dim of k_pe to drop
     style: str  # "per_head_cache" | "latent_cache"
@@ -295,6 +303,57 @@ def _attention(node):
     return sc, pv, scale, mask, node.args[1] % _val(node).ndim
 
 
+@dataclass
+class KVProj:
+    """k_nope = W_UK c and v = W_UV c per head, from one latent c: W_UK (H, dn, dc) and W_UV (H, dv, dc)
+    are the two row blocks of each head in one fused ``kv_b_proj`` weight, or two separate weights."""
+
+    latent: fx.Node
+    heads: int
+    dn: int
+    dv: int
+    w_k: fx.Node
+    w_v: fx.Node  # the same node as w_k when fused
+
+    @property
+    def fused(self) -> bool:
+        return self.w_k is self.w_v
+
+
+def _head_projection(n) -> tuple[fx.Node, fx.Node, int, int, list[int]] | None:
+    """(c, W, heads, width, perm) when n is view(linear(c, W), (.., .., H, width)), possibly permuted."""
+    view, perm, _ = _peel(n)
+    if not _is(view, aten.view.default, aten.reshape.default, aten.unflatten.int) or _val(view).ndim != 4:
+        return None
+    proj = _projection(view.args[0])
+    if proj is None or len(view.users) != 1 or len(view.args[0].users) != 1:
+        return None
+    return proj[0], proj[1], int(_val(view).shape[2]), int(_val(view).shape[3]), perm
+
+
+def _same_value(a, b) -> bool:
+    """The same node, or two nodes computing the same op of the same inputs (e.g. two equal slices)."""
+    if a is b:
+        return True
+    return _is(a, a.target) and _is(b, a.target) and a.args == b.args and a.kwargs == b.kwargs
+
+
+def _kv_projection(k_nope, v) -> tuple[KVProj, list[int], list[int]] | None:
+    """(projection, k_nope perm, v perm): parts 0 / 1 of one fused split, or two head projections of one c."""
+    kp, vp = _decompress_part(k_nope), _decompress_part(v)
+    if kp and vp:
+        if kp[0].linear is not vp[0].linear or (kp[1], vp[1]) != (0, 1):
+            return None
+        d = kp[0]
+        return KVProj(d.latent, d.heads, d.dn, d.dv, d.weight, d.weight), kp[2], vp[2]
+    hk, hv = _head_projection(k_nope), _head_projection(v)
+    if not (hk and hv) or hk[2] != hv[2] or hk[1] is hv[1] or not _same_value(_strip(hk[0]), _strip(hv[0])):
+        return None
+    if hk[4][-1] != 3 or hv[4][-1] != 3:  # the per-head features must stay the last dim
+        return None
+    return KVProj(hk[0], hk[2], hk[3], hv[3], hk[1], hv[1]), hk[4], hv[4]
+
+
 def _k_layout(ep, K, V):
     """Where K and V come from: style (a) per-head caches written in place, or (b) decompressed from a
     latent cache here. Returns (fields for Site, K roles over 'bthd', V roles over 'bthv') or None."""
@@ -304,36 +363,35 @@ def _k_layout(ep, K, V):
         if not (_is(k_new, aten.cat.default) and len(k_new.args[0]) == 2 and k_new.args[1] in (-1, 3)):
             return None
         k_nope, k_rope = k_new.args[0]
-        kp, vp = _decompress_part(k_nope), _decompress_part(v_new)
-        rope = _shared_rope(k_rope, 2)
-        if not (kp and vp and rope) or (kp[1], vp[1]) != (0, 1) or kp[0].linear is not vp[0].linear:
+        kv, rope = _kv_projection(k_nope, v_new), _shared_rope(k_rope, 2)
+        if not (kv and rope) or kv[1] != [0, 1, 2, 3] or kv[2] != [0, 1, 2, 3]:
             return None
-        if kp[2] != [0, 1, 2, 3] or vp[2] != [0, 1, 2, 3] or len(k_nope.users) != 1 or len(v_new.users) != 1:
+        if len(k_nope.users) != 1 or len(v_new.users) != 1:
             return None
         if _other_readers(wk[0], K) or _other_readers(wv[0], V):  # the caches' sizes aside, nothing else reads them
             return None
-        fields = dict(dec=kp[0], k_pe=rope[0], k_pe_squeeze=rope[1], style="per_head_cache")
+        fields = dict(dec=kv[0], k_pe=rope[0], k_pe_squeeze=rope[1], style="per_head_cache")
         return fields | dict(k_write=K, v_write=V, k_new=k_new, v_new=v_new), "bthd", "bthv"
     K = _strip(K)
     if not (_is(K, aten.cat.default) and len(K.args[0]) == 2 and K.args[1] in (-1, 3)):
         return None
-    kp, vp = _decompress_part(K.args[0][0]), _decompress_part(V)
-    if not (kp and vp) or kp[0].linear is not vp[0].linear or (kp[1], vp[1]) != (0, 1):
+    kv = _kv_projection(K.args[0][0], V)
+    if kv is None:
         return None
-    k_roles, v_roles = "".join("bthd"[p] for p in kp[2]), "".join("bthv"[p] for p in vp[2])
+    k_roles, v_roles = "".join("bthd"[p] for p in kv[1]), "".join("bthv"[p] for p in kv[2])
     rope = _shared_rope(K.args[0][1], k_roles.index("h"))
     if rope is None or len(K.args[0][0].users) != 1 or len(_strip(V).users) != 1:
         return None
     r_all = rope[0]
     if rope[1] is not None and _is(r_all, aten.view.default, aten.reshape.default):
         r_all = r_all.args[0]  # a view that only inserted the size-1 head dim
-    c_all, r_all = _strip(kp[0].latent), _strip(r_all)
+    c_all, r_all = _strip(kv[0].latent), _strip(r_all)
     # both must be slices [.., :dc] and [.., dc:] of one written latent cache, rope keys (B, T, dr)
     if not (_is(c_all, aten.slice.Tensor) and _is(r_all, aten.slice.Tensor) and c_all.args[0] is r_all.args[0]):
         return None
     if k_roles.replace("h", "") != "btd" or _val(r_all).ndim != 3 or _cache_write(c_all.args[0]) is None:
         return None
-    fields = dict(dec=kp[0], k_pe=r_all, k_pe_squeeze=None, style="latent_cache", latent=c_all.args[0])
+    fields = dict(dec=kv[0], k_pe=r_all, k_pe_squeeze=None, style="latent_cache", latent=c_all.args[0])
     return fields, k_roles, v_roles
 
 
@@ -380,8 +438,8 @@ def match(ep, node: fx.Node) -> Site | None:
         if not (_sole_path(K, sc.chains[1], sc.node or pv.node) and _sole_path(V, pv.chains[1], pv.node)):
             return None
     dec = fields["dec"]
-    w = constant_of(ep, dec.weight)
-    if w is None or w.ndim != 2:  # W_UK must be a constant to absorb it
+    wk, wv = constant_of(ep, dec.w_k), constant_of(ep, dec.w_v)
+    if wk is None or wv is None or wk.ndim != 2 or wv.shape[1:] != wk.shape[1:]:  # W_UK, W_UV: constants to absorb
         return None
     if int(_val(q_nope).shape[q_roles.index("d")]) != dec.dn:
         return None
@@ -475,41 +533,54 @@ def product_weights(ep, site: Site, pr: Products) -> dict[str, torch.Tensor]:
     """W_UQ·W_UK (H, dc, q_lora), the rope rows of W_UQ (H·dr, q_lora) and W_UV·W_O (d, H·dc),
     computed once in fp32 from the original weights, stored in their dtype."""
     d = site.dec
-    w_kvb = constant_of(ep, d.weight)
+    w_uk, w_uv = _uk_uv(ep, d)
     w_q, w_o = constant_of(ep, pr.w_q), constant_of(ep, pr.out_linear.args[1])
-    dc, ql = w_kvb.shape[1], w_q.shape[1]
-    kvb = w_kvb.float().view(d.heads, d.dn + d.dv, dc)
+    ql = w_q.shape[1]
     q = w_q.float().view(d.heads, d.dn + pr.dr, ql)
     o = w_o.float().view(w_o.shape[0], d.heads, d.dv)
     return {
-        "uq_uk": torch.einsum("hnc,hnl->hcl", kvb[:, : d.dn], q[:, : d.dn]).to(w_q.dtype).contiguous(),
+        "uq_uk": torch.einsum("hnc,hnl->hcl", w_uk, q[:, : d.dn]).to(w_q.dtype).contiguous(),
         "q_rope": q[:, d.dn :].reshape(d.heads * pr.dr, ql).to(w_q.dtype).contiguous(),
-        "uv_o": torch.einsum("ehv,hvc->ehc", o, kvb[:, d.dn :]).reshape(w_o.shape[0], -1).to(w_o.dtype).contiguous(),
+        "uv_o": torch.einsum("ehv,hvc->ehc", o, w_uv).reshape(w_o.shape[0], -1).to(w_o.dtype).contiguous(),
     }
+
+
+def _uk_uv(ep, d: KVProj) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_UK (H, dn, dc) and W_UV (H, dv, dc) in fp32."""
+    wk, wv = constant_of(ep, d.w_k).float(), constant_of(ep, d.w_v).float()
+    if d.fused:
+        both = wk.view(d.heads, d.dn + d.dv, -1)
+        return both[:, : d.dn], both[:, d.dn :]
+    return wk.view(d.heads, d.dn, -1), wv.view(d.heads, d.dv, -1)
 
 
 def param_bytes(ep, site: Site, pr: Products) -> tuple[int, int]:
     """Bytes of the weights the products replace (W_UQ's nope rows, W_UK, W_UV, W_O) and of the products."""
     d = site.dec
-    w_kvb, w_q, w_o = (constant_of(ep, n) for n in (d.weight, pr.w_q, pr.out_linear.args[1]))
+    w_kvb, w_q, w_o = (constant_of(ep, n) for n in (d.w_k, pr.w_q, pr.out_linear.args[1]))
     ql, dc, e = w_q.shape[1], w_kvb.shape[1], w_o.shape[0]
     factored = d.heads * (d.dn * ql * w_q.element_size() + (d.dn + d.dv) * dc * w_kvb.element_size())
     factored += w_o.numel() * w_o.element_size()
     return factored, d.heads * dc * (ql * w_q.element_size() + e * w_o.element_size())
 
 
-def _weights(g: fx.Graph, site: Site, dc: int):
+def _weights(g: fx.Graph, site: Site, dc: int) -> tuple[fx.Node, fx.Node]:
+    """W_UK (H, dn, dc) and W_UV (H, dv, dc) as views of the original weights."""
     d = site.dec
-    wv = g.call_function(aten.view.default, (d.weight, [d.heads, d.dn + d.dv, dc]))
-    w_uk = g.call_function(aten.slice.Tensor, (wv, 1, 0, d.dn))
-    w_uv = g.call_function(aten.slice.Tensor, (wv, 1, d.dn, d.dn + d.dv))
-    return [tag(n, NAME) for n in (wv, w_uk, w_uv)]
+    if d.fused:
+        both = tag(g.call_function(aten.view.default, (d.w_k, [d.heads, d.dn + d.dv, dc])), NAME)
+        w_uk = g.call_function(aten.slice.Tensor, (both, 1, 0, d.dn))
+        w_uv = g.call_function(aten.slice.Tensor, (both, 1, d.dn, d.dn + d.dv))
+    else:
+        w_uk = g.call_function(aten.view.default, (d.w_k, [d.heads, d.dn, dc]))
+        w_uv = g.call_function(aten.view.default, (d.w_v, [d.heads, d.dv, dc]))
+    return tag(w_uk, NAME), tag(w_uv, NAME)
 
 
 def rewrite_absorbed(g: fx.Graph, site: Site, latent: fx.Node, dc: int, products=None) -> None:
     """products: (Products, {name: placeholder}) to use W_UQ·W_UK and W_UV·W_O instead of the factors."""
     with g.inserting_before(site.out):
-        _, w_uk, w_uv = _weights(g, site, dc)
+        w_uk, w_uv = _weights(g, site, dc)
         q_pe = _to_roles(g, site.q_pe, site.q_roles, "bshd")
         if products:
             pr, w = products
@@ -592,13 +663,13 @@ def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict |
     stats = {"sites": 0, "latent_cache_style": 0, "per_head_cache_style": 0, "products": 0}
     old_writes, replaced = [], []
     for site in _sites(ep):
-        dc = int(constant_of(ep, site.dec.weight).shape[1])
+        dc = int(constant_of(ep, site.dec.w_k).shape[1])
         if site.style == "per_head_cache" and _cache_index(ep, site.k_write.args[0]) not in accepted:
             continue
         products = None
         pr = match_products(ep, site) if form == "products" else None
         if pr is not None:
-            base = _param_name(ep, site.dec.weight).removesuffix(".weight")
+            base = _param_name(ep, site.dec.w_k).removesuffix(".weight")
             made, w = None, {}
             for key in ("uq_uk", "q_rope", "uv_o"):
                 name = f"{base}.absorbed_{key}"

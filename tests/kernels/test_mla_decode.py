@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from dsc.kernels.mla_decode import mla_decode_ref
+from dsc.kernels.mla_decode import mla_decode_cpu, mla_decode_ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +65,7 @@ def test_indices_equal_mask():
 
 TRITON_CHECK = """
 import torch
-from dsc.kernels.mla_decode import mla_decode_ref, mla_decode_triton
+from dsc.kernels.mla_decode import mla_decode_cpu, mla_decode_ref, mla_decode_triton
 from tests.kernels.test_mla_decode import SHAPES, _inputs, _selection
 torch.manual_seed(0)
 for shape in SHAPES:
@@ -127,5 +127,10 @@ def test_cpu_matches_reference_on_any_shape(B, S, H, dc, dr, T, seed):
     q, kv = torch.randn(B, S, H, dc + dr, generator=g), torch.randn(B, T, dc + dr, generator=g)
     mask = torch.where(torch.rand(B, S, T, generator=g) < 0.3, float("-inf"), 0.0)
     mask[..., 0] = 0.0  # at least one visible key per query
-    got = torch.ops.dsc.mla_decode(q, kv, mask, 0.3, dc)
-    torch.testing.assert_close(got, mla_decode_ref(q, kv, mask, 0.3, dc), **TOL["fp32_reassoc"])
+    want = mla_decode_ref(q, kv, mask, 0.3, dc)
+    torch.testing.assert_close(torch.ops.dsc.mla_decode(q, kv, mask, 0.3, dc), want, **TOL["fp32_reassoc"])
+    # the blocked online softmax across block edges, with blocks that see only masked keys
+    torch.testing.assert_close(mla_decode_cpu(q, kv, mask, 0.3, dc, block=4), want, **TOL["fp32_reassoc"])
+    if S == 1:  # a mask that broadcasts over the batch
+        got = mla_decode_cpu(q, kv, mask[:1], 0.3, dc, block=3)
+        torch.testing.assert_close(got, mla_decode_ref(q, kv, mask[:1].expand(B, S, T), 0.3, dc), **TOL["fp32_reassoc"])

@@ -153,6 +153,35 @@ class SdpaPerHeadMLA(nn.Module):
         return self.out(o.transpose(1, 2).flatten(2))
 
 
+class SplitProjectionMLA(nn.Module):
+    """Separate W_UK and W_UV projections (no fused kv_b), one fused projection for the q latent and the
+    kv latent, scores with heads-first output letters, a latent cache (style b)."""
+
+    def __init__(self, d=32, H=4, dc=12, dr=4, dn=6, dv=10, ql=20):
+        super().__init__()
+        self.H, self.dc, self.dr, self.dn, self.dv, self.ql = H, dc, dr, dn, dv, ql
+        self.fused_a = nn.Linear(d, ql + dc + dr, bias=False)
+        self.q_up = nn.Linear(ql, H * (dn + dr), bias=False)
+        self.w_uk, self.w_uv = nn.Linear(dc, H * dn, bias=False), nn.Linear(dc, H * dv, bias=False)
+        self.o = nn.Linear(H * dv, d, bias=False)
+
+    def forward(self, x, pos, cache):
+        B, S, _ = x.shape
+        T, H = cache.shape[1], self.H
+        cq, c, kr = self.fused_a(x).split([self.ql, self.dc, self.dr], -1)
+        q_nope, q_pe = self.q_up(cq).view(B, S, H, -1).split([self.dn, self.dr], -1)
+        q = torch.cat([q_nope, _rope_half(q_pe, pos)], -1)
+        rows = torch.arange(B).unsqueeze(1).expand(B, S)
+        cache.index_put_((rows, pos), torch.cat([c, _rope_half(kr, pos)], -1))
+        lat = cache[..., : self.dc]
+        k_nope, v = self.w_uk(lat).view(B, T, H, self.dn), self.w_uv(lat).view(B, T, H, self.dv)
+        k = torch.cat([k_nope, cache[..., self.dc :].unsqueeze(2).expand(B, T, H, self.dr)], -1)
+        s = torch.einsum("nqhe,nkhe->nhqk", q, k) / 3.0
+        s = s + torch.where(torch.arange(T) <= pos[..., None], 0.0, float("-inf")).unsqueeze(1)
+        o = torch.einsum("nhqk,nkhe->nqhe", s.softmax(dim=3), v)
+        return self.o(o.reshape(B, S, H * self.dv))
+
+
 def _toy(mod, *args):
     p, _, _ = apply("canonicalize", toy_program(mod, *args))
     return p
@@ -211,6 +240,22 @@ def test_fires_on_heads_first_matmul_mla(products):
     h = ops(out)
     assert h[MLA_OP] == 1 and "aten.softmax.int" not in h and "aten.matmul.default" not in h
     x, cache = torch.randn(B, S, 32), torch.randn(B, T, 24)
+    with torch.no_grad():
+        want = mod(x, pos, cache.clone())
+        got = out.module("forward")(x, pos, cache.clone())
+    torch.testing.assert_close(got, want, **TOL["fp32_rewrite"])
+
+
+@pytest.mark.parametrize("products", ["never", "always"])
+def test_fires_on_split_projection_mla(products):
+    mod = SplitProjectionMLA().eval()
+    B, S, T = 1, 2, 10
+    pos = torch.tensor([[7, 8]])
+    p = _toy(mod, torch.randn(B, S, 32), pos, torch.randn(B, T, 16))
+    out, matches, stats = apply("absorb_mla", p, options={"products": products})
+    assert matches == 1 and stats["entries"]["forward"]["products"] == (products == "always")
+    assert ops(out)[MLA_OP] == 1
+    x, cache = torch.randn(B, S, 32), torch.randn(B, T, 16)
     with torch.no_grad():
         want = mod(x, pos, cache.clone())
         got = out.module("forward")(x, pos, cache.clone())
