@@ -4,8 +4,11 @@ Variants: ``eager`` (the reference model), ``compile`` (the reference under ``to
 Inductor, dynamic shapes), ``dsc`` (the verified, optimized Program) and per-pass ablations
 ``dsc:a+b`` (the Program after only passes a and b). Scenarios: ``decode`` (one
 step of one new token at context T: the cache is filled with random values, so no prefill of T
-tokens is needed) and ``prefill`` (a prompt of P tokens). Each point: warm-up calls, then repeated
-timed calls; the median is reported, and every variant's ratio to ``eager``.
+tokens is needed), ``prefill`` (a prompt of P tokens) and ``attention`` (one MLA layer's decode
+attention at context T in four forms, the model's sizes: per-head K/V cache, a latent cache
+re-decompressed every step, the absorbed form in plain torch, and ``dsc::mla_decode``; checked to
+agree before they are timed). Each point: warm-up calls, then repeated timed calls; the median is
+reported, and every variant's ratio to ``eager`` (to ``per_head`` for attention).
 
 Memory: the process's resident set is sampled every few ms while a variant runs; "peak" is the
 highest RSS above the level before its run. Bandwidth: a large tensor copy measured in the same
@@ -31,7 +34,8 @@ from dsc.runtime import EagerBackend
 
 log = logging.getLogger(__name__)
 VARIANTS = ("eager", "compile", "dsc")
-SCENARIOS = ("decode", "prefill")
+SCENARIOS = ("decode", "prefill", "attention")
+ATTENTION_FORMS = ("per_head", "redecompress", "absorbed_torch", "mla_decode")
 
 
 @dataclass
@@ -153,6 +157,48 @@ def build_variants(cfg: BenchConfig, on_event=print):
     return model.config, variants, costs
 
 
+def attention_forms(mcfg, T: int, gen: torch.Generator) -> dict[str, tuple]:
+    """One MLA layer's attention for one new token over T cached tokens, four ways, at the model's
+    sizes: {form: (call, bytes it has to read: its cache, plus W_kvb when it decompresses)}."""
+    from dsc.kernels.mla_decode import mla_decode_ref
+
+    H, dn, dr, dv, dc = (mcfg.num_attention_heads, mcfg.qk_nope_head_dim, mcfg.qk_rope_head_dim,
+                         mcfg.v_head_dim, mcfg.kv_lora_rank)  # fmt: skip
+    scale = mcfg.softmax_scale
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen) * 0.1
+
+    q, latent, w_kvb = r(1, 1, H, dn + dr), r(1, T, dc + dr), r(H * (dn + dv), dc)
+    w_uk, w_uv = w_kvb.view(H, dn + dv, dc).split([dn, dv], 1)
+    # the per-head cache holds what the latent decompresses to, so all four forms compute the same
+    kv = torch.nn.functional.linear(latent[..., :dc], w_kvb).view(1, T, H, dn + dv)
+    k = torch.cat([kv[..., :dn], latent[..., dc:].unsqueeze(2).expand(1, T, H, dr)], -1).contiguous()
+    v = kv[..., dn:].contiguous()
+    del kv
+    q_abs = torch.cat([torch.einsum("bshd,hdc->bshc", q[..., :dn], w_uk), q[..., dn:]], -1)
+
+    def attend(k, v):
+        s = torch.einsum("bshd,bthd->bsht", q, k) * scale
+        return torch.einsum("bsht,bthd->bshd", s.softmax(-1), v)
+
+    def redecompress():
+        kv = torch.nn.functional.linear(latent[..., :dc], w_kvb).view(1, T, H, dn + dv)
+        k_nope, v = kv.split([dn, dv], -1)
+        return attend(torch.cat([k_nope, latent[..., dc:].unsqueeze(2).expand(1, T, H, dr)], -1), v)
+
+    def absorbed(op):
+        return lambda: torch.einsum("bshc,hvc->bshv", op(q_abs, latent, None, scale, dc), w_uv)
+
+    lat_bytes, w_bytes = latent.numel() * 4, w_kvb.numel() * 4
+    return {
+        "per_head": (lambda: attend(k, v), (k.numel() + v.numel()) * 4),
+        "redecompress": (redecompress, lat_bytes + w_bytes),
+        "absorbed_torch": (absorbed(mla_decode_ref), lat_bytes),
+        "mla_decode": (absorbed(torch.ops.dsc.mla_decode), lat_bytes),
+    }
+
+
 @torch.no_grad()
 def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
     if cfg.threads:
@@ -178,16 +224,26 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
         return cost_cache[key].at(n)[1]
 
     for scenario in cfg.scenarios:
-        sizes = cfg.contexts if scenario == "decode" else cfg.prompts
+        sizes = cfg.prompts if scenario == "prefill" else cfg.contexts
         for n in sizes:
             if n + 1 > limit:
                 on_event("skip", f"{scenario} at {n}: beyond max_position_embeddings {limit}")
                 continue
             base_time = None
-            for name, backend in variants.items():
+            if scenario == "attention":
+                forms = attention_forms(mcfg, n, gen)
+                outs = {name: fn() for name, (fn, _) in forms.items()}
+                for name, out in outs.items():  # a form that computes something else is not a speed-up
+                    torch.testing.assert_close(out, outs["per_head"], atol=1e-4, rtol=1e-3, msg=f"{name} at {n}")
+                runs = {name: (fn, nbytes) for name, (fn, nbytes) in forms.items()}
+            else:
+                runs = {name: (backend, None) for name, backend in variants.items()}
+            for name, (backend, nbytes) in runs.items():
                 gc.collect()
                 with _RssSampler() as mem:
-                    if scenario == "decode":
+                    if scenario == "attention":
+                        call = backend
+                    elif scenario == "decode":
                         caches = backend.cache.allocate(1, n + 1)
                         for c in caches:
                             _fill(c, gen)
@@ -204,9 +260,10 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
                             backend.prefill(tok, caches)
 
                     median, times = _time(call, cfg.warmup, cfg.repeat, cfg.budget_s)
-                    del caches
-                bound = bound_bytes(name, scenario, n) / bw
-                base_time = base_time or (median if name == "eager" else None)
+                    caches = None
+                bound = (nbytes if nbytes is not None else bound_bytes(name, scenario, n)) / bw
+                if name == ("per_head" if scenario == "attention" else "eager"):
+                    base_time = median
                 point = {
                     "scenario": scenario, "variant": name, "tokens": n, "median_ms": round(median * 1e3, 3),
                     "times_ms": [round(t * 1e3, 3) for t in times], "peak_rss_mb": round(mem.above_base / 2**20, 1),
@@ -217,8 +274,9 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
                 res.points.append(point)
                 on_event(
                     "point",
-                    f"{scenario:7s} {tokens_label(n):>5s} {name:8s} {median * 1e3:10.2f} ms  "
-                    f"x{point['speedup_vs_eager'] or float('nan'):.2f} vs eager  peak +{point['peak_rss_mb']:.0f} MB",
+                    f"{scenario:9s} {tokens_label(n):>5s} {name:14s} {median * 1e3:10.2f} ms  "
+                    f"x{point['speedup_vs_eager'] or float('nan'):.2f} vs {'per_head' if scenario == 'attention' else 'eager'}"
+                    f"  peak +{point['peak_rss_mb']:.0f} MB",
                 )
     return res
 
@@ -227,12 +285,17 @@ def plot_svgs(res: BenchResult) -> dict[str, str]:
     """One standalone SVG per scenario: median latency against tokens, one line per variant."""
     from dsc.report import svg_chart
 
-    colors = {"eager": "#b4441c", "compile": "#7a5cc2", "dsc": "#1f6fb2"}
-    titles = {"decode": "decode step latency (ms) vs context", "prefill": "prefill latency (ms) vs prompt length"}
+    colors = {"eager": "#b4441c", "compile": "#7a5cc2", "dsc": "#1f6fb2", "per_head": "#b4441c",
+              "redecompress": "#8a8a8a", "absorbed_torch": "#7a5cc2", "mla_decode": "#1f6fb2"}  # fmt: skip
+    titles = {
+        "decode": "decode step latency (ms) vs context",
+        "prefill": "prefill latency (ms) vs prompt length",
+        "attention": "one MLA layer's decode attention (ms) vs context",
+    }
     out = {}
     for scenario, title in titles.items():
         series = []
-        for v in res.config["variants"]:
+        for v in res.config["variants"] if scenario != "attention" else ATTENTION_FORMS:
             pts = [p for p in res.points if p["scenario"] == scenario and p["variant"] == v]
             if pts:
                 series.append(

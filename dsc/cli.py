@@ -266,9 +266,10 @@ def cmd_bench(args) -> int:
     res = run_bench(cfg, on_event)
     paths = write_results(res, Path(args.output))
     t = Table(
-        title=f"dsc bench {cfg.model} — memory bandwidth {res.bandwidth_gbs} GB/s, {res.config['threads']} threads"
+        title=f"dsc bench {cfg.model} — memory bandwidth {res.bandwidth_gbs} GB/s, {res.config['threads']} threads",
+        caption="speed-up against eager (decode, prefill) or the per-head form (attention)",
     )
-    for col in ("scenario", "tokens", "variant", "median ms", "vs eager", "x bandwidth bound", "peak MB"):
+    for col in ("scenario", "tokens", "variant", "median ms", "speed-up", "x bandwidth bound", "peak MB"):
         t.add_column(col)
     for p in res.points:
         t.add_row(
@@ -318,12 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency and memory of eager / torch.compile / dsc side by side")
     p.add_argument("model", nargs="?", help="checkpoint, model.pt or preset (default: small; tiny with --quick)")
-    p.add_argument("--scenario", help="comma-separated: decode, prefill (default: both)")
+    p.add_argument("--scenario", help="comma-separated: decode, prefill, attention (default: all three)")
     p.add_argument(
         "--variants",
         help="comma-separated: eager, compile, dsc, or dsc:PASS+PASS ablations (default: eager,compile,dsc)",
     )
-    p.add_argument("--contexts", help="decode context lengths (default 1024,8192,32768)")
+    p.add_argument("--contexts", help="decode / attention context lengths (default 1024,8192,32768)")
     p.add_argument("--prompts", help="prefill prompt lengths (default 1024,4096)")
     p.add_argument("--repeat", type=int, help="timed calls per point (default 5)")
     p.add_argument("--warmup", type=int, help="untimed calls per point (default 2)")

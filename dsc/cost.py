@@ -82,6 +82,12 @@ def node_flops(n: fx.Node) -> sympy.Expr:
         x, idx, gate_w = _val(n.args[0]), _val(n.args[1]), n.args[3]
         F, D = _val(gate_w[0]).shape
         return 2 * 3 * _numel(idx) * int(F) * int(D) + _numel(x)
+    if t is torch.ops.dsc.mla_decode.default:  # q (B, S, H, C) against T (or K selected) latents of width C
+        q, kv = _val(n.args[0]), _val(n.args[1])
+        idx = n.args[5] if len(n.args) > 5 else n.kwargs.get("indices")
+        keys = _expr(_val(idx).shape[-1]) if isinstance(idx, fx.Node) else _expr(kv.shape[1])
+        rows = _numel(q) / _expr(q.shape[-1])
+        return rows * keys * (2 * _expr(q.shape[-1]) + 2 * int(n.args[4]) + 5)
     if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
         return 5 * _numel(out)
     if t in (aten.sort.stable, aten.sort.default, aten.topk.default):
@@ -95,13 +101,17 @@ def node_flops(n: fx.Node) -> sympy.Expr:
     return sympy.Integer(0)
 
 
-def node_bytes(n: fx.Node) -> sympy.Expr:
+def node_bytes(n: fx.Node, interior: frozenset = frozenset()) -> sympy.Expr:
+    """Bytes n reads and writes; ``interior``: nodes a fused kernel keeps on chip (not written, not read)."""
     t = n.target
     if t in ZERO_COST:
         return sympy.Integer(0)
     if t in (aten.index_put_.default, aten.index_put.default):
         return 2 * _bytes(_val(n.args[2]))  # read the values, write them into the cache
-    reads = sympy.Add(*[_bytes(_val(a)) for a in n.all_input_nodes if isinstance(_val(a), torch.Tensor)])
+    inputs = [a for a in n.all_input_nodes if a not in interior and isinstance(_val(a), torch.Tensor)]
+    reads = sympy.Add(*[_bytes(_val(a)) for a in inputs])
+    if n in interior:
+        return reads
     if t is torch.ops.dsc.moe_experts.default:  # only the routed experts' weights are read
         idx = _val(n.args[1])
         per_expert = sum(int(_val(w[0]).numel()) * _val(w[0]).element_size() for w in n.args[3:6])
@@ -128,8 +138,42 @@ class EntryCost:
         return {"context": list(contexts), "flops": [p[0] for p in pts], "bytes": [p[1] for p in pts]}
 
 
-def entry_cost(ep: ExportedProgram, kind: str) -> EntryCost:
-    """kind "decode": batch 1, 1 new token, context T; kind "prefill": batch 1, T tokens."""
+ATTENTION_CONTRACTIONS = {aten.einsum.default, aten.matmul.default, aten.bmm.default}
+
+
+def _scores_side(x: fx.Node):
+    """The operand of a scale / mask op that carries the scores (the other is the scalar or the mask)."""
+    a, b = x.args[:2]
+    scoreish = ATTENTION_CONTRACTIONS | {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor}
+    if x.target is aten.add.Tensor and not (isinstance(a, fx.Node) and a.target in scoreish):
+        return b
+    return a
+
+
+def attention_interiors(ep: ExportedProgram) -> frozenset:
+    """The nodes a fused (flash) attention kernel never writes out: for each softmax fed by a
+    contraction (through an optional scalar scale and additive mask) and read by one contraction,
+    the scores, their scaled / masked forms and the probabilities."""
+    inner = set()
+    for sm in ep.graph.nodes:
+        if not (sm.op == "call_function" and sm.target in (aten.softmax.int, aten._softmax.default)):
+            continue
+        if len(sm.users) != 1 or next(iter(sm.users)).target not in ATTENTION_CONTRACTIONS:
+            continue
+        chain, x = [sm], sm.args[0]
+        while isinstance(x, fx.Node) and x.target in (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor):
+            if len(x.users) != 1:
+                break
+            chain.append(x)
+            x = _scores_side(x)
+        if isinstance(x, fx.Node) and x.target in ATTENTION_CONTRACTIONS and len(x.users) == 1:
+            inner.update(chain + [x])
+    return frozenset(inner)
+
+
+def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False) -> EntryCost:
+    """kind "decode": batch 1, 1 new token, context T; kind "prefill": batch 1, T tokens.
+    ``fused_attention``: count attention as a flash kernel moves it (``attention_interiors``)."""
     syms = _symbols(ep)
     subs = {syms[k]: 1 for k in ("batch",) if k in syms}
     if kind == "decode":
@@ -138,11 +182,12 @@ def entry_cost(ep: ExportedProgram, kind: str) -> EntryCost:
     else:
         subs.update({syms[k]: T for k in ("seq", "ctx") if k in syms})
     flops = bytes_ = sympy.Integer(0)
+    interior = attention_interiors(ep) if fused_attention else frozenset()
     for n in ep.graph.nodes:
         if n.op != "call_function":
             continue
         flops += node_flops(n)
-        bytes_ += node_bytes(n)
+        bytes_ += node_bytes(n, interior)
     return EntryCost(sympy.expand(flops.subs(subs)), sympy.expand(bytes_.subs(subs)))
 
 

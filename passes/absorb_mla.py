@@ -15,7 +15,8 @@ both become one latent cache [c ; k_pe] (kv_lora_rank + qk_rope_head_dim per tok
 CacheSpec changes with them; (b) a latent cache re-decompressed every step: the attention reads it
 directly. W_UK and W_UV are views of the original weights: no approximation.
 
-Each entry gets the form with the least H200-roofline time for 4096 tokens (``dsc.cost``): prefill
+Each entry gets the form with the least H200-roofline time for 4096 tokens (``dsc.cost``, attention
+counted as a fused kernel moves it, so no form pays for materialised scores): prefill
 may keep the MHA form (it attends to the chunk's own K/V, which is what the cache holds when T == S
 from position 0); decode is absorbed. Option ``products`` (auto | never | always): the absorbed form
 with W_UQ·W_UK (H, dc, q_lora) and W_UV·W_O (d, H·dc) precomputed, which saves a matmul per side but
@@ -779,7 +780,7 @@ def absorb_mla(program, ctx):
             for f in forms:
                 trial = _clone_entry(ep)
                 transform(trial, accepted, f, store)
-                options[f] = _roofline_s(entry_cost(trial, kind), 4096)
+                options[f] = _roofline_s(entry_cost(trial, kind, fused_attention=True), 4096)
             form = min(options, key=lambda f: options[f][0])
             why = ", ".join(
                 f"{f}: {v[1]:.3g} FLOP, {v[2]:.3g} B, {v[0] * 1e6:.1f} us on the roofline" for f, v in options.items()

@@ -1,5 +1,6 @@
 import json
 
+from dsc.bench import ATTENTION_FORMS
 from dsc.cli import main
 
 
@@ -9,13 +10,19 @@ def test_bench_quick_smoke(tmp_path, capsys):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["bandwidth_gbs"] > 0
     points = data["points"]
-    assert {p["variant"] for p in points} == {"eager", "compile", "dsc"}
-    assert {p["scenario"] for p in points} == {"decode", "prefill"}
+    assert {p["variant"] for p in points if p["scenario"] != "attention"} == {"eager", "compile", "dsc"}
+    assert {p["scenario"] for p in points} == {"decode", "prefill", "attention"}
     for p in points:
         assert p["median_ms"] > 0 and p["x_bound"] > 0
-        assert p["speedup_vs_eager"] == (1.0 if p["variant"] == "eager" else p["speedup_vs_eager"])
-    assert (tmp_path / "bench_decode.svg").read_text().startswith("<svg")
-    assert "vs eager" in capsys.readouterr().out
+        assert p["speedup_vs_eager"] == (1.0 if p["variant"] in ("eager", "per_head") else p["speedup_vs_eager"])
+    # one MLA layer's attention, four forms that agree: the absorbed ones read the latent cache only
+    att = {p["variant"]: p for p in points if p["scenario"] == "attention" and p["tokens"] == 768}
+    assert list(att) == list(ATTENTION_FORMS)
+    assert att["mla_decode"]["bytes_moved"] == att["absorbed_torch"]["bytes_moved"] < att["per_head"]["bytes_moved"]
+    for scenario in ("decode", "prefill", "attention"):
+        assert (tmp_path / f"bench_{scenario}.svg").read_text().startswith("<svg")
+    out = capsys.readouterr().out  # the table (rich wraps its cells to the terminal)
+    assert "mla_decode" in out and "compile" in out and "speed-up" in out
 
 
 def test_bench_bad_options(tmp_path, capsys):

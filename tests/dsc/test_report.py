@@ -6,7 +6,7 @@ import re
 import sympy
 
 from dsc.cli import main
-from dsc.cost import T, entry_cost, program_cost
+from dsc.cost import T, attention_interiors, entry_cost, program_cost
 from dsc.optimize import program_summary
 from dsc.report import SCHEMA_VERSION, render_html, write_report
 
@@ -73,6 +73,21 @@ def test_cost_model(tiny_program):
     assert sympy.Poly(prefill.flops.subs(sympy.log(T + cfg.index_topk), 0), T).degree() == 2
     c = program_cost(tiny_program)
     assert c["decode_curve"]["context"][-1] == cfg.max_position_embeddings
+
+
+def test_cost_model_counts_mla_decode_and_fused_attention(tiny_program, tiny_optimized):
+    cfg = tiny_program.config
+    L, H, dc, dr = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    # the absorbed decode: every head scores T latents (dc + dr wide) and sums dc-wide values
+    after = entry_cost(tiny_optimized[0].entries["decode"], "decode")
+    coeff = sympy.Poly(sympy.expand(after.flops.subs(sympy.log(T + cfg.index_topk), 0)), T).coeff_monomial(T)
+    assert coeff >= L * H * (2 * (dc + dr) + 2 * dc + 5)
+    # a flash kernel never writes the scores: per layer the scores, scale, mask and softmax go on chip
+    prefill = tiny_program.entries["prefill"]
+    assert len(attention_interiors(prefill)) == 4 * L
+    fused, unfused = entry_cost(prefill, "prefill", fused_attention=True), entry_cost(prefill, "prefill")
+    saved = sympy.expand(unfused.bytes - fused.bytes)
+    assert fused.flops == unfused.flops and sympy.Poly(saved, T).degree() == 2  # the (S, H, T) scores
 
 
 def test_dsc_diff(tmp_path, capsys):
