@@ -24,7 +24,8 @@ inflates those weights (3.6x at full size); ``auto`` takes it only where it is 1
 
 Not fired: k_nope or V read by anything else; W_UK / W_UV not constants; K and V from different
 latents; a per-head cache that other code reads; SDPA with ``is_causal`` (top-left aligned) or
-dropout; heads folded into the batch dim. Preconditions: ``canonicalize``. Numerics: fp32
+dropout; heads folded into bmm's batch with a mask that differs per row (with a shared mask they
+are unfolded first, ``_unfold_heads``). Preconditions: ``canonicalize``. Numerics: fp32
 re-association.
 """
 
@@ -36,6 +37,7 @@ import operator
 import warnings
 from dataclasses import dataclass
 
+import sympy
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
@@ -638,6 +640,76 @@ def _is_prefill(ep, site: Site) -> bool:
     return str(cache_len) == str(chunk_len) and "positions" not in [n.name for n in _user_inputs(ep)]
 
 
+def _same_size(a, b) -> bool:
+    ea = sympy.sympify(a.node.expr if isinstance(a, torch.SymInt) else int(a))
+    eb = sympy.sympify(b.node.expr if isinstance(b, torch.SymInt) else int(b))
+    return sympy.simplify(ea - eb) == 0
+
+
+def _unfold(g: fx.Graph, n) -> fx.Node | None:
+    """For n = [permute](reshape(x, (B·H, a, b))) of a 4-D x (B, H, ...), the same values with batch
+    and heads apart: x, permuted like n (a new permute node when n was one)."""
+    base, perm, _ = _peel(n)
+    if not _is(base, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        return None
+    x = base.args[0]
+    xs, bs = _val(x).shape, _val(base).shape
+    if len(xs) != 4 or len(bs) != 3 or perm[0] != 0:
+        return None
+    if not (_same_size(xs[0] * xs[1], bs[0]) and _same_size(xs[2], bs[1]) and _same_size(xs[3], bs[2])):
+        return None
+    if perm == [0, 1, 2]:
+        return x
+    return tag(g.call_function(aten.permute.default, (x, [0, 1] + [p + 1 for p in perm[1:]])), NAME)
+
+
+def _unfold_heads(ep) -> None:
+    """Attention over heads folded into the batch — bmm(reshape(q, (B·H, S, D)), reshape(k)ᵀ), softmax,
+    bmm with reshape(v) — becomes the same computation on 4-D tensors (batched matmul), which ``match``
+    reads; kept only where it then matches, so nothing else in the graph changes."""
+    g, changed = ep.graph, False
+    for sm in [n for n in g.nodes if _is(n, aten.softmax.int, aten._softmax.default)]:
+        if len(sm.users) != 1 or _val(sm).ndim != 3 or sm.args[1] % 3 != 2:
+            continue
+        pv = next(iter(sm.users))
+        x, mask, scale = sm.args[0], None, None
+        if _is(x, aten.add.Tensor) and len(x.users) == 1:
+            x, mask = x.args[:2]
+            if _is(mask, aten.bmm.default, aten.matmul.default, aten.mul.Tensor, aten.div.Tensor):
+                x, mask = mask, x
+            mval = _val(mask)
+            if mval is None or mval.ndim > 3 or (mval.ndim == 3 and str(mval.shape[0]) != "1"):
+                continue  # a mask that differs per (batch, head) row stays folded
+        if _is(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)) and len(x.users) == 1:
+            x, scale = x.args[0], x
+        if not (_is(x, aten.bmm.default, aten.matmul.default) and _is(pv, aten.bmm.default, aten.matmul.default)):
+            continue
+        if pv.args[0] is not sm or len(x.users) != 1:
+            continue
+        with g.inserting_before(pv):
+            ops = [_unfold(g, a) for a in (*x.args[:2], pv.args[1])]
+            if any(o is None for o in ops):
+                continue
+            s4 = tag(g.call_function(aten.matmul.default, (ops[0], ops[1])), NAME)
+            if scale is not None:
+                s4 = tag(g.call_function(scale.target, (s4, scale.args[1])), NAME)
+            if mask is not None:
+                m = mask if _val(mask).ndim < 3 else tag(g.call_function(aten.unsqueeze.default, (mask, 0)), NAME)
+                s4 = tag(g.call_function(aten.add.Tensor, (s4, m)), NAME)
+            p4 = tag(g.call_function(sm.target, (s4, -1, *sm.args[2:])), NAME)
+            o4 = tag(g.call_function(aten.matmul.default, (p4, ops[2])), NAME)
+            o3 = tag(g.call_function(aten.flatten.using_ints, (o4, 0, 1)), NAME)
+        pv.replace_all_uses_with(o3)
+        refresh_meta(ep)
+        if match(ep, p4) is None:  # not an MLA after all: put the original back
+            o3.replace_all_uses_with(pv)
+        g.eliminate_dead_code()
+        changed = True
+    if changed:
+        g.eliminate_dead_code()
+        refresh_meta(ep)
+
+
 def _sites(ep) -> list[Site]:
     out = []
     for n in list(ep.graph.nodes):
@@ -739,6 +811,8 @@ def absorb_mla(program, ctx):
     from dsc.cost import entry_cost
 
     products = ctx.options.get("products", "auto")
+    for ep in program.entries.values():
+        _unfold_heads(ep)
     # 1. which per-head K/V cache pairs can change layout: matched in every entry that reads them
     matched: dict[int, tuple[int, int, int, int]] = {}  # k cache index -> (v index, layer, dc, dr)
     readers: dict[int, set[str]] = {}

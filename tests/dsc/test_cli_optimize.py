@@ -39,6 +39,8 @@ def test_bad_options_exit_2(tmp_path, capsys):
     assert "unknown pass 'nope'" in capsys.readouterr().err
     assert main(["optimize", "deepseek-v3.2", "-o", str(tmp_path / "o")]) == 2
     assert "shape and cost analysis only" in capsys.readouterr().err
+    assert main(["optimize", "tiny", "-o", str(tmp_path / "o"), "--pass-option", "absorb_mla.products=yes"]) == 2
+    assert "products must be one of auto, never, always" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         main(["optimize", "tiny", "-o", str(tmp_path / "o"), "--no-such-flag"])
@@ -73,8 +75,20 @@ def test_planted_fault_exits_1_and_touches_nothing(tmp_path, capsys, tiny):
         del REGISTRY["plant_cli_fault"]
 
 
+def test_pass_option_reaches_the_pass_and_the_report(tmp_path):
+    out = tmp_path / "o"
+    args = ["--passes", "canonicalize,absorb_mla", "--pass-option", "absorb_mla.products=always"]
+    assert main(["optimize", "tiny", "-o", str(out), *args]) == 0  # verified like any other run
+    absorb = json.loads((out / "report.json").read_text())["passes"][1]
+    assert absorb["options"] == {"products": "always"}
+    # "always" is for the absorbed form: prefill may still keep MHA when the cost model says so
+    assert {"decode", "mtp"} <= set(absorb["stats"]["products"]["entries"])
+    assert absorb["param_bytes"]["after"] > absorb["param_bytes"]["before"]  # the products' inflation
+
+
 def test_passes_listing(capsys):
     assert main(["passes", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == ["canonicalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert rows[1]["options"] == {"products": ["auto", "never", "always"]}
     assert all(r["purpose"] for r in rows)

@@ -10,7 +10,7 @@ from dsc.cost import T, attention_interiors, entry_cost, program_cost
 from dsc.optimize import program_summary
 from dsc.report import SCHEMA_VERSION, render_html, write_report
 
-PASS_KEYS = {"name", "changed", "matches", "tolerance", "numerics"}
+PASS_KEYS = {"name", "changed", "options", "matches", "tolerance", "numerics"}
 NUMERICS_KEYS = {"max_abs_err", "max_rel_err", "top1_agreement", "sqnr_db", "worst"}
 SIDE_KEYS = {
     "nodes",

@@ -182,6 +182,28 @@ class SplitProjectionMLA(nn.Module):
         return self.o(o.reshape(B, S, H * self.dv))
 
 
+class FoldedHeadsBmmMLA(LatentCacheMLA):
+    """The latent-cache MLA with attention by torch.bmm: heads folded into the batch, (B·H, S, D)
+    against (B·H, T, D) keys, one (S, T) causal mask for every row, the result unfolded again."""
+
+    def forward(self, x, pos, cache):
+        B, S, _ = x.shape
+        T, H = cache.shape[1], self.H
+        q = self.wq(x).view(B, S, H, self.dn + self.dr)
+        q_nope, q_rope = torch.split(q, [self.dn, self.dr], dim=-1)
+        q = torch.cat([q_nope, _rope_half(q_rope, pos)], dim=-1)
+        c, kr = self.wkv_a(x).split([self.dc, self.dr], -1)
+        rows = torch.arange(B).unsqueeze(1).expand(B, S)
+        cache.index_put_((rows, pos), torch.cat([c, _rope_half(kr, pos)], -1))
+        k_nope, v = self.wkv_b(cache[..., : self.dc]).view(B, T, H, self.dn + self.dv).split([self.dn, self.dv], -1)
+        k = torch.cat([k_nope, cache[..., self.dc :].unsqueeze(2).expand(B, T, H, self.dr)], -1)
+        fold = lambda t: t.transpose(1, 2).reshape(B * H, t.shape[1], t.shape[3])  # noqa: E731
+        s = torch.bmm(fold(q), fold(k).transpose(1, 2)) * 0.25
+        s = s + torch.where(torch.arange(T) <= pos[0, :, None], 0.0, float("-inf"))  # (S, T)
+        o = torch.bmm(s.softmax(-1), fold(v)).view(B, H, S, self.dv).transpose(1, 2)
+        return self.wo(o.reshape(B, S, H * self.dv))
+
+
 def _toy(mod, *args):
     p, _, _ = apply("canonicalize", toy_program(mod, *args))
     return p
@@ -260,6 +282,20 @@ def test_fires_on_split_projection_mla(products):
         want = mod(x, pos, cache.clone())
         got = out.module("forward")(x, pos, cache.clone())
     torch.testing.assert_close(got, want, **TOL["fp32_rewrite"])
+
+
+def test_fires_on_bmm_with_heads_folded_into_the_batch():
+    mod = FoldedHeadsBmmMLA().eval()
+    B, S, T = 2, 2, 8
+    pos = torch.tensor([[5, 6], [5, 6]])
+    out, matches, stats = apply("absorb_mla", _toy(mod, torch.randn(B, S, 32), pos, torch.randn(B, T, 24)))
+    assert matches == 1 and stats["entries"]["forward"]["latent_cache_style"] == 1
+    h = ops(out)
+    assert h[MLA_OP] == 1 and "aten.bmm.default" not in h and "aten.softmax.int" not in h
+    x, cache = torch.randn(B, S, 32), torch.randn(B, T, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(out.module("forward")(x, pos, cache.clone()), mod(x, pos, cache.clone()),
+                                   **TOL["fp32_rewrite"])  # fmt: skip
 
 
 def test_fires_on_sdpa_per_head_mla():
