@@ -146,7 +146,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
         if isinstance(v, dict):
             out |= _flatten(v, f"{prefix}{k}.")
         else:
-            out[f"{prefix}{k}"] = ", ".join(map(str, v)) if isinstance(v, list) else v
+            out[f"{prefix}{k}"] = (", ".join(map(str, v)) or "none") if isinstance(v, list) else v
     return out
 
 
