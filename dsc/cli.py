@@ -125,15 +125,18 @@ def cmd_optimize(args) -> int:
         on_event("stage", f"writing {args.output}")
         write_output(result, args.output, force=args.force)
     t = Table(title=f"dsc optimize {args.model or '(default)'} -> {args.output}")
-    for col in ("pass", "changed", "matches", "nodes (prefill/decode)", "max abs err", "top-1", "SQNR dB", "s"):
-        t.add_column(col)
+    t.add_column("pass", no_wrap=True)
+    t.add_column("sites", justify="right")
+    t.add_column("nodes by entry", justify="right", no_wrap=True)
+    for col in ("max abs err", "top-1", "SQNR dB", "s"):
+        t.add_column(col, justify="right")
     for r in result.records:
         n = r.numerics
         t.add_row(
-            r.name, "yes" if r.changed else "no", str(r.matches),
-            " / ".join(f"{r.nodes_before[e]}->{r.nodes_after[e]}" for e in r.nodes_before),
-            f"{n.max_abs_err:.2e}" if n else "-", f"{n.top1_agreement:.3f}" if n else "-",
-            ("exact" if n.sqnr_db == float("inf") else f"{n.sqnr_db:.1f}") if n else "-", f"{r.seconds:.2f}",
+            r.name, str(r.matches) if r.changed else "0 (unchanged)",
+            "\n".join(f"{e} {r.nodes_before[e]}→{r.nodes_after[e]}" for e in r.nodes_before),
+            f"{n.max_abs_err:.1e}" if n else "-", f"{n.top1_agreement:.3f}" if n else "-",
+            ("exact" if n.sqnr_db == float("inf") else f"{n.sqnr_db:.1f}") if n else "-", f"{r.seconds:.1f}",
         )  # fmt: skip
     out.print(t)
     out.print(f"wrote {args.output}/ (Program + report.json) in {time.perf_counter() - t0:.1f} s")
