@@ -185,7 +185,9 @@ def dim_names(ep: ExportedProgram) -> dict:
     vals = [v for v in vals if isinstance(v, torch.Tensor)]
     tokens = next((v for v in vals if v.ndim == 2 and not v.dtype.is_floating_point), None)  # mtp: after hidden
     if tokens is not None:
-        out.update({s: nm for s, nm in ((sym(tokens.shape[0]), "batch"), (sym(tokens.shape[1]), "seq")) if s is not None})
+        out.update(
+            {s: nm for s, nm in ((sym(tokens.shape[0]), "batch"), (sym(tokens.shape[1]), "seq")) if s is not None}
+        )
     for v in vals:  # the first float input with an unnamed second dim: a cache (batch, ctx, ...)
         s = sym(v.shape[1]) if v.ndim >= 2 and v.dtype.is_floating_point else None
         if s is not None and s not in out:

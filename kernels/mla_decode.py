@@ -66,7 +66,7 @@ def mla_decode_cpu(q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dv:
             s = (s.view(B, S, H, -1) + m_all.unsqueeze(2)).view(B, S * H, -1)
         return torch.bmm(s.softmax(-1), kvf[..., :dv]).view(B, S, H, dv).to(q.dtype)
     m = torch.full((B, S * H, 1), float("-inf"))
-    l = torch.zeros(B, S * H, 1)
+    denom = torch.zeros(B, S * H, 1)
     acc = torch.zeros(B, S * H, dv)
     for t0 in range(0, T, block):
         k = kvf[:, t0 : t0 + block]
@@ -77,10 +77,10 @@ def mla_decode_cpu(q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dv:
         m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # a row that has seen only -inf so far
         p = torch.exp(s - m_safe)
         alpha = torch.exp(m - m_safe)
-        l = l * alpha + p.sum(-1, keepdim=True)
+        denom = denom * alpha + p.sum(-1, keepdim=True)
         acc = torch.baddbmm(acc * alpha, p, k[..., :dv])
         m = m_new
-    return (acc / l).view(B, S, H, dv).to(q.dtype)
+    return (acc / denom).view(B, S, H, dv).to(q.dtype)
 
 
 @mla_decode.register_fake

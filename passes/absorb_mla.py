@@ -42,7 +42,15 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
-from dsc.fx_utils import add_constant_input, constant_of, drop_unused_inputs, drop_user_inputs, finalize, refresh_meta, tag
+from dsc.fx_utils import (
+    add_constant_input,
+    constant_of,
+    drop_unused_inputs,
+    drop_user_inputs,
+    finalize,
+    refresh_meta,
+    tag,
+)
 from dsc.pass_manager import register_pass
 from dsc.program import CacheTensor
 from dsc.verify import Tolerance
@@ -404,9 +412,9 @@ def match(ep, node: fx.Node) -> Site | None:
         return None
     sc, pv, scale, mask, sm_dim = att
     (qb, K), (lq, lk) = sc.ops, sc.letters
-    A, B, O = set(lq), set(lk), set(sc.out)
-    d, s, t, shared = (A & B) - O, A - B, B - A, A & B & O
-    if len(d) != 1 or len(s) != 1 or len(t) != 1 or len(shared) != 2 or O != shared | s | t or len(sc.out) != 4:
+    in_q, in_k, in_out = set(lq), set(lk), set(sc.out)
+    d, s, t, shared = (in_q & in_k) - in_out, in_q - in_k, in_k - in_q, in_q & in_k & in_out
+    if len(d) != 1 or len(s) != 1 or len(t) != 1 or len(shared) != 2 or in_out != shared | s | t or len(sc.out) != 4:
         return None
     V = pv.ops[1]
     layout = _k_layout(ep, K, V)
