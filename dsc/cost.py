@@ -23,7 +23,7 @@ import torch
 from torch import fx
 from torch.export import ExportedProgram
 
-from dsc.fx_utils import VIEW_OPS, dim_names
+from dsc.fx_utils import CONTRACTIONS, VIEW_OPS, dim_names, softmax_scores, val
 
 aten = torch.ops.aten
 T = sympy.Symbol("T", positive=True, integer=True)
@@ -56,42 +56,38 @@ def _bytes(val) -> sympy.Expr:
     return sympy.Integer(0)
 
 
-def _val(n):
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
-
-
 def _einsum_flops(eq: str, operands) -> sympy.Expr:
     lhs = eq.replace(" ", "").split("->")[0].split(",")
     sizes: dict[str, sympy.Expr] = {}
     for sub, op in zip(lhs, operands):
-        for ch, dim in zip(sub, _val(op).shape):
+        for ch, dim in zip(sub, val(op).shape):
             sizes[ch] = _expr(dim)
     return 2 * sympy.Mul(*sizes.values())
 
 
 def node_flops(n: fx.Node) -> sympy.Expr:
-    t, out = n.target, _val(n)
+    t, out = n.target, val(n)
     if t in ZERO_COST or t is operator.getitem:
         return sympy.Integer(0)
     if t in MATMUL_LIKE:
-        a = _val(n.args[0] if t is not aten.addmm.default else n.args[1])
+        a = val(n.args[0] if t is not aten.addmm.default else n.args[1])
         return 2 * _numel(out) * _expr(a.shape[-1])
     if t is aten.einsum.default:
         return _einsum_flops(n.args[0], n.args[1])
     if t is torch.ops.dsc.moe_experts.default:
-        x, idx, gate_w = _val(n.args[0]), _val(n.args[1]), n.args[3]
-        F, D = _val(gate_w[0]).shape
+        x, idx, gate_w = val(n.args[0]), val(n.args[1]), n.args[3]
+        F, D = val(gate_w[0]).shape
         return 2 * 3 * _numel(idx) * int(F) * int(D) + _numel(x)
     if t is torch.ops.dsc.mla_decode.default:  # q (B, S, H, C) against T (or K selected) latents of width C
-        q, kv = _val(n.args[0]), _val(n.args[1])
+        q, kv = val(n.args[0]), val(n.args[1])
         idx = n.args[5] if len(n.args) > 5 else n.kwargs.get("indices")
-        keys = _expr(_val(idx).shape[-1]) if isinstance(idx, fx.Node) else _expr(kv.shape[1])
+        keys = _expr(val(idx).shape[-1]) if isinstance(idx, fx.Node) else _expr(kv.shape[1])
         rows = _numel(q) / _expr(q.shape[-1])
         return rows * keys * (2 * _expr(q.shape[-1]) + 2 * int(n.args[4]) + 5)
     if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
         return 5 * _numel(out)
     if t in (aten.sort.stable, aten.sort.default, aten.topk.default):
-        v = _val(n.args[0])
+        v = val(n.args[0])
         k = _expr(v.shape[-1])
         return _numel(v) * sympy.log(k, 2)
     if isinstance(out, torch.Tensor):
@@ -107,17 +103,17 @@ def node_bytes(n: fx.Node, interior: frozenset = frozenset()) -> sympy.Expr:
     if t in ZERO_COST:
         return sympy.Integer(0)
     if t in (aten.index_put_.default, aten.index_put.default):
-        return 2 * _bytes(_val(n.args[2]))  # read the values, write them into the cache
-    inputs = [a for a in n.all_input_nodes if a not in interior and isinstance(_val(a), torch.Tensor)]
-    reads = sympy.Add(*[_bytes(_val(a)) for a in inputs])
+        return 2 * _bytes(val(n.args[2]))  # read the values, write them into the cache
+    inputs = [a for a in n.all_input_nodes if a not in interior and isinstance(val(a), torch.Tensor)]
+    reads = sympy.Add(*[_bytes(val(a)) for a in inputs])
     if n in interior:
         return reads
     if t is torch.ops.dsc.moe_experts.default:  # only the routed experts' weights are read
-        idx = _val(n.args[1])
-        per_expert = sum(int(_val(w[0]).numel()) * _val(w[0]).element_size() for w in n.args[3:6])
+        idx = val(n.args[1])
+        per_expert = sum(int(val(w[0]).numel()) * val(w[0]).element_size() for w in n.args[3:6])
         E = len(n.args[3])
-        reads = _bytes(_val(n.args[0])) + _bytes(idx) + _bytes(_val(n.args[2])) + sympy.Min(_numel(idx), E) * per_expert
-    return reads + _bytes(_val(n))
+        reads = _bytes(val(n.args[0])) + _bytes(idx) + _bytes(val(n.args[2])) + sympy.Min(_numel(idx), E) * per_expert
+    return reads + _bytes(val(n))
 
 
 def _symbols(ep: ExportedProgram) -> dict[str, sympy.Symbol]:
@@ -138,36 +134,20 @@ class EntryCost:
         return {"context": list(contexts), "flops": [p[0] for p in pts], "bytes": [p[1] for p in pts]}
 
 
-ATTENTION_CONTRACTIONS = {aten.einsum.default, aten.matmul.default, aten.bmm.default}
-
-
-def _scores_side(x: fx.Node):
-    """The operand of a scale / mask op that carries the scores (the other is the scalar or the mask)."""
-    a, b = x.args[:2]
-    scoreish = ATTENTION_CONTRACTIONS | {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor}
-    if x.target is aten.add.Tensor and not (isinstance(a, fx.Node) and a.target in scoreish):
-        return b
-    return a
-
-
 def attention_interiors(ep: ExportedProgram) -> frozenset:
-    """The nodes a fused (flash) attention kernel never writes out: for each softmax fed by a
-    contraction (through an optional scalar scale and additive mask) and read by one contraction,
-    the scores, their scaled / masked forms and the probabilities."""
+    """The nodes a fused (flash) attention kernel never writes out: for each softmax of scores
+    (``softmax_scores``) read by one contraction, the scores, their scaled / masked forms and the
+    probabilities."""
     inner = set()
     for sm in ep.graph.nodes:
         if not (sm.op == "call_function" and sm.target in (aten.softmax.int, aten._softmax.default)):
             continue
-        if len(sm.users) != 1 or next(iter(sm.users)).target not in ATTENTION_CONTRACTIONS:
+        if len(sm.users) != 1 or next(iter(sm.users)).target not in CONTRACTIONS:
             continue
-        chain, x = [sm], sm.args[0]
-        while isinstance(x, fx.Node) and x.target in (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor):
-            if len(x.users) != 1:
-                break
-            chain.append(x)
-            x = _scores_side(x)
-        if isinstance(x, fx.Node) and x.target in ATTENTION_CONTRACTIONS and len(x.users) == 1:
-            inner.update(chain + [x])
+        found = softmax_scores(sm)
+        if found is not None:
+            scores, _, scale = found
+            inner.update(n for n in (sm, sm.args[0], scale, scores) if n is not None)
     return frozenset(inner)
 
 

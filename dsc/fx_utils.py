@@ -145,6 +145,36 @@ def finalize(ep: ExportedProgram) -> None:
     ep.graph_module.recompile()
 
 
+def val(n):
+    """A node's fake value (``meta["val"]``); None for non-nodes."""
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def is_call(n, *targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
+CONTRACTIONS = (torch.ops.aten.einsum.default, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+
+
+def softmax_scores(sm: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node | None] | None:
+    """(contraction, mask, scale node) when the softmax reads contraction [· or / a scalar] [+ mask],
+    each step read only by the next: how attention scores are spelled (the mask on either side)."""
+    aten = torch.ops.aten
+    x, mask, scale = sm.args[0], None, None
+    scoreish = (aten.mul.Tensor, aten.div.Tensor, *CONTRACTIONS)
+    if is_call(x, aten.add.Tensor) and len(x.users) == 1:
+        a, b = x.args[:2]
+        x, mask = (a, b) if is_call(a, *scoreish) else (b, a)
+        if not isinstance(mask, fx.Node):
+            return None
+    if is_call(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)) and len(x.users) == 1:
+        x, scale = x.args[0], x
+    if not is_call(x, *CONTRACTIONS) or len(x.users) != 1:
+        return None
+    return x, mask, scale
+
+
 def tag(node: fx.Node, pass_name: str) -> fx.Node:
     node.meta["dsc_pass"] = pass_name
     return node

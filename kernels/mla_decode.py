@@ -60,11 +60,6 @@ def mla_decode_cpu(q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dv:
     qf = q.float().reshape(B, S * H, C)
     kvf = kv.float()
     m_all = mask.float().expand(B, S, T) if mask is not None else None
-    if T <= block:  # one block: a plain softmax, no running maximum to carry
-        s = torch.bmm(qf, kvf.transpose(1, 2)).mul_(scale)
-        if m_all is not None:
-            s = (s.view(B, S, H, -1) + m_all.unsqueeze(2)).view(B, S * H, -1)
-        return torch.bmm(s.softmax(-1), kvf[..., :dv]).view(B, S, H, dv).to(q.dtype)
     m = torch.full((B, S * H, 1), float("-inf"))
     denom = torch.zeros(B, S * H, 1)
     acc = torch.zeros(B, S * H, dv)

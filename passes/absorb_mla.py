@@ -48,8 +48,11 @@ from dsc.fx_utils import (
     drop_unused_inputs,
     drop_user_inputs,
     finalize,
+    is_call,
     refresh_meta,
+    softmax_scores,
     tag,
+    val,
 )
 from dsc.pass_manager import register_pass
 from dsc.program import CacheTensor
@@ -61,29 +64,21 @@ NAME = "absorb_mla"
 PEAK_FLOPS, PEAK_BW = 790e12, 4.8e12
 
 
-def _val(n):
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
-
-
-def _is(n, *targets) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
-
-
-CONTRACTIONS = (aten.einsum.default, aten.matmul.default, aten.bmm.default)
+COPIES = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default)  # same values
 
 
 def _strip(n):
-    while _is(n, aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default):
+    while is_call(n, *COPIES):
         n = n.args[0]
     return n
 
 
 def _perm_of(n) -> list[int] | None:
     """p with n.dim i == input.dim p[i], when n is a permute / transpose."""
-    if _is(n, aten.permute.default):
+    if is_call(n, aten.permute.default):
         return [d % len(n.args[1]) for d in n.args[1]]
-    if _is(n, aten.transpose.int, aten.t.default):
-        nd = _val(n).ndim
+    if is_call(n, aten.transpose.int, aten.t.default):
+        nd = val(n).ndim
         p = list(range(nd))
         if n.target is aten.transpose.int:
             a, b = n.args[1] % nd, n.args[2] % nd
@@ -97,12 +92,12 @@ def _perm_of(n) -> list[int] | None:
 def _peel(n) -> tuple[fx.Node, list[int], list[fx.Node]]:
     """(base, perm, chain): n is base under casts and permutes with n.dim i == base.dim perm[i];
     chain lists the peeled nodes from n down."""
-    perm, chain = list(range(_val(n).ndim)), []
+    perm, chain = list(range(val(n).ndim)), []
     while True:
         p = _perm_of(n)
         if p is not None:
             perm = [p[i] for i in perm]
-        elif not _is(n, aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default):
+        elif not is_call(n, *COPIES):
             return n, perm, chain
         chain.append(n)
         n = n.args[0]
@@ -112,7 +107,7 @@ def _peel(n) -> tuple[fx.Node, list[int], list[fx.Node]]:
 class Decompress:
     """x = view(linear(c, W), [..., H, dn + dv]) split into (k_nope, v) on the last axis."""
 
-    linear: fx.Node
+    split: fx.Node
     latent: fx.Node
     weight: fx.Node
     heads: int
@@ -125,17 +120,14 @@ def _decompress_part(n) -> tuple[Decompress, int, list[int]] | None:
     linear(c, W), viewed (B, T, H, dn + dv) and possibly permuted: n.dim i == view.dim perm[i]."""
     n = _strip(n)
     splits = (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default)
-    if not (_is(n, operator.getitem) and _is(n.args[0], *splits)):
+    if not (is_call(n, operator.getitem) and is_call(n.args[0], *splits)):
         return None
     split, part = n.args[0], n.args[1]
-    view, perm, _ = _peel(split.args[0])
+    proj = _head_projection(split.args[0])
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    if not _is(view, aten.view.default, aten.reshape.default, aten.unflatten.int):
+    if proj is None or proj[4][dim % 4] != 3:
         return None
-    shape = _val(view).shape
-    if len(shape) != 4 or perm[dim % 4] != 3:
-        return None
-    width = int(shape[-1])
+    c, w, heads, width, perm = proj
     if split.target is aten.split_with_sizes.default:
         sizes = list(split.args[1])
     elif split.target is aten.chunk.default and split.args[1] == 2 and width % 2 == 0:
@@ -146,17 +138,14 @@ def _decompress_part(n) -> tuple[Decompress, int, list[int]] | None:
         return None
     if len(sizes) != 2 or sum(sizes) != width:
         return None
-    proj = _projection(view.args[0])
-    if proj is None:
-        return None
-    return Decompress(view.args[0], proj[0], proj[1], int(shape[2]), int(sizes[0]), int(sizes[1])), part, perm
+    return Decompress(split, c, w, heads, int(sizes[0]), int(sizes[1])), part, perm
 
 
 def _projection(n):
     """(c, W) for y = c Wᵀ spelled linear(c, W) or matmul(c, W.t() / W.permute(1, 0) / W.transpose(0, 1))."""
-    if _is(n, aten.linear.default) and (len(n.args) < 3 or n.args[2] is None):
+    if is_call(n, aten.linear.default) and (len(n.args) < 3 or n.args[2] is None):
         return n.args[0], n.args[1]
-    if _is(n, aten.matmul.default) and _val(n.args[1]).ndim == 2:
+    if is_call(n, aten.matmul.default) and val(n.args[1]).ndim == 2:
         wt = n.args[1]
         if _perm_of(wt) == [1, 0]:
             return n.args[0], wt.args[0]
@@ -167,13 +156,13 @@ def _shared_rope(n, hpos: int) -> tuple[fx.Node, int | None] | None:
     """(k_pe, squeeze_dim) when n broadcasts one rope key over the heads at dim hpos:
     expand(unsqueeze(k_pe, hpos)) -> (k_pe, None), expand(k_pe with size 1 at hpos) -> (k_pe, hpos)."""
     n = _strip(n)
-    if not _is(n, aten.expand.default, aten.expand_as.default):
+    if not is_call(n, aten.expand.default, aten.expand_as.default):
         return None
     x = n.args[0]
-    shape = _val(x).shape
+    shape = val(x).shape
     if len(shape) != 4 or str(shape[hpos]) != "1":
         return None
-    if _is(x, aten.unsqueeze.default) and x.args[1] % 4 == hpos:
+    if is_call(x, aten.unsqueeze.default) and x.args[1] % 4 == hpos:
         return x.args[0], None
     return x, hpos
 
@@ -193,7 +182,7 @@ class Contraction:
 def _peeled(xs, ins):
     ops, letters, chains = [], [], []
     for x, lx in zip(xs, ins):
-        if not isinstance(x, fx.Node) or _val(x) is None or len(lx) != _val(x).ndim:
+        if not isinstance(x, fx.Node) or val(x) is None or len(lx) != val(x).ndim:
             return None
         base, perm, chain = _peel(x)
         lb = [""] * len(lx)
@@ -207,7 +196,7 @@ def _peeled(xs, ins):
 
 def _contraction(n) -> Contraction | None:
     """einsum('xy,yz->..'), or matmul / bmm of two tensors of the same rank >= 3, as letters."""
-    if _is(n, aten.einsum.default):
+    if is_call(n, aten.einsum.default):
         eq = n.args[0].replace(" ", "")
         if "->" not in eq or "." in eq:
             return None
@@ -215,9 +204,9 @@ def _contraction(n) -> Contraction | None:
         ins, xs = ins.split(","), n.args[1]
         if len(ins) != 2 or len(xs) != 2:
             return None
-    elif _is(n, aten.matmul.default, aten.bmm.default):
-        nd = _val(n.args[0]).ndim
-        if nd < 3 or _val(n.args[1]).ndim != nd:
+    elif is_call(n, aten.matmul.default, aten.bmm.default):
+        nd = val(n.args[0]).ndim
+        if nd < 3 or val(n.args[1]).ndim != nd:
             return None
         batch = "pqruw"[: nd - 2]
         ins, out, xs = [batch + "ik", batch + "kj"], batch + "ij", n.args[:2]
@@ -233,7 +222,7 @@ def _sdpa(n):
     a = dict(zip(names, n.args)) | dict(n.kwargs)
     if a.get("dropout_p", 0.0) != 0.0 or a.get("is_causal", False) or a.get("enable_gqa", False):
         return None  # is_causal: top-left aligned, not the cache's alignment; left to an explicit mask
-    nd = _val(a["query"]).ndim
+    nd = val(a["query"]).ndim
     batch = "pqruw"[: nd - 2]
     qk = _peeled((a["query"], a["key"]), (batch + "sd", batch + "td"))
     v = _peeled((a["value"],), (batch + "tv",))
@@ -241,7 +230,7 @@ def _sdpa(n):
         return None
     scores = Contraction(None, *qk[:2], batch + "st", qk[2])
     pv = Contraction(n, (None, v[0][0]), (batch + "st", v[1][0]), batch + "sv", ([], v[2][0]))
-    scale = a.get("scale") or 1.0 / math.sqrt(int(_val(a["query"]).shape[-1]))
+    scale = a.get("scale") or 1.0 / math.sqrt(int(val(a["query"]).shape[-1]))
     return scores, pv, float(scale), a.get("attn_mask")
 
 
@@ -268,13 +257,13 @@ class Site:
 
 def _cache_write(n):
     """(placeholder, indices, value) for n = index_put_(cache placeholder, indices, value)."""
-    if _is(n, aten.index_put_.default) and n.args[0].op == "placeholder":
+    if is_call(n, aten.index_put_.default) and n.args[0].op == "placeholder":
         return n.args[0], n.args[1], n.args[2]
     return None
 
 
 def _other_readers(cache: fx.Node, write: fx.Node) -> list[fx.Node]:
-    return [u for u in cache.users if u is not write and not (_is(u, aten.sym_size.int) and u.args[1] in (0, 1))]
+    return [u for u in cache.users if u is not write and not (is_call(u, aten.sym_size.int) and u.args[1] in (0, 1))]
 
 
 def _sole_path(base: fx.Node, chain: list[fx.Node], consumer: fx.Node) -> bool:
@@ -285,7 +274,7 @@ def _sole_path(base: fx.Node, chain: list[fx.Node], consumer: fx.Node) -> bool:
 
 def _attention(node):
     """(scores, pv, scale, mask, softmax dim) of a softmax-spelled attention or an SDPA node."""
-    if _is(node, aten.scaled_dot_product_attention.default):
+    if is_call(node, aten.scaled_dot_product_attention.default):
         r = _sdpa(node)
         return None if r is None else (*r, None)
     if node.args[1] is None or len(node.users) != 1:
@@ -293,25 +282,18 @@ def _attention(node):
     pv = _contraction(next(iter(node.users)))
     if pv is None or pv.ops[0] is not node or not _sole_path(node, pv.chains[0], pv.node):
         return None
-    x, mask = node.args[0], None
-    if _is(x, aten.add.Tensor) and len(x.users) == 1:
-        a, b = x.args[:2]
-        scores_side = lambda n: _is(n, aten.mul.Tensor, aten.div.Tensor, *CONTRACTIONS)
-        x, mask = (a, b) if scores_side(a) else (b, a)
-        if not isinstance(mask, fx.Node):
-            return None
-    scale = 1.0
-    if _is(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)) and len(x.users) == 1:
-        x, scale = x.args[0], (float(x.args[1]) if x.target is aten.mul.Tensor else 1.0 / float(x.args[1]))
-    sc = _contraction(x)
-    if sc is None or len(x.users) != 1:
+    found = softmax_scores(node)
+    sc = _contraction(found[0]) if found else None
+    if sc is None:
         return None
+    _, mask, by = found
+    scale = 1.0 if by is None else float(by.args[1]) if by.target is aten.mul.Tensor else 1.0 / float(by.args[1])
     # P's letters name the scores' dims: rename P·V into the scores' alphabet
     ren = dict(zip(pv.letters[0], sc.out))
     fresh = next(ch for ch in "vzyx" if ch not in sc.out)
     rn = lambda s: "".join(ren.get(ch, fresh) for ch in s)
     pv = Contraction(pv.node, pv.ops, (sc.out, rn(pv.letters[1])), rn(pv.out), pv.chains)
-    return sc, pv, scale, mask, node.args[1] % _val(node).ndim
+    return sc, pv, scale, mask, node.args[1] % val(node).ndim
 
 
 @dataclass
@@ -334,26 +316,26 @@ class KVProj:
 def _head_projection(n) -> tuple[fx.Node, fx.Node, int, int, list[int]] | None:
     """(c, W, heads, width, perm) when n is view(linear(c, W), (.., .., H, width)), possibly permuted."""
     view, perm, _ = _peel(n)
-    if not _is(view, aten.view.default, aten.reshape.default, aten.unflatten.int) or _val(view).ndim != 4:
+    if not is_call(view, aten.view.default, aten.reshape.default, aten.unflatten.int) or val(view).ndim != 4:
         return None
     proj = _projection(view.args[0])
     if proj is None or len(view.users) != 1 or len(view.args[0].users) != 1:
         return None
-    return proj[0], proj[1], int(_val(view).shape[2]), int(_val(view).shape[3]), perm
+    return proj[0], proj[1], int(val(view).shape[2]), int(val(view).shape[3]), perm
 
 
 def _same_value(a, b) -> bool:
     """The same node, or two nodes computing the same op of the same inputs (e.g. two equal slices)."""
     if a is b:
         return True
-    return _is(a, a.target) and _is(b, a.target) and a.args == b.args and a.kwargs == b.kwargs
+    return is_call(a, a.target) and is_call(b, a.target) and a.args == b.args and a.kwargs == b.kwargs
 
 
 def _kv_projection(k_nope, v) -> tuple[KVProj, list[int], list[int]] | None:
     """(projection, k_nope perm, v perm): parts 0 / 1 of one fused split, or two head projections of one c."""
     kp, vp = _decompress_part(k_nope), _decompress_part(v)
     if kp and vp:
-        if kp[0].linear is not vp[0].linear or (kp[1], vp[1]) != (0, 1):
+        if kp[0].split is not vp[0].split or (kp[1], vp[1]) != (0, 1):
             return None
         d = kp[0]
         return KVProj(d.latent, d.heads, d.dn, d.dv, d.weight, d.weight), kp[2], vp[2]
@@ -371,7 +353,7 @@ def _k_layout(ep, K, V):
     wk, wv = _cache_write(K), _cache_write(V)
     if wk and wv:  # (a): caches indexed (batch, position) in their first two dims
         k_new, v_new = _strip(wk[2]), _strip(wv[2])
-        if not (_is(k_new, aten.cat.default) and len(k_new.args[0]) == 2 and k_new.args[1] in (-1, 3)):
+        if not (is_call(k_new, aten.cat.default) and len(k_new.args[0]) == 2 and k_new.args[1] in (-1, 3)):
             return None
         k_nope, k_rope = k_new.args[0]
         kv, rope = _kv_projection(k_nope, v_new), _shared_rope(k_rope, 2)
@@ -384,7 +366,7 @@ def _k_layout(ep, K, V):
         fields = dict(dec=kv[0], k_pe=rope[0], k_pe_squeeze=rope[1], style="per_head_cache")
         return fields | dict(k_write=K, v_write=V, k_new=k_new, v_new=v_new), "bthd", "bthv"
     K = _strip(K)
-    if not (_is(K, aten.cat.default) and len(K.args[0]) == 2 and K.args[1] in (-1, 3)):
+    if not (is_call(K, aten.cat.default) and len(K.args[0]) == 2 and K.args[1] in (-1, 3)):
         return None
     kv = _kv_projection(K.args[0][0], V)
     if kv is None:
@@ -394,13 +376,13 @@ def _k_layout(ep, K, V):
     if rope is None or len(K.args[0][0].users) != 1 or len(_strip(V).users) != 1:
         return None
     r_all = rope[0]
-    if rope[1] is not None and _is(r_all, aten.view.default, aten.reshape.default):
+    if rope[1] is not None and is_call(r_all, aten.view.default, aten.reshape.default):
         r_all = r_all.args[0]  # a view that only inserted the size-1 head dim
     c_all, r_all = _strip(kv[0].latent), _strip(r_all)
     # both must be slices [.., :dc] and [.., dc:] of one written latent cache, rope keys (B, T, dr)
-    if not (_is(c_all, aten.slice.Tensor) and _is(r_all, aten.slice.Tensor) and c_all.args[0] is r_all.args[0]):
+    if not (is_call(c_all, aten.slice.Tensor) and is_call(r_all, aten.slice.Tensor) and c_all.args[0] is r_all.args[0]):
         return None
-    if k_roles.replace("h", "") != "btd" or _val(r_all).ndim != 3 or _cache_write(c_all.args[0]) is None:
+    if k_roles.replace("h", "") != "btd" or val(r_all).ndim != 3 or _cache_write(c_all.args[0]) is None:
         return None
     fields = dict(dec=kv[0], k_pe=r_all, k_pe_squeeze=None, style="latent_cache", latent=c_all.args[0])
     return fields, k_roles, v_roles
@@ -436,12 +418,12 @@ def match(ep, node: fx.Node) -> Site | None:
         return None
     # q = cat([q_nope, q_pe]) over d, its last dim
     qb = _strip(qb)
-    if not (_is(qb, aten.cat.default) and len(qb.args[0]) == 2 and qb.args[1] % 4 == 3 and q_roles[3] == "d"):
+    if not (is_call(qb, aten.cat.default) and len(qb.args[0]) == 2 and qb.args[1] % 4 == 3 and q_roles[3] == "d"):
         return None
     q_nope, q_pe = qb.args[0]
     mask_roles = ""
     if mask is not None:
-        mval = _val(mask)
+        mval = val(mask)
         mask_roles = so_roles[max(0, 4 - mval.ndim) :]
         if mval.ndim > 4 or ("h" in mask_roles and str(mval.shape[mask_roles.index("h")]) != "1"):
             return None
@@ -452,7 +434,7 @@ def match(ep, node: fx.Node) -> Site | None:
     wk, wv = constant_of(ep, dec.w_k), constant_of(ep, dec.w_v)
     if wk is None or wv is None or wk.ndim != 2 or wv.shape[1:] != wk.shape[1:]:  # W_UK, W_UV: constants to absorb
         return None
-    if int(_val(q_nope).shape[q_roles.index("d")]) != dec.dn:
+    if int(val(q_nope).shape[q_roles.index("d")]) != dec.dn:
         return None
     return Site(pv.node, out_roles, q_nope, q_pe, q_roles, scale, mask, mask_roles, **fields)
 
@@ -470,12 +452,12 @@ def _mask_bst(g: fx.Graph, site: Site) -> fx.Node | None:
         return None
     if "h" in roles:
         i = roles.index("h")
-        if _is(m, aten.unsqueeze.default) and m.args[1] % len(roles) == i:
+        if is_call(m, aten.unsqueeze.default) and m.args[1] % len(roles) == i:
             m = m.args[0]
         else:
             m = tag(g.call_function(aten.squeeze.dim, (m, i)), NAME)
         roles = roles.replace("h", "")
-    if _val(site.mask).dtype == torch.bool:
+    if val(site.mask).dtype == torch.bool:
         m = tag(g.call_function(aten.where.Scalar, (m, 0.0, float("-inf"))), NAME)
     want = "".join(r for r in "bst" if r in roles)
     m = _to_roles(g, m, roles, want)
@@ -506,8 +488,7 @@ def match_products(ep, site: Site) -> Products | None:
     qd, _, q_perm = qp
     if qd.heads != site.dec.heads or qd.dn != site.dec.dn or constant_of(ep, qd.weight) is None:
         return None
-    split = _strip(site.q_nope).args[0]
-    pe = [u for u in split.users if _is(u, operator.getitem) and u.args[1] == 1]
+    pe = [u for u in qd.split.users if is_call(u, operator.getitem) and u.args[1] == 1]
     if len(pe) != 1:
         return None
     # o -> [permute to (b, s, h, v)] -> reshape (B, S, H * dv) -> linear(., W_o[, bias])
@@ -517,18 +498,18 @@ def match_products(ep, site: Site) -> Products | None:
         p = _perm_of(u)
         if p is not None:
             roles = "".join(roles[i] for i in p)
-        elif not _is(u, aten.contiguous.default, aten.clone.default):
+        elif not is_call(u, *COPIES):
             break
         n = u
     if len(n.users) != 1 or roles != "bshv":
         return None
     flat = next(iter(n.users))
-    if not _is(flat, aten.view.default, aten.reshape.default, aten.flatten.using_ints) or _val(flat).ndim != 3:
+    if not is_call(flat, aten.view.default, aten.reshape.default, aten.flatten.using_ints) or val(flat).ndim != 3:
         return None
     if len(flat.users) != 1:
         return None
     lin = next(iter(flat.users))
-    if not _is(lin, aten.linear.default) or lin.args[0] is not flat or constant_of(ep, lin.args[1]) is None:
+    if not is_call(lin, aten.linear.default) or lin.args[0] is not flat or constant_of(ep, lin.args[1]) is None:
         return None
     return Products(qd.latent, qd.weight, pe[0], q_perm, qd.dv, lin)
 
@@ -643,8 +624,8 @@ def _user_inputs(ep):
 
 def _is_prefill(ep, site: Site) -> bool:
     """T == S (one symbol) and the chunk starts at position 0: what the prefill entry guarantees."""
-    cache_len = _val(site.k_write).shape[1]
-    chunk_len = _val(site.k_new).shape[1]
+    cache_len = val(site.k_write).shape[1]
+    chunk_len = val(site.k_new).shape[1]
     return str(cache_len) == str(chunk_len) and "positions" not in [n.name for n in _user_inputs(ep)]
 
 
@@ -658,10 +639,10 @@ def _unfold(g: fx.Graph, n) -> fx.Node | None:
     """For n = [permute](reshape(x, (B·H, a, b))) of a 4-D x (B, H, ...), the same values with batch
     and heads apart: x, permuted like n (a new permute node when n was one)."""
     base, perm, _ = _peel(n)
-    if not _is(base, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+    if not is_call(base, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         return None
     x = base.args[0]
-    xs, bs = _val(x).shape, _val(base).shape
+    xs, bs = val(x).shape, val(base).shape
     if len(xs) != 4 or len(bs) != 3 or perm[0] != 0:
         return None
     if not (_same_size(xs[0] * xs[1], bs[0]) and _same_size(xs[2], bs[1]) and _same_size(xs[3], bs[2])):
@@ -676,23 +657,21 @@ def _unfold_heads(ep) -> None:
     bmm with reshape(v) — becomes the same computation on 4-D tensors (batched matmul), which ``match``
     reads; kept only where it then matches, so nothing else in the graph changes."""
     g, changed = ep.graph, False
-    for sm in [n for n in g.nodes if _is(n, aten.softmax.int, aten._softmax.default)]:
-        if len(sm.users) != 1 or _val(sm).ndim != 3 or sm.args[1] % 3 != 2:
+    for sm in [n for n in g.nodes if is_call(n, aten.softmax.int, aten._softmax.default)]:
+        if len(sm.users) != 1 or val(sm).ndim != 3 or sm.args[1] % 3 != 2:
             continue
-        pv = next(iter(sm.users))
-        x, mask, scale = sm.args[0], None, None
-        if _is(x, aten.add.Tensor) and len(x.users) == 1:
-            x, mask = x.args[:2]
-            if _is(mask, aten.bmm.default, aten.matmul.default, aten.mul.Tensor, aten.div.Tensor):
-                x, mask = mask, x
-            mval = _val(mask)
-            if mval is None or mval.ndim > 3 or (mval.ndim == 3 and str(mval.shape[0]) != "1"):
-                continue  # a mask that differs per (batch, head) row stays folded
-        if _is(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)) and len(x.users) == 1:
-            x, scale = x.args[0], x
-        if not (_is(x, aten.bmm.default, aten.matmul.default) and _is(pv, aten.bmm.default, aten.matmul.default)):
+        pv, found = next(iter(sm.users)), softmax_scores(sm)
+        if found is None:
             continue
-        if pv.args[0] is not sm or len(x.users) != 1:
+        x, mask, scale = found
+        mval = val(mask)
+        if mval is not None and (mval.ndim > 3 or (mval.ndim == 3 and str(mval.shape[0]) != "1")):
+            continue  # a mask that differs per (batch, head) row stays folded
+        if not (
+            is_call(x, aten.bmm.default, aten.matmul.default) and is_call(pv, aten.bmm.default, aten.matmul.default)
+        ):
+            continue
+        if pv.args[0] is not sm:
             continue
         with g.inserting_before(pv):
             ops = [_unfold(g, a) for a in (*x.args[:2], pv.args[1])]
@@ -702,7 +681,7 @@ def _unfold_heads(ep) -> None:
             if scale is not None:
                 s4 = tag(g.call_function(scale.target, (s4, scale.args[1])), NAME)
             if mask is not None:
-                m = mask if _val(mask).ndim < 3 else tag(g.call_function(aten.unsqueeze.default, (mask, 0)), NAME)
+                m = mask if val(mask).ndim < 3 else tag(g.call_function(aten.unsqueeze.default, (mask, 0)), NAME)
                 s4 = tag(g.call_function(aten.add.Tensor, (s4, m)), NAME)
             p4 = tag(g.call_function(sm.target, (s4, -1, *sm.args[2:])), NAME)
             o4 = tag(g.call_function(aten.matmul.default, (p4, ops[2])), NAME)
@@ -721,7 +700,7 @@ def _unfold_heads(ep) -> None:
 def _sites(ep) -> list[Site]:
     out = []
     for n in list(ep.graph.nodes):
-        if _is(n, aten.softmax.int, aten._softmax.default, aten.scaled_dot_product_attention.default):
+        if is_call(n, aten.softmax.int, aten._softmax.default, aten.scaled_dot_product_attention.default):
             s = match(ep, n)
             if s is not None:
                 out.append(s)
@@ -775,7 +754,7 @@ def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict |
         replaced.append(site.out)
     g.eliminate_dead_code()
     for n in replaced:  # DCE keeps SDPA (its dropout makes it "random"): it goes by hand
-        if n.graph is g and not n.users and _is(n, aten.scaled_dot_product_attention.default):
+        if n.graph is g and not n.users and is_call(n, aten.scaled_dot_product_attention.default):
             g.erase_node(n)
     g.eliminate_dead_code()
     for n in old_writes:  # in-place writes are side effects: DCE keeps them, so they go by hand
@@ -828,7 +807,7 @@ def absorb_mla(program, ctx):
     inflation = None
     for entry, ep in program.entries.items():
         for ph in _user_inputs(ep):
-            if any(not _is(u, aten.sym_size.int) for u in ph.users):  # size reads do not count
+            if any(not is_call(u, aten.sym_size.int) for u in ph.users):  # size reads do not count
                 readers.setdefault(_cache_index(ep, ph), set()).add(entry)
         for s in _sites(ep):
             pr = match_products(ep, s)
@@ -836,7 +815,7 @@ def absorb_mla(program, ctx):
                 inflation = param_bytes(ep, s, pr)
             if s.style == "per_head_cache":
                 k, v = _cache_index(ep, s.k_write.args[0]), _cache_index(ep, s.v_write.args[0])
-                dc, dr = int(_val(s.dec.latent).shape[-1]), int(_val(s.k_pe).shape[-1])
+                dc, dr = int(val(s.dec.latent).shape[-1]), int(val(s.k_pe).shape[-1])
                 layer = program.cache.tensors[k].layer if program.cache.tensors else None
                 matched[k] = (v, layer, dc, dr)
                 hits.setdefault(k, set()).add(entry)
@@ -850,10 +829,11 @@ def absorb_mla(program, ctx):
     stats: dict = {"entries": {}, "layers": sorted(matched[k][1] for k in accepted if matched[k][1] is not None)}
     store: dict[str, torch.Tensor] = {}
     for entry, ep in program.entries.items():
-        prefill = entry == "prefill" and any(_is_prefill(ep, s) for s in _sites(ep) if s.style == "per_head_cache")
+        sites = _sites(ep)
+        prefill = entry == "prefill" and any(_is_prefill(ep, s) for s in sites if s.style == "per_head_cache")
         forms = ["mha"] if prefill else []
         forms += {"never": ["absorbed"], "always": ["products"], "auto": ["absorbed", "products"]}[products]
-        if products == "auto" and not any(match_products(ep, s) for s in _sites(ep)):
+        if products == "auto" and not any(match_products(ep, s) for s in sites):
             forms.remove("products")
         kind = "prefill" if entry == "prefill" else "decode"
         form, why = forms[0], "the only form asked for"

@@ -19,7 +19,7 @@ import operator
 import torch
 from torch import fx
 
-from dsc.fx_utils import call_nodes, drop_unused_inputs, finalize, mutated_inputs, tag
+from dsc.fx_utils import call_nodes, drop_unused_inputs, finalize, mutated_inputs, tag, val
 from dsc.pass_manager import register_pass
 from dsc.verify import EXACT
 
@@ -38,12 +38,8 @@ RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 SHAPE_ONLY = RESHAPES | {aten.flatten.using_ints, aten.unflatten.int}
 
 
-def _val(n):
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
-
-
 def _noop_cast(n: fx.Node) -> bool:
-    src, out = _val(n.args[0]), _val(n)
+    src, out = val(n.args[0]), val(n)
     if src is None or out is None or not isinstance(src, torch.Tensor):
         return False
     extra = {k: v for k, v in n.kwargs.items() if k not in ("dtype",) and v is not None and v is not False}
@@ -74,8 +70,8 @@ def _fold_views(gm: fx.GraphModule) -> int:
         src = n.args[0] if n.args else None
         if not isinstance(src, fx.Node):
             continue
-        if n.target in RESHAPES and n.target is not aten._unsafe_view.default and _val(src) is not None:
-            if _val(n) is not None and tuple(_val(src).shape) == tuple(_val(n).shape):
+        if n.target in RESHAPES and n.target is not aten._unsafe_view.default and val(src) is not None:
+            if val(n) is not None and tuple(val(src).shape) == tuple(val(n).shape):
                 n.replace_all_uses_with(src)  # reshape to the shape it already has
                 gm.graph.erase_node(n)
                 n_changed += 1

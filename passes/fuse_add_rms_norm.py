@@ -18,17 +18,13 @@ import operator
 import torch
 from torch import fx
 
-from dsc.fx_utils import call_nodes, finalize, tag
+from dsc.fx_utils import call_nodes, finalize, tag, val
 from dsc.pass_manager import register_pass
 from dsc.verify import FP32_REASSOC
 
 aten = torch.ops.aten
 NAME = "fuse_add_rms_norm"
 CASTS = {aten.to.dtype, aten._to_copy.default}
-
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
 def _only_user(n: fx.Node) -> fx.Node | None:
@@ -72,7 +68,7 @@ def match_rms_norm(r: fx.Node):
         s = sq.args[0]
     else:
         return None
-    if _val(s) is None or not _is_last_dim(mean.args[1], _val(s).ndim):
+    if val(s) is None or not _is_last_dim(mean.args[1], val(s).ndim):
         return None
     norm = _only_user(r)
     if norm is None or norm.target is not aten.mul.Tensor or _other(norm, r) is not s:
@@ -81,8 +77,8 @@ def match_rms_norm(r: fx.Node):
     if scaled is None or scaled.target is not aten.mul.Tensor:
         return None
     w = _other(scaled, norm)
-    D = _val(s).shape[-1]
-    if _val(w) is None or _val(w).ndim != 1 or _val(w).shape[0] != D:
+    D = val(s).shape[-1]
+    if val(w) is None or val(w).ndim != 1 or val(w).shape[0] != D:
         return None
     out = scaled
     cast_back = _only_user(scaled)
@@ -101,7 +97,7 @@ def _residual_add(s: fx.Node):
     if src.op != "call_function" or src.target is not aten.add.Tensor or "alpha" in src.kwargs or len(src.args) != 2:
         return None
     a, b = src.args
-    va, vb, vs = _val(a), _val(b), _val(src)
+    va, vb, vs = val(a), val(b), val(src)
     if va is None or vb is None or tuple(va.shape) != tuple(vs.shape) or tuple(vb.shape) != tuple(vs.shape):
         return None
     return src, a, b
@@ -133,8 +129,8 @@ def fuse(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_after(fused):
             y = tag(gm.graph.call_function(operator.getitem, (fused, 0)), NAME)
             s_new = tag(gm.graph.call_function(operator.getitem, (fused, 1)), NAME)
-        fused.meta["val"] = (_val(out), _val(add))
-        y.meta["val"], s_new.meta["val"] = _val(out), _val(add)
+        fused.meta["val"] = (val(out), val(add))
+        y.meta["val"], s_new.meta["val"] = val(out), val(add)
         out.replace_all_uses_with(y)
         add.replace_all_uses_with(s_new, delete_user_cb=lambda u, keep=fused: u is not keep)
         count += 1
