@@ -36,6 +36,10 @@ class PassInfo:
     default: bool = True
     options: dict[str, tuple] = field(default_factory=dict)  # option -> allowed values, the first the default
 
+    def context(self, options: dict[str, str] | None = None) -> PassContext:
+        """The pass's context: its options' defaults overridden by ``options``."""
+        return PassContext(self.name, {k: v[0] for k, v in self.options.items()} | dict(options or {}))
+
 
 REGISTRY: dict[str, PassInfo] = {}
 
@@ -176,7 +180,7 @@ def run_pipeline(
         emit("pass", info.name)
         t0 = time.perf_counter()
         work = program.clone()
-        ctx = PassContext(info.name, dict((options or {}).get(info.name, {})))
+        ctx = info.context((options or {}).get(info.name))
         matches, stats = info.fn(work, ctx)
         seconds = time.perf_counter() - t0
         changed = graph_code(work) != graph_code(program) or work.cache != program.cache

@@ -797,7 +797,7 @@ def absorb_mla(program, ctx):
     cost model decides per entry), "never", "always"."""
     from dsc.cost import entry_cost
 
-    products = ctx.options.get("products", "auto")
+    products = ctx.options["products"]
     for ep in program.entries.values():
         _unfold_heads(ep)
     # 1. which per-head K/V cache pairs can change layout: matched in every entry that reads them

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsc.fx_utils import op_histogram
-from dsc.pass_manager import PassContext, registry
+from dsc.pass_manager import registry
 from dsc.program import CacheSpec, Program
 
 
@@ -16,7 +16,8 @@ def toy_program(module: torch.nn.Module, *args) -> Program:
 
 def apply(name: str, program: Program, options: dict | None = None) -> tuple[Program, int, dict]:
     work = program.clone()
-    matches, stats = registry()[name].fn(work, PassContext(name, dict(options or {})))
+    info = registry()[name]
+    matches, stats = info.fn(work, info.context(options))
     return work, matches, stats
 
 
