@@ -60,9 +60,9 @@ def mla_decode_cpu(q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dv:
     qf = q.float().reshape(B, S * H, C)
     kvf = kv.float()
     m_all = mask.float().expand(B, S, T) if mask is not None else None
-    m = torch.full((B, S * H, 1), float("-inf"))
-    denom = torch.zeros(B, S * H, 1)
-    acc = torch.zeros(B, S * H, dv)
+    m = qf.new_full((B, S * H, 1), float("-inf"))
+    denom = qf.new_zeros(B, S * H, 1)
+    acc = qf.new_zeros(B, S * H, dv)
     for t0 in range(0, T, block):
         k = kvf[:, t0 : t0 + block]
         s = torch.bmm(qf, k.transpose(1, 2)).mul_(scale)  # (B, S*H, blk)
