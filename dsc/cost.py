@@ -23,7 +23,9 @@ import torch
 from torch import fx
 from torch.export import ExportedProgram
 
-from dsc.fx_utils import CONTRACTIONS, VIEW_OPS, dim_names, softmax_scores, val
+from dsc.fx_utils import VIEW_OPS, dim_names, val
+from dsc.match.attention import softmax_scores
+from dsc.match.ops import CONTRACTIONS
 
 aten = torch.ops.aten
 T = sympy.Symbol("T", positive=True, integer=True)

@@ -1,3 +1,3 @@
 """Graph passes, one per file; importing this package registers them all with the pass manager."""
 
-from dsc.passes import absorb_mla, canonicalize, fuse_add_rms_norm  # noqa: F401
+from dsc.passes import absorb_mla, canonicalize, fuse_add_rms_norm, normalize  # noqa: F401

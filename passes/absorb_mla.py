@@ -32,12 +32,10 @@ re-association.
 from __future__ import annotations
 
 import copy
-import math
 import operator
 import warnings
 from dataclasses import dataclass
 
-import sympy
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
@@ -50,10 +48,14 @@ from dsc.fx_utils import (
     finalize,
     is_call,
     refresh_meta,
-    softmax_scores,
     tag,
     val,
 )
+from dsc.match.attention import attention, softmax_scores
+from dsc.match.attention import sites as attention_nodes
+from dsc.match.cache import CacheWrite, cache_write, other_readers
+from dsc.match.ops import COPIES, peel, perm_of, same_size, same_value, sole_path, strip
+from dsc.match.projection import WeightRows, per_head, shared_key, split_part
 from dsc.pass_manager import register_pass
 from dsc.program import CacheTensor
 from dsc.verify import Tolerance
@@ -64,174 +66,23 @@ NAME = "absorb_mla"
 PEAK_FLOPS, PEAK_BW = 790e12, 4.8e12
 
 
-COPIES = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default)  # same values
-
-
-def _strip(n):
-    while is_call(n, *COPIES):
-        n = n.args[0]
-    return n
-
-
-def _perm_of(n) -> list[int] | None:
-    """p with n.dim i == input.dim p[i], when n is a permute / transpose."""
-    if is_call(n, aten.permute.default):
-        return [d % len(n.args[1]) for d in n.args[1]]
-    if is_call(n, aten.transpose.int, aten.t.default):
-        nd = val(n).ndim
-        p = list(range(nd))
-        if n.target is aten.transpose.int:
-            a, b = n.args[1] % nd, n.args[2] % nd
-            p[a], p[b] = p[b], p[a]
-        elif nd == 2:
-            p = [1, 0]
-        return p
-    return None
-
-
-def _peel(n) -> tuple[fx.Node, list[int], list[fx.Node]]:
-    """(base, perm, chain): n is base under casts and permutes with n.dim i == base.dim perm[i];
-    chain lists the peeled nodes from n down."""
-    perm, chain = list(range(val(n).ndim)), []
-    while True:
-        p = _perm_of(n)
-        if p is not None:
-            perm = [p[i] for i in perm]
-        elif not is_call(n, *COPIES):
-            return n, perm, chain
-        chain.append(n)
-        n = n.args[0]
-
-
 @dataclass
-class Decompress:
-    """x = view(linear(c, W), [..., H, dn + dv]) split into (k_nope, v) on the last axis."""
+class KVProj:
+    """k_nope = W_UK c and v = W_UV c per head, from one latent c: W_UK (H, dn, dc) and W_UV (H, dv, dc)
+    are rows of one fused ``kv_b_proj`` weight, or of two separate weights."""
 
-    split: fx.Node
     latent: fx.Node
-    weight: fx.Node
     heads: int
-    dn: int
-    dv: int
+    k: WeightRows
+    v: WeightRows
 
+    @property
+    def dn(self) -> int:
+        return self.k.size
 
-def _decompress_part(n) -> tuple[Decompress, int, list[int]] | None:
-    """(decompression, part, perm) when n is part 0 (k_nope) or 1 (v) of a per-head split of
-    linear(c, W), viewed (B, T, H, dn + dv) and possibly permuted: n.dim i == view.dim perm[i]."""
-    n = _strip(n)
-    splits = (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default)
-    if not (is_call(n, operator.getitem) and is_call(n.args[0], *splits)):
-        return None
-    split, part = n.args[0], n.args[1]
-    proj = _head_projection(split.args[0])
-    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    if proj is None or proj[4][dim % 4] != 3:
-        return None
-    c, w, heads, width, perm = proj
-    if split.target is aten.split_with_sizes.default:
-        sizes = list(split.args[1])
-    elif split.target is aten.chunk.default and split.args[1] == 2 and width % 2 == 0:
-        sizes = [width // 2, width // 2]
-    elif split.target is aten.split.Tensor and isinstance(split.args[1], int) and 2 * split.args[1] == width:
-        sizes = [split.args[1]] * 2
-    else:
-        return None
-    if len(sizes) != 2 or sum(sizes) != width:
-        return None
-    return Decompress(split, c, w, heads, int(sizes[0]), int(sizes[1])), part, perm
-
-
-def _projection(n):
-    """(c, W) for y = c Wᵀ spelled linear(c, W) or matmul(c, W.t() / W.permute(1, 0) / W.transpose(0, 1))."""
-    if is_call(n, aten.linear.default) and (len(n.args) < 3 or n.args[2] is None):
-        return n.args[0], n.args[1]
-    if is_call(n, aten.matmul.default) and val(n.args[1]).ndim == 2:
-        wt = n.args[1]
-        if _perm_of(wt) == [1, 0]:
-            return n.args[0], wt.args[0]
-    return None
-
-
-def _shared_rope(n, hpos: int) -> tuple[fx.Node, int | None] | None:
-    """(k_pe, squeeze_dim) when n broadcasts one rope key over the heads at dim hpos:
-    expand(unsqueeze(k_pe, hpos)) -> (k_pe, None), expand(k_pe with size 1 at hpos) -> (k_pe, hpos)."""
-    n = _strip(n)
-    if not is_call(n, aten.expand.default, aten.expand_as.default):
-        return None
-    x = n.args[0]
-    shape = val(x).shape
-    if len(shape) != 4 or str(shape[hpos]) != "1":
-        return None
-    if is_call(x, aten.unsqueeze.default) and x.args[1] % 4 == hpos:
-        return x.args[0], None
-    return x, hpos
-
-
-@dataclass
-class Contraction:
-    """A two-operand contraction as einsum letters; operands with casts and permutes peeled
-    (their letters follow the peeled tensors' dims)."""
-
-    node: fx.Node
-    ops: tuple
-    letters: tuple[str, str]
-    out: str
-    chains: tuple[list, list]
-
-
-def _peeled(xs, ins):
-    ops, letters, chains = [], [], []
-    for x, lx in zip(xs, ins):
-        if not isinstance(x, fx.Node) or val(x) is None or len(lx) != val(x).ndim:
-            return None
-        base, perm, chain = _peel(x)
-        lb = [""] * len(lx)
-        for i, p in enumerate(perm):
-            lb[p] = lx[i]
-        ops.append(base)
-        letters.append("".join(lb))
-        chains.append(chain)
-    return tuple(ops), tuple(letters), tuple(chains)
-
-
-def _contraction(n) -> Contraction | None:
-    """einsum('xy,yz->..'), or matmul / bmm of two tensors of the same rank >= 3, as letters."""
-    if is_call(n, aten.einsum.default):
-        eq = n.args[0].replace(" ", "")
-        if "->" not in eq or "." in eq:
-            return None
-        ins, out = eq.split("->")
-        ins, xs = ins.split(","), n.args[1]
-        if len(ins) != 2 or len(xs) != 2:
-            return None
-    elif is_call(n, aten.matmul.default, aten.bmm.default):
-        nd = val(n.args[0]).ndim
-        if nd < 3 or val(n.args[1]).ndim != nd:
-            return None
-        batch = "pqruw"[: nd - 2]
-        ins, out, xs = [batch + "ik", batch + "kj"], batch + "ij", n.args[:2]
-    else:
-        return None
-    peeled = _peeled(xs, ins)
-    return None if peeled is None else Contraction(n, *peeled[:2], out, peeled[2])
-
-
-def _sdpa(n):
-    """scaled_dot_product_attention(q, k, v, mask, scale) as (scores, P·V) contractions, scale, mask."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    a = dict(zip(names, n.args)) | dict(n.kwargs)
-    if a.get("dropout_p", 0.0) != 0.0 or a.get("is_causal", False) or a.get("enable_gqa", False):
-        return None  # is_causal: top-left aligned, not the cache's alignment; left to an explicit mask
-    nd = val(a["query"]).ndim
-    batch = "pqruw"[: nd - 2]
-    qk = _peeled((a["query"], a["key"]), (batch + "sd", batch + "td"))
-    v = _peeled((a["value"],), (batch + "tv",))
-    if qk is None or v is None:
-        return None
-    scores = Contraction(None, *qk[:2], batch + "st", qk[2])
-    pv = Contraction(n, (None, v[0][0]), (batch + "st", v[1][0]), batch + "sv", ([], v[2][0]))
-    scale = a.get("scale") or 1.0 / math.sqrt(int(val(a["query"]).shape[-1]))
-    return scores, pv, float(scale), a.get("attn_mask")
+    @property
+    def dv(self) -> int:
+        return self.v.size
 
 
 @dataclass
@@ -245,154 +96,109 @@ class Site:
     mask: fx.Node | None  # additive (or boolean: True = attend), broadcast over the scores
     mask_roles: str  # the mask's dims as roles over "bsht"
     dec: KVProj
-    k_pe: fx.Node  # style a: this chunk's rope key; style b: the cached rope keys
-    k_pe_squeeze: int | None  # a size-1 head dim of k_pe to drop
-    style: str  # "per_head_cache" | "latent_cache"
-    k_write: fx.Node | None = None  # style a: index_put_ into the K cache (the scores read it)
-    v_write: fx.Node | None = None
-    latent: fx.Node | None = None  # style b: the written latent cache (B, T, dc + dr)
+    k_pe: fx.Node  # style a: this chunk's rope key; style b: the rope keys of every attended token
+    k_pe_squeeze: list[int]  # size-1 dims of k_pe to drop for (B, T, dr)
+    c_squeeze: list[int]  # size-1 dims of the latent to drop for (B, T, dc)
+    style: str  # "per_head_cache" | "latent"
+    k_write: CacheWrite | None = None  # style a: the write into the K cache (the scores read it)
+    v_write: CacheWrite | None = None
+    latent: fx.Node | None = None  # style b: one (B, T, dc + dr) tensor holding [c ; k_pe], if there is one
     k_new: fx.Node | None = None
     v_new: fx.Node | None = None
+    attn: fx.Node | None = None  # the softmax / SDPA node
 
 
-def _cache_write(n):
-    """(placeholder, indices, value) for n = index_put_(cache placeholder, indices, value)."""
-    if is_call(n, aten.index_put_.default) and n.args[0].op == "placeholder":
-        return n.args[0], n.args[1], n.args[2]
-    return None
+KEPT_MHA = "dsc_absorb_mla_kept_mha"  # meta flag: a site this pass chose to keep in MHA form
 
 
-def _other_readers(cache: fx.Node, write: fx.Node) -> list[fx.Node]:
-    return [u for u in cache.users if u is not write and not (is_call(u, aten.sym_size.int) and u.args[1] in (0, 1))]
-
-
-def _sole_path(base: fx.Node, chain: list[fx.Node], consumer: fx.Node) -> bool:
-    """Nothing but the peeled chain down from ``consumer`` reads ``base`` and the chain's nodes."""
-    path = [consumer, *chain, base]
-    return all(set(path[i + 1].users) == {path[i]} for i in range(len(path) - 1))
-
-
-def _attention(node):
-    """(scores, pv, scale, mask, softmax dim) of a softmax-spelled attention or an SDPA node."""
-    if is_call(node, aten.scaled_dot_product_attention.default):
-        r = _sdpa(node)
-        return None if r is None else (*r, None)
-    if node.args[1] is None or len(node.users) != 1:
+def kv_projection(ep, k_nope, v) -> tuple[KVProj, list[int], list[int]] | None:
+    """(projection, k_nope perm, v perm) over (b, t, h, d): two per-head projections of one latent
+    (parts 0 / 1 of one split, two einsums against slices of one weight, or two weights)."""
+    hk, hv = per_head(ep, k_nope), per_head(ep, v)
+    if not (hk and hv) or hk.rows.heads != hv.rows.heads or not same_value(strip(hk.x), strip(hv.x)):
         return None
-    pv = _contraction(next(iter(node.users)))
-    if pv is None or pv.ops[0] is not node or not _sole_path(node, pv.chains[0], pv.node):
+    if hk.split is not None and (hk.split is not hv.split or (hk.part, hv.part) != (0, 1)):
         return None
-    found = softmax_scores(node)
-    sc = _contraction(found[0]) if found else None
-    if sc is None:
+    if hk.perm[-1] != 3 or hv.perm[-1] != 3:  # the per-head features stay the last dim
         return None
-    _, mask, by = found
-    scale = 1.0 if by is None else float(by.args[1]) if by.target is aten.mul.Tensor else 1.0 / float(by.args[1])
-    # P's letters name the scores' dims: rename P·V into the scores' alphabet
-    ren = dict(zip(pv.letters[0], sc.out))
-    fresh = next(ch for ch in "vzyx" if ch not in sc.out)
-    rn = lambda s: "".join(ren.get(ch, fresh) for ch in s)
-    pv = Contraction(pv.node, pv.ops, (sc.out, rn(pv.letters[1])), rn(pv.out), pv.chains)
-    return sc, pv, scale, mask, node.args[1] % val(node).ndim
+    return KVProj(hk.x, hk.rows.heads, hk.rows, hv.rows), hk.perm, hv.perm
 
 
-@dataclass
-class KVProj:
-    """k_nope = W_UK c and v = W_UV c per head, from one latent c: W_UK (H, dn, dc) and W_UV (H, dv, dc)
-    are the two row blocks of each head in one fused ``kv_b_proj`` weight, or two separate weights."""
-
-    latent: fx.Node
-    heads: int
-    dn: int
-    dv: int
-    w_k: fx.Node
-    w_v: fx.Node  # the same node as w_k when fused
-
-    @property
-    def fused(self) -> bool:
-        return self.w_k is self.w_v
-
-
-def _head_projection(n) -> tuple[fx.Node, fx.Node, int, int, list[int]] | None:
-    """(c, W, heads, width, perm) when n is view(linear(c, W), (.., .., H, width)), possibly permuted."""
-    view, perm, _ = _peel(n)
-    if not is_call(view, aten.view.default, aten.reshape.default, aten.unflatten.int) or val(view).ndim != 4:
+def _bt_view(x: fx.Node, b, t) -> list[int] | None:
+    """The size-1 dims to squeeze from x (.., C) for (B, T, C), when its other leading dims are (b, t)."""
+    shape = val(x).shape
+    ones = [i for i in range(len(shape) - 1) if str(shape[i]) == "1" and i != 0]
+    rest = [shape[i] for i in range(len(shape) - 1) if i not in ones]
+    if len(rest) != 2 or not (same_size(rest[0], b) and same_size(rest[1], t)):
         return None
-    proj = _projection(view.args[0])
-    if proj is None or len(view.users) != 1 or len(view.args[0].users) != 1:
-        return None
-    return proj[0], proj[1], int(val(view).shape[2]), int(val(view).shape[3]), perm
-
-
-def _same_value(a, b) -> bool:
-    """The same node, or two nodes computing the same op of the same inputs (e.g. two equal slices)."""
-    if a is b:
-        return True
-    return is_call(a, a.target) and is_call(b, a.target) and a.args == b.args and a.kwargs == b.kwargs
-
-
-def _kv_projection(k_nope, v) -> tuple[KVProj, list[int], list[int]] | None:
-    """(projection, k_nope perm, v perm): parts 0 / 1 of one fused split, or two head projections of one c."""
-    kp, vp = _decompress_part(k_nope), _decompress_part(v)
-    if kp and vp:
-        if kp[0].split is not vp[0].split or (kp[1], vp[1]) != (0, 1):
-            return None
-        d = kp[0]
-        return KVProj(d.latent, d.heads, d.dn, d.dv, d.weight, d.weight), kp[2], vp[2]
-    hk, hv = _head_projection(k_nope), _head_projection(v)
-    if not (hk and hv) or hk[2] != hv[2] or hk[1] is hv[1] or not _same_value(_strip(hk[0]), _strip(hv[0])):
-        return None
-    if hk[4][-1] != 3 or hv[4][-1] != 3:  # the per-head features must stay the last dim
-        return None
-    return KVProj(hk[0], hk[2], hk[3], hv[3], hk[1], hv[1]), hk[4], hv[4]
+    return ones
 
 
 def _k_layout(ep, K, V):
-    """Where K and V come from: style (a) per-head caches written in place, or (b) decompressed from a
-    latent cache here. Returns (fields for Site, K roles over 'bthd', V roles over 'bthv') or None."""
-    wk, wv = _cache_write(K), _cache_write(V)
-    if wk and wv:  # (a): caches indexed (batch, position) in their first two dims
-        k_new, v_new = _strip(wk[2]), _strip(wv[2])
+    """Where K and V come from: style (a) per-head caches written in place, or (b) decompressed here
+    from latents of every attended token. Returns (fields for Site, K roles over 'bthd', V roles
+    over 'bthv') or None."""
+    wk, wv = cache_write(K), cache_write(V)
+    if wk and wv:  # (a): per-head caches (B, T, H, D) or heads first (B, H, T, D)
+        roles = {1: "bthd", 2: "bhtd"}.get(wk.time_dim)
+        if roles is None or wv.time_dim != wk.time_dim or wk.per_row != wv.per_row:
+            return None
+        k_new, v_new = strip(wk.value), strip(wv.value)
         if not (is_call(k_new, aten.cat.default) and len(k_new.args[0]) == 2 and k_new.args[1] in (-1, 3)):
             return None
         k_nope, k_rope = k_new.args[0]
-        kv, rope = _kv_projection(k_nope, v_new), _shared_rope(k_rope, 2)
-        if not (kv and rope) or kv[1] != [0, 1, 2, 3] or kv[2] != [0, 1, 2, 3]:
+        kv, rope = kv_projection(ep, k_nope, v_new), shared_key(k_rope, roles.index("h"))
+        want = [{"b": 0, "t": 1, "h": 2, "d": 3}[r] for r in roles]
+        if not (kv and rope) or kv[1] != want or kv[2] != want:
             return None
         if len(k_nope.users) != 1 or len(v_new.users) != 1:
             return None
-        if _other_readers(wk[0], K) or _other_readers(wv[0], V):  # the caches' sizes aside, nothing else reads them
+        if other_readers(wk.cache, K) or other_readers(wv.cache, V):  # the caches' sizes aside, nothing reads them
             return None
-        fields = dict(dec=kv[0], k_pe=rope[0], k_pe_squeeze=rope[1], style="per_head_cache")
-        return fields | dict(k_write=K, v_write=V, k_new=k_new, v_new=v_new), "bthd", "bthv"
-    K = _strip(K)
+        c_sq = _bt_view(kv[0].latent, val(k_new).shape[0], val(k_new).shape[roles.index("t")])
+        if c_sq is None:
+            return None
+        r_sq = [] if rope[1] is None else [rope[1]]
+        fields = dict(dec=kv[0], k_pe=rope[0], k_pe_squeeze=r_sq, c_squeeze=c_sq, style="per_head_cache")
+        return fields | dict(k_write=wk, v_write=wv, k_new=k_new, v_new=v_new), roles, roles.replace("d", "v")
+    K = strip(K)
     if not (is_call(K, aten.cat.default) and len(K.args[0]) == 2 and K.args[1] in (-1, 3)):
         return None
-    kv = _kv_projection(K.args[0][0], V)
+    kv = kv_projection(ep, K.args[0][0], V)
     if kv is None:
         return None
     k_roles, v_roles = "".join("bthd"[p] for p in kv[1]), "".join("bthv"[p] for p in kv[2])
-    rope = _shared_rope(K.args[0][1], k_roles.index("h"))
-    if rope is None or len(K.args[0][0].users) != 1 or len(_strip(V).users) != 1:
+    rope = shared_key(K.args[0][1], k_roles.index("h"))
+    if rope is None or len(K.args[0][0].users) != 1 or len(strip(V).users) != 1:
         return None
-    r_all = rope[0]
-    if rope[1] is not None and is_call(r_all, aten.view.default, aten.reshape.default):
-        r_all = r_all.args[0]  # a view that only inserted the size-1 head dim
-    c_all, r_all = _strip(kv[0].latent), _strip(r_all)
-    # both must be slices [.., :dc] and [.., dc:] of one written latent cache, rope keys (B, T, dr)
-    if not (is_call(c_all, aten.slice.Tensor) and is_call(r_all, aten.slice.Tensor) and c_all.args[0] is r_all.args[0]):
+    kshape = val(K).shape
+    b, t = kshape[k_roles.index("b")], kshape[k_roles.index("t")]
+    r_sq = [] if rope[1] is None else [rope[1]]
+    r_roles = k_roles if rope[1] is not None else k_roles.replace("h", "")
+    if r_roles.replace("h", "") != "btd":
         return None
-    if k_roles.replace("h", "") != "btd" or val(r_all).ndim != 3 or _cache_write(c_all.args[0]) is None:
+    c_sq = _bt_view(kv[0].latent, b, t)
+    if c_sq is None:
         return None
-    fields = dict(dec=kv[0], k_pe=r_all, k_pe_squeeze=None, style="latent_cache", latent=c_all.args[0])
+    latent = None  # [c ; k_pe] already one tensor: c and k_pe its two slices
+    c, r = strip(kv[0].latent), strip(rope[0])
+    if is_call(c, aten.slice.Tensor) and is_call(r, aten.slice.Tensor) and c.args[0] is r.args[0] and not c_sq:
+        whole = c.args[0]
+        dc = int(val(c).shape[-1])
+        if val(whole).ndim == 3 and c.args[1] % 3 == 2 and r.args[1] % 3 == 2 and tuple(c.args[2:4]) == (0, dc):
+            if r.args[2] == dc and not r_sq and val(r).ndim == 3:
+                latent = whole
+    fields = dict(dec=kv[0], k_pe=rope[0], k_pe_squeeze=r_sq, c_squeeze=c_sq, style="latent", latent=latent)
     return fields, k_roles, v_roles
 
 
 def match(ep, node: fx.Node) -> Site | None:
-    att = _attention(node)
+    if node.meta.get(KEPT_MHA):
+        return None
+    att = attention(node)
     if att is None:
         return None
-    sc, pv, scale, mask, sm_dim = att
+    sc, pv, scale, mask, sm_dim = att.scores, att.pv, att.scale, att.mask, att.softmax_dim
     (qb, K), (lq, lk) = sc.ops, sc.letters
     in_q, in_k, in_out = set(lq), set(lk), set(sc.out)
     d, s, t, shared = (in_q & in_k) - in_out, in_q - in_k, in_k - in_q, in_q & in_k & in_out
@@ -417,7 +223,7 @@ def match(ep, node: fx.Node) -> Site | None:
     if sorted(out_roles) != sorted("bshv") or (sm_dim is not None and so_roles[sm_dim] != "t"):
         return None
     # q = cat([q_nope, q_pe]) over d, its last dim
-    qb = _strip(qb)
+    qb = strip(qb)
     if not (is_call(qb, aten.cat.default) and len(qb.args[0]) == 2 and qb.args[1] % 4 == 3 and q_roles[3] == "d"):
         return None
     q_nope, q_pe = qb.args[0]
@@ -428,15 +234,12 @@ def match(ep, node: fx.Node) -> Site | None:
         if mval.ndim > 4 or ("h" in mask_roles and str(mval.shape[mask_roles.index("h")]) != "1"):
             return None
     if fields["style"] == "per_head_cache":  # the per-head caches go away: only this attention may read them
-        if not (_sole_path(K, sc.chains[1], sc.node or pv.node) and _sole_path(V, pv.chains[1], pv.node)):
+        if not (sole_path(K, sc.chains[1], sc.node or pv.node) and sole_path(V, pv.chains[1], pv.node)):
             return None
     dec = fields["dec"]
-    wk, wv = constant_of(ep, dec.w_k), constant_of(ep, dec.w_v)
-    if wk is None or wv is None or wk.ndim != 2 or wv.shape[1:] != wk.shape[1:]:  # W_UK, W_UV: constants to absorb
-        return None
     if int(val(q_nope).shape[q_roles.index("d")]) != dec.dn:
         return None
-    return Site(pv.node, out_roles, q_nope, q_pe, q_roles, scale, mask, mask_roles, **fields)
+    return Site(pv.node, out_roles, q_nope, q_pe, q_roles, scale, mask, mask_roles, **fields, attn=node)
 
 
 def _to_roles(g: fx.Graph, n: fx.Node, have: str, want: str) -> fx.Node:
@@ -482,11 +285,11 @@ class Products:
 
 
 def match_products(ep, site: Site) -> Products | None:
-    qp = _decompress_part(site.q_nope)
-    if qp is None or qp[1] != 0 or len(site.q_nope.users) != 1:
+    qd = split_part(ep, site.q_nope)
+    if qd is None or qd.part != 0 or len(site.q_nope.users) != 1:
         return None
-    qd, _, q_perm = qp
-    if qd.heads != site.dec.heads or qd.dn != site.dec.dn or constant_of(ep, qd.weight) is None:
+    r = qd.rows
+    if r.heads != site.dec.heads or r.size != site.dec.dn or r.offset != 0:
         return None
     pe = [u for u in qd.split.users if is_call(u, operator.getitem) and u.args[1] == 1]
     if len(pe) != 1:
@@ -495,7 +298,7 @@ def match_products(ep, site: Site) -> Products | None:
     n, roles = site.out, site.out_roles
     while len(n.users) == 1:
         u = next(iter(n.users))
-        p = _perm_of(u)
+        p = perm_of(u)
         if p is not None:
             roles = "".join(roles[i] for i in p)
         elif not is_call(u, *COPIES):
@@ -511,7 +314,7 @@ def match_products(ep, site: Site) -> Products | None:
     lin = next(iter(flat.users))
     if not is_call(lin, aten.linear.default) or lin.args[0] is not flat or constant_of(ep, lin.args[1]) is None:
         return None
-    return Products(qd.latent, qd.weight, pe[0], q_perm, qd.dv, lin)
+    return Products(qd.x, r.weight, pe[0], qd.perm, r.stride - r.size, lin)
 
 
 def _param_name(ep, node: fx.Node) -> str:
@@ -525,7 +328,7 @@ def product_weights(ep, site: Site, pr: Products) -> dict[str, torch.Tensor]:
     """W_UQ·W_UK (H, dc, q_lora), the rope rows of W_UQ (H·dr, q_lora) and W_UV·W_O (d, H·dc),
     computed once in fp32 from the original weights, stored in their dtype."""
     d = site.dec
-    w_uk, w_uv = _uk_uv(ep, d)
+    w_uk, w_uv = d.k.tensor(ep), d.v.tensor(ep)
     w_q, w_o = constant_of(ep, pr.w_q), constant_of(ep, pr.out_linear.args[1])
     ql = w_q.shape[1]
     q = w_q.float().view(d.heads, d.dn + pr.dr, ql)
@@ -537,42 +340,32 @@ def product_weights(ep, site: Site, pr: Products) -> dict[str, torch.Tensor]:
     }
 
 
-def _uk_uv(ep, d: KVProj) -> tuple[torch.Tensor, torch.Tensor]:
-    """W_UK (H, dn, dc) and W_UV (H, dv, dc) in fp32."""
-    wk, wv = constant_of(ep, d.w_k).float(), constant_of(ep, d.w_v).float()
-    if d.fused:
-        both = wk.view(d.heads, d.dn + d.dv, -1)
-        return both[:, : d.dn], both[:, d.dn :]
-    return wk.view(d.heads, d.dn, -1), wv.view(d.heads, d.dv, -1)
-
-
 def param_bytes(ep, site: Site, pr: Products) -> tuple[int, int]:
     """Bytes of the weights the products replace (W_UQ's nope rows, W_UK, W_UV, W_O) and of the products."""
     d = site.dec
-    w_kvb, w_q, w_o = (constant_of(ep, n) for n in (d.w_k, pr.w_q, pr.out_linear.args[1]))
+    w_kvb, w_q, w_o = (constant_of(ep, n) for n in (d.k.weight, pr.w_q, pr.out_linear.args[1]))
     ql, dc, e = w_q.shape[1], w_kvb.shape[1], w_o.shape[0]
     factored = d.heads * (d.dn * ql * w_q.element_size() + (d.dn + d.dv) * dc * w_kvb.element_size())
     factored += w_o.numel() * w_o.element_size()
     return factored, d.heads * dc * (ql * w_q.element_size() + e * w_o.element_size())
 
 
-def _weights(g: fx.Graph, site: Site, dc: int) -> tuple[fx.Node, fx.Node]:
-    """W_UK (H, dn, dc) and W_UV (H, dv, dc) as views of the original weights."""
-    d = site.dec
-    if d.fused:
-        both = tag(g.call_function(aten.view.default, (d.w_k, [d.heads, d.dn + d.dv, dc])), NAME)
-        w_uk = g.call_function(aten.slice.Tensor, (both, 1, 0, d.dn))
-        w_uv = g.call_function(aten.slice.Tensor, (both, 1, d.dn, d.dn + d.dv))
-    else:
-        w_uk = g.call_function(aten.view.default, (d.w_k, [d.heads, d.dn, dc]))
-        w_uv = g.call_function(aten.view.default, (d.w_v, [d.heads, d.dv, dc]))
-    return tag(w_uk, NAME), tag(w_uv, NAME)
+def _latent_3d(g: fx.Graph, site: Site) -> tuple[fx.Node, fx.Node]:
+    """The latent c (B, T, dc) and rope key k_pe (B, T, dr) of the site, as views."""
+    c, r = site.dec.latent, site.k_pe
+    if site.c_squeeze:
+        c = tag(g.call_function(aten.squeeze.dims, (c, site.c_squeeze)), NAME)
+    if site.k_pe_squeeze:
+        r = tag(g.call_function(aten.squeeze.dims, (r, site.k_pe_squeeze)), NAME)
+    return c, r
 
 
 def rewrite_absorbed(g: fx.Graph, site: Site, latent: fx.Node, dc: int, products=None) -> None:
     """products: (Products, {name: placeholder}) to use W_UQ·W_UK and W_UV·W_O instead of the factors."""
     with g.inserting_before(site.out):
-        w_uk, w_uv = _weights(g, site, dc)
+        w_uk, w_uv = site.dec.k.build(g, _tag), site.dec.v.build(g, _tag)
+        if latent is None:  # c and k_pe are separate tensors: the kernel reads them as one
+            latent = tag(g.call_function(aten.cat.default, (list(_latent_3d(g, site)), -1)), NAME)
         q_pe = _to_roles(g, site.q_pe, site.q_roles, "bshd")
         if products:
             pr, w = products
@@ -602,19 +395,26 @@ def rewrite_absorbed(g: fx.Graph, site: Site, latent: fx.Node, dc: int, products
 
 
 def rewrite_mha_prefill(site: Site) -> None:
-    """Prefill from position 0 with T == S: the cache holds exactly this chunk's K/V."""
-    for old, new in ((site.k_write, site.k_new), (site.v_write, site.v_new)):
+    """Prefill from position 0 with T == S: the cache holds exactly this chunk's K/V. The site is
+    marked so that a later run of the pass leaves the choice as it is."""
+    site.attn.meta[KEPT_MHA] = True
+    for old, new in ((site.k_write.node, site.k_new), (site.v_write.node, site.v_new)):
         for u in list(old.users):
             u.replace_input_with(old, new)
 
 
-def _latent_write(g: fx.Graph, site: Site, cache_ph: fx.Node, indices, dc: int) -> fx.Node:
-    with g.inserting_before(site.k_write):
-        k_pe = site.k_pe
-        if site.k_pe_squeeze is not None:
-            k_pe = tag(g.call_function(aten.squeeze.dim, (k_pe, site.k_pe_squeeze)), NAME)
-        lat = tag(g.call_function(aten.cat.default, ([site.dec.latent, k_pe], -1)), NAME)
-        return tag(g.call_function(aten.index_put_.default, (cache_ph, indices, lat)), NAME)
+def _latent_write(g: fx.Graph, site: Site) -> fx.Node:
+    """Write [c ; k_pe] of the chunk into the K cache input (which becomes the latent cache (B, T, C)),
+    at the positions the K write used."""
+    w = site.k_write
+    with g.inserting_before(w.node):
+        lat = tag(g.call_function(aten.cat.default, (list(_latent_3d(g, site)), -1)), NAME)
+        indices = w.indices if w.time_dim == 1 else [None, w.indices[-1]]
+        return tag(g.call_function(aten.index_put_.default, (w.cache, indices, lat)), NAME)
+
+
+def _tag(n: fx.Node) -> fx.Node:
+    return tag(n, NAME)
 
 
 def _user_inputs(ep):
@@ -624,28 +424,22 @@ def _user_inputs(ep):
 
 def _is_prefill(ep, site: Site) -> bool:
     """T == S (one symbol) and the chunk starts at position 0: what the prefill entry guarantees."""
-    cache_len = val(site.k_write).shape[1]
+    cache_len = val(site.k_write.node).shape[site.k_write.time_dim]
     chunk_len = val(site.k_new).shape[1]
     return str(cache_len) == str(chunk_len) and "positions" not in [n.name for n in _user_inputs(ep)]
-
-
-def _same_size(a, b) -> bool:
-    ea = sympy.sympify(a.node.expr if isinstance(a, torch.SymInt) else int(a))
-    eb = sympy.sympify(b.node.expr if isinstance(b, torch.SymInt) else int(b))
-    return sympy.simplify(ea - eb) == 0
 
 
 def _unfold(g: fx.Graph, n) -> fx.Node | None:
     """For n = [permute](reshape(x, (B·H, a, b))) of a 4-D x (B, H, ...), the same values with batch
     and heads apart: x, permuted like n (a new permute node when n was one)."""
-    base, perm, _ = _peel(n)
+    base, perm, _ = peel(n)
     if not is_call(base, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         return None
     x = base.args[0]
     xs, bs = val(x).shape, val(base).shape
     if len(xs) != 4 or len(bs) != 3 or perm[0] != 0:
         return None
-    if not (_same_size(xs[0] * xs[1], bs[0]) and _same_size(xs[2], bs[1]) and _same_size(xs[3], bs[2])):
+    if not (same_size(xs[0] * xs[1], bs[0]) and same_size(xs[2], bs[1]) and same_size(xs[3], bs[2])):
         return None
     if perm == [0, 1, 2]:
         return x
@@ -698,13 +492,7 @@ def _unfold_heads(ep) -> None:
 
 
 def _sites(ep) -> list[Site]:
-    out = []
-    for n in list(ep.graph.nodes):
-        if is_call(n, aten.softmax.int, aten._softmax.default, aten.scaled_dot_product_attention.default):
-            s = match(ep, n)
-            if s is not None:
-                out.append(s)
-    return out
+    return [s for s in (match(ep, n) for n in attention_nodes(ep.graph)) if s is not None]
 
 
 def _cache_index(ep, ph: fx.Node) -> int:
@@ -720,16 +508,16 @@ def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict |
     (prefill only), "absorbed", or "products" (absorbed with W_UQ·W_UK and W_UV·W_O precomputed;
     ``store`` keeps those tensors by name so that every entry shares one copy)."""
     g, store = ep.graph, {} if store is None else store
-    stats = {"sites": 0, "latent_cache_style": 0, "per_head_cache_style": 0, "products": 0}
+    stats = {"sites": 0, "latent_style": 0, "per_head_cache_style": 0, "products": 0}
     old_writes, replaced = [], []
     for site in _sites(ep):
-        dc = int(constant_of(ep, site.dec.w_k).shape[1])
-        if site.style == "per_head_cache" and _cache_index(ep, site.k_write.args[0]) not in accepted:
+        dc = int(val(site.dec.k.weight).shape[1])
+        if site.style == "per_head_cache" and _cache_index(ep, site.k_write.cache) not in accepted:
             continue
         products = None
         pr = match_products(ep, site) if form == "products" else None
         if pr is not None:
-            base = _param_name(ep, site.dec.w_k).removesuffix(".weight")
+            base = _param_name(ep, site.dec.k.weight).removesuffix(".weight")
             made, w = None, {}
             for key in ("uq_uk", "q_rope", "uv_o"):
                 name = f"{base}.absorbed_{key}"
@@ -739,16 +527,16 @@ def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict |
                 w[key] = add_constant_input(ep, name, store[name])
             products = (pr, w)
             stats["products"] += 1
-        if site.style == "latent_cache":
+        if site.style == "latent":
             rewrite_absorbed(g, site, site.latent, dc, products)
-            stats["latent_cache_style"] += 1
+            stats["latent_style"] += 1
         else:
-            latent_write = _latent_write(g, site, site.k_write.args[0], site.k_write.args[1], dc)
+            latent_write = _latent_write(g, site)
             if form == "mha":
                 rewrite_mha_prefill(site)
             else:
                 rewrite_absorbed(g, site, latent_write, dc, products)
-            old_writes += [site.k_write, site.v_write]
+            old_writes += [site.k_write.node, site.v_write.node]
             stats["per_head_cache_style"] += 1
         stats["sites"] += 1
         replaced.append(site.out)
@@ -763,14 +551,14 @@ def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict |
     # every accepted pair changes layout in this entry too: K slot -> latent, V slot gone
     users = _user_inputs(ep)
     dropped = []
-    for k, (v, width) in accepted.items():
+    for k, (v, width, time_dim) in accepted.items():
         kph, vph = users[len(users) + k], users[len(users) + v]
         for u in list(vph.users):  # only size reads remain: the latent cache has the same (B, T)
             u.replace_input_with(vph, kph)
         dropped.append(vph.name)
         old = kph.meta["val"]
         with old.fake_mode:
-            kph.meta["val"] = torch.empty((old.shape[0], old.shape[1], width), dtype=old.dtype)
+            kph.meta["val"] = torch.empty((old.shape[0], old.shape[time_dim], width), dtype=old.dtype)
     drop_user_inputs(ep, dropped)
     drop_unused_inputs(ep)
     refresh_meta(ep)
@@ -801,7 +589,7 @@ def absorb_mla(program, ctx):
     for ep in program.entries.values():
         _unfold_heads(ep)
     # 1. which per-head K/V cache pairs can change layout: matched in every entry that reads them
-    matched: dict[int, tuple[int, int, int, int]] = {}  # k cache index -> (v index, layer, dc, dr)
+    matched: dict[int, tuple] = {}  # k cache index -> (v index, layer, dc, dr, time dim)
     readers: dict[int, set[str]] = {}
     hits: dict[int, set[str]] = {}
     inflation = None
@@ -814,13 +602,13 @@ def absorb_mla(program, ctx):
             if pr is not None and inflation is None:
                 inflation = param_bytes(ep, s, pr)
             if s.style == "per_head_cache":
-                k, v = _cache_index(ep, s.k_write.args[0]), _cache_index(ep, s.v_write.args[0])
+                k, v = _cache_index(ep, s.k_write.cache), _cache_index(ep, s.v_write.cache)
                 dc, dr = int(val(s.dec.latent).shape[-1]), int(val(s.k_pe).shape[-1])
                 layer = program.cache.tensors[k].layer if program.cache.tensors else None
-                matched[k] = (v, layer, dc, dr)
+                matched[k] = (v, layer, dc, dr, s.k_write.time_dim)
                 hits.setdefault(k, set()).add(entry)
     accepted = {
-        k: (matched[k][0], matched[k][2] + matched[k][3])
+        k: (matched[k][0], matched[k][2] + matched[k][3], matched[k][4])
         for k in matched
         if hits[k] >= readers.get(k, set()) and hits[k] >= readers.get(matched[k][0], set())
     }
@@ -870,7 +658,7 @@ def absorb_mla(program, ctx):
     if program.cache.tensors:
         n = len(program.cache.tensors)
         for k in accepted:
-            v, layer, dc, dr = matched[k]
+            v, layer, dc, dr, _ = matched[k]
             old = program.cache.tensors[n + k]
             meaning = "MLA latent [c_kv ; RoPE(k_pe)], shared by all heads"
             program.cache.tensors[n + k] = CacheTensor(

@@ -45,10 +45,10 @@ def test_planted_wrong_rewrite_is_caught(tiny_program, planted, tmp_path):
 
 
 def test_selection_and_records(tiny_program):
-    assert [p.name for p in select_passes()] == ["canonicalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert [p.name for p in select_passes()] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
     assert [p.name for p in select_passes(disable=["absorb_mla"])] == ["canonicalize", "fuse_add_rms_norm"]
     with pytest.raises(
-        DscError, match="unknown pass 'nope'; available passes: canonicalize, absorb_mla, fuse_add_rms_norm"
+        DscError, match="unknown pass 'nope'; available passes: canonicalize, normalize, absorb_mla, fuse_add_rms_norm"
     ):
         select_passes(["nope"])
     program, records = run_pipeline(tiny_program, select_passes())
@@ -56,7 +56,7 @@ def test_selection_and_records(tiny_program):
     assert r["name"] == "fuse_add_rms_norm" and r["changed"] and r["matches"] == 10
     assert r["numerics"]["top1_agreement"] == 1.0 and r["tolerance"]["atol"] == FP32_REASSOC.atol
     assert r["nodes_after"]["decode"] < r["nodes_before"]["decode"]
-    assert program.provenance["passes"] == ["canonicalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert program.provenance["passes"] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
 
 
 def test_a_pass_that_finds_nothing_says_so(tiny_optimized):

@@ -39,7 +39,7 @@ def test_report_json_schema(tiny_program, tiny_optimized, tmp_path):
     write_report(tmp_path, report, graphs)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["schema_version"] == 1
-    assert [p["name"] for p in data["passes"]] == ["canonicalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert [p["name"] for p in data["passes"]] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
     for p in data["passes"]:
         assert PASS_KEYS <= set(p) and NUMERICS_KEYS == set(p["numerics"])
     for side in ("before", "after"):

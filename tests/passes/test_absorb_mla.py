@@ -216,7 +216,7 @@ def test_fires_on_latent_cache_mla():
     args = (torch.randn(B, S, 32), pos, torch.randn(B, T, 24))
     p = _toy(mod, *args)
     out, matches, stats = apply("absorb_mla", p)
-    assert matches == 1 and stats["entries"]["forward"]["latent_cache_style"] == 1
+    assert matches == 1 and stats["entries"]["forward"]["latent_style"] == 1
     h = ops(out)
     assert h[MLA_OP] == 1 and "aten.softmax.int" not in h
     cache_a, cache_b = torch.randn(B, T, 24), None
@@ -253,7 +253,7 @@ def test_fires_on_heads_first_matmul_mla(products):
     pos = torch.tensor([[6, 7], [3, 4]])
     args = (torch.randn(B, S, 32), pos, torch.randn(B, T, 24))
     out, matches, stats = apply("absorb_mla", _toy(mod, *args), options={"products": products})
-    assert matches == 1 and stats["entries"]["forward"]["latent_cache_style"] == 1
+    assert matches == 1 and stats["entries"]["forward"]["latent_style"] == 1
     assert stats["entries"]["forward"]["products"] == (products == "always")
     # W_UQ·W_UK (H, dc, q_lora) + W_UV·W_O (d, H·dc) against W_UQ's nope rows, W_kvb and W_O
     H, dc, dn, dv, ql, d = 3, 16, 8, 12, 24, 32
@@ -289,7 +289,7 @@ def test_fires_on_bmm_with_heads_folded_into_the_batch():
     B, S, T = 2, 2, 8
     pos = torch.tensor([[5, 6], [5, 6]])
     out, matches, stats = apply("absorb_mla", _toy(mod, torch.randn(B, S, 32), pos, torch.randn(B, T, 24)))
-    assert matches == 1 and stats["entries"]["forward"]["latent_cache_style"] == 1
+    assert matches == 1 and stats["entries"]["forward"]["latent_style"] == 1
     h = ops(out)
     assert h[MLA_OP] == 1 and "aten.bmm.default" not in h and "aten.softmax.int" not in h
     x, cache = torch.randn(B, S, 32), torch.randn(B, T, 24)
@@ -420,6 +420,6 @@ def test_pass_options_are_checked():
 
 def test_idempotent_and_end_to_end(tiny_program, tiny):
     program, records = run_pipeline(tiny_program, select_passes())
-    assert [r.name for r in records] == ["canonicalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert [r.name for r in records] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
     _, again = run_pipeline(program, select_passes(["absorb_mla"]))
     assert again[0].matches == 0 and not again[0].changed
