@@ -49,13 +49,17 @@ def constant_of(ep: ExportedProgram, node) -> torch.Tensor | None:
 
 
 def mutated_inputs(ep: ExportedProgram) -> set[fx.Node]:
-    """Placeholders written in place (e.g. by ``index_put_``) and every view of them."""
+    """Every node written in place (e.g. a cache input by ``index_put_``, a counter by ``add_``), the
+    views it was written through and every view of them."""
     roots = set()
     for n in ep.graph.nodes:
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
             for arg, a in zip(n.target._schema.arguments, n.args):
                 if arg.alias_info is not None and arg.alias_info.is_write and isinstance(a, fx.Node):
                     roots.add(a)
+        elif n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
+            # a subgraph call (e.g. the body of a ``torch.no_grad()`` function) may write its inputs
+            roots.update(a for a in n.all_input_nodes if a.op != "get_attr")
     closure = set(roots)
     changed = True
     while changed:
@@ -154,27 +158,6 @@ def is_call(n, *targets) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
-CONTRACTIONS = (torch.ops.aten.einsum.default, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
-
-
-def softmax_scores(sm: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node | None] | None:
-    """(contraction, mask, scale node) when the softmax reads contraction [· or / a scalar] [+ mask],
-    each step read only by the next: how attention scores are spelled (the mask on either side)."""
-    aten = torch.ops.aten
-    x, mask, scale = sm.args[0], None, None
-    scoreish = (aten.mul.Tensor, aten.div.Tensor, *CONTRACTIONS)
-    if is_call(x, aten.add.Tensor) and len(x.users) == 1:
-        a, b = x.args[:2]
-        x, mask = (a, b) if is_call(a, *scoreish) else (b, a)
-        if not isinstance(mask, fx.Node):
-            return None
-    if is_call(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)) and len(x.users) == 1:
-        x, scale = x.args[0], x
-    if not is_call(x, *CONTRACTIONS) or len(x.users) != 1:
-        return None
-    return x, mask, scale
-
-
 def tag(node: fx.Node, pass_name: str) -> fx.Node:
     node.meta["dsc_pass"] = pass_name
     return node
@@ -218,11 +201,12 @@ def dim_names(ep: ExportedProgram) -> dict:
         out.update(
             {s: nm for s, nm in ((sym(tokens.shape[0]), "batch"), (sym(tokens.shape[1]), "seq")) if s is not None}
         )
-    for v in vals:  # the first float input with an unnamed second dim: a cache (batch, ctx, ...)
-        s = sym(v.shape[1]) if v.ndim >= 2 and v.dtype.is_floating_point else None
-        if s is not None and s not in out:
-            out[s] = "ctx"
-            break
+    # the first float input with an unnamed dynamic dim after the batch: a cache (batch, ctx, ...),
+    # or heads first (batch, heads, ctx, ...)
+    dims = [sym(d) for v in vals if v.ndim >= 2 and v.dtype.is_floating_point for d in v.shape[1:]]
+    ctx = next((s for s in dims if s is not None and s not in out), None)
+    if ctx is not None:
+        out[ctx] = "ctx"
     return out
 
 

@@ -6,7 +6,8 @@ Rewrites, repeated to a fixed point, on every entry point:
 - fold view chains: ``view|reshape(view|reshape|flatten|unflatten(x))`` -> one ``reshape(x)``,
   ``permute(permute(x))`` -> one permute (none if it is the identity);
 - dead-code elimination (in-place cache writes are side effects and stay);
-- common-subexpression elimination over pure ops that read no memory written in place;
+- common-subexpression elimination over pure ops that read no memory written in place and whose
+  output nothing writes (two ``clone``s later bumped by ``add_`` stay two);
 - drop weights no entry reads (e.g. the MTP layer's, which prefill/decode never touch).
 
 Preconditions: torch.export training IR. Numerics: exact (no arithmetic changes).
@@ -120,7 +121,7 @@ def _cse(ep) -> int:
                 continue
         elif target is not operator.getitem:
             continue
-        if any(isinstance(a, fx.Node) and a in volatile for a in n.all_input_nodes):
+        if n in volatile or any(isinstance(a, fx.Node) and a in volatile for a in n.all_input_nodes):
             continue
         k = (target, _key(n.args), _key(n.kwargs))
         try:
