@@ -266,7 +266,12 @@ def drop_user_inputs(ep: ExportedProgram, names: list[str]) -> None:
             return {k: prune(v) for k, v in t.items()}
         return t
 
-    ep.module_call_graph[0].signature.in_spec = pytree.tree_structure(prune(tree))
+    sig = ep.module_call_graph[0].signature
+    sig.in_spec = pytree.tree_structure(prune(tree))
+    if sig.forward_arg_names and isinstance(tree, tuple) and isinstance(tree[0], tuple):
+        # a positional argument that was one dropped tensor leaves the forward signature too
+        gone = {i for i, t in enumerate(tree[0]) if isinstance(t, int) and t in drop}
+        sig.forward_arg_names = [n for i, n in enumerate(sig.forward_arg_names) if i not in gone]
     ep.graph_signature.input_specs[:] = [s for s in ep.graph_signature.input_specs if s.arg.name not in names]
     for n in [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in names]:
         assert not n.users, f"input {n.name} is still read by {list(n.users)}"

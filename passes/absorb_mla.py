@@ -446,6 +446,19 @@ def _unfold(g: fx.Graph, n) -> fx.Node | None:
     return tag(g.call_function(aten.permute.default, (x, [0, 1] + [p + 1 for p in perm[1:]])), NAME)
 
 
+ELEMENTWISE = (aten.bitwise_not.default, aten.logical_not.default, aten.to.dtype, aten.where.Scalar,
+               aten.mul.Tensor, aten.add.Tensor, aten.where.ScalarSelf, aten.where.ScalarOther)  # fmt: skip
+
+
+def _repeated_over_heads(mask) -> bool:
+    """A (B·H, S, T) mask made by ``repeat_interleave(m, H, 0)`` of a (B, S, T) m, through elementwise
+    ops with scalars only: every head of a batch row sees the same mask."""
+    n = mask
+    while is_call(n, *ELEMENTWISE) and sum(isinstance(a, fx.Node) for a in n.args) == 1:
+        n = next(a for a in n.args if isinstance(a, fx.Node))
+    return is_call(n, aten.repeat_interleave.self_int) and len(n.args) > 2 and n.args[2] == 0 and val(n).ndim == 3
+
+
 def _unfold_heads(ep) -> None:
     """Attention over heads folded into the batch — bmm(reshape(q, (B·H, S, D)), reshape(k)ᵀ), softmax,
     bmm with reshape(v) — becomes the same computation on 4-D tensors (batched matmul), which ``match``
@@ -459,7 +472,8 @@ def _unfold_heads(ep) -> None:
             continue
         x, mask, scale = found
         mval = val(mask)
-        if mval is not None and (mval.ndim > 3 or (mval.ndim == 3 and str(mval.shape[0]) != "1")):
+        per_row = mval is not None and mval.ndim == 3 and str(mval.shape[0]) != "1"
+        if mval is not None and (mval.ndim > 3 or (per_row and not _repeated_over_heads(mask))):
             continue  # a mask that differs per (batch, head) row stays folded
         if not (
             is_call(x, aten.bmm.default, aten.matmul.default) and is_call(pv, aten.bmm.default, aten.matmul.default)
@@ -475,7 +489,14 @@ def _unfold_heads(ep) -> None:
             if scale is not None:
                 s4 = tag(g.call_function(scale.target, (s4, scale.args[1])), NAME)
             if mask is not None:
-                m = mask if val(mask).ndim < 3 else tag(g.call_function(aten.unsqueeze.default, (mask, 0)), NAME)
+                if per_row:  # (B·H, S, T), the same for every head: (B, 1, S, T), head 0's rows
+                    sizes = [g.call_function(aten.sym_size.int, (ops[0], 0)), -1, *(val(mask).shape[1:])]
+                    sizes[2:] = [g.call_function(aten.sym_size.int, (mask, i)) if isinstance(d, torch.SymInt) else d
+                                 for i, d in enumerate(sizes[2:], start=1)]  # fmt: skip
+                    m = tag(g.call_function(aten.reshape.default, (mask, sizes)), NAME)
+                    m = tag(g.call_function(aten.slice.Tensor, (m, 1, 0, 1)), NAME)
+                else:
+                    m = mask if val(mask).ndim < 3 else tag(g.call_function(aten.unsqueeze.default, (mask, 0)), NAME)
                 s4 = tag(g.call_function(aten.add.Tensor, (s4, m)), NAME)
             p4 = tag(g.call_function(sm.target, (s4, -1, *sm.args[2:])), NAME)
             o4 = tag(g.call_function(aten.matmul.default, (p4, ops[2])), NAME)
@@ -553,8 +574,12 @@ def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict |
     dropped = []
     for k, (v, width, time_dim) in accepted.items():
         kph, vph = users[len(users) + k], users[len(users) + v]
-        for u in list(vph.users):  # only size reads remain: the latent cache has the same (B, T)
-            u.replace_input_with(vph, kph)
+        for ph in (kph, vph):  # only size reads remain: the latent cache (B, T, C) has the same B and T
+            for u in list(ph.users):
+                if ph is kph and is_call(u, aten.index_put_.default):
+                    continue  # the latent write
+                assert is_call(u, aten.sym_size.int) and u.args[1] in (0, time_dim), f"{u.name} reads {ph.name}"
+                u.args = (kph, 0 if u.args[1] == 0 else 1)
         dropped.append(vph.name)
         old = kph.meta["val"]
         with old.fake_mode:

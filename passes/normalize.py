@@ -9,6 +9,10 @@ candidate for safety, the reason under ``declined``):
 - ``cache_writes``: ``index_copy_(cache, d, pos, v)`` -> ``index_put_(cache, [None]*d + [pos], v)``;
   ``cache[.., a:b] = v`` (``copy_`` into a slice of a cache input) -> ``index_put_`` at ``arange(a, b)``;
   every later reader of the cache reads the (latest) write's output (the same memory);
+- ``layout``: ``movedim`` -> ``permute``; ``repeat_interleave`` along a size-1 dim -> ``expand``;
+- ``masks``: a softmax over ``where(keep, s, c)`` or ``masked_fill(s, drop, c)`` (c a scalar) -> a
+  softmax over ``s + where(keep, 0, c)``: the additive mask the attention matchers read (the kept
+  scores are the same; the dropped ones get probability 0 either way, for c <= -1e4);
 - ``split_sums``: ``A·Bᵀ + A'·B'ᵀ`` (two contractions with the same output, one contracted dim
   each, e.g. ``q_nope·k_noteᵀ + q_pe·k_peᵀ`` with the shared rope key broadcast) -> one contraction
   over ``cat(A, A')`` and ``cat(B, B')``.
@@ -147,8 +151,8 @@ def canonical_cache_writes(ep, declined: list) -> int:
                 continue
             with g.inserting_before(n):
                 idx = tag(g.call_function(aten.arange.start, (a, b), {"device": val(cache).device}), NAME)
-                if [str(x) for x in val(src).shape] != [str(x) for x in val(s).shape]:
-                    src = tag(g.call_function(aten.expand_as.default, (src, s)), NAME)
+                if is_call(src, aten.expand.default):  # index_put_ broadcasts the value itself
+                    src = src.args[0]
                 w = tag(g.call_function(aten.index_put_.default, (cache, [None] * d + [idx], src)), NAME)
         else:
             continue
@@ -170,6 +174,66 @@ def canonical_cache_writes(ep, declined: list) -> int:
             if before:
                 r.replace_input_with(ph, before[-1])
                 n_changed += 1
+    return n_changed
+
+
+def canonical_layout(ep, declined: list) -> int:
+    g, n_changed = ep.graph, 0
+    for n in list(g.nodes):
+        if is_call(n, aten.movedim.int, aten.movedim.intlist):
+            nd = val(n).ndim
+            src, dst = n.args[1], n.args[2]
+            src, dst = ([src], [dst]) if isinstance(src, int) else (list(src), list(dst))
+            src, dst = [d % nd for d in src], [d % nd for d in dst]
+            rest = iter(d for d in range(nd) if d not in src)
+            perm = [src[dst.index(i)] if i in dst else next(rest) for i in range(nd)]
+            with g.inserting_before(n):
+                new = tag(g.call_function(aten.permute.default, (n.args[0], perm)), NAME)
+        elif is_call(n, aten.repeat_interleave.self_int) and len(n.args) > 2 and n.args[2] is not None:
+            x, reps, d = n.args[:3]
+            d = d % val(x).ndim
+            if str(val(x).shape[d]) != "1" or not isinstance(reps, int) or n.kwargs.get("output_size") is not None:
+                continue
+            with g.inserting_before(n):
+                sizes = [reps if i == d else -1 for i in range(val(x).ndim)]
+                new = tag(g.call_function(aten.expand.default, (x, sizes)), NAME)
+        else:
+            continue
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        n_changed += 1
+    return n_changed
+
+
+MASK_MAX = -1e4  # fill values at or below this give probability 0 (exp underflows in fp32) either way
+
+
+def additive_masks(ep, declined: list) -> int:
+    g, n_changed = ep.graph, 0
+    for sm in [n for n in g.nodes if is_call(n, aten.softmax.int, aten._softmax.default)]:
+        x = sm.args[0]
+        if len(getattr(x, "users", ())) != 1:
+            continue
+        if (
+            is_call(x, aten.where.ScalarOther)
+            and isinstance(x.args[2], (int, float))
+            and isinstance(x.args[1], fx.Node)
+        ):
+            cond, scores, fill, keep_value = x.args[0], x.args[1], float(x.args[2]), True
+        elif is_call(x, aten.masked_fill.Scalar) and isinstance(x.args[2], (int, float)):
+            scores, cond, fill, keep_value = x.args[0], x.args[1], float(x.args[2]), False
+        else:
+            continue
+        if fill > MASK_MAX:
+            declined.append(f"{x.name}: fill value {fill:g} is not a mask (> {MASK_MAX:g})")
+            continue
+        with g.inserting_before(x):
+            args = (cond, 0.0, fill) if keep_value else (cond, fill, 0.0)
+            mask = tag(g.call_function(aten.where.Scalar, args), NAME)
+            new = tag(g.call_function(aten.add.Tensor, (scores, mask)), NAME)
+        x.replace_all_uses_with(new)
+        g.erase_node(x)
+        n_changed += 1
     return n_changed
 
 
@@ -266,7 +330,7 @@ def _shape_after(x, have, want) -> list[str]:
 
 
 RULES = {"noops": drop_noops, "assembly": assemble_cats, "cache_writes": canonical_cache_writes,
-         "split_sums": merge_split_sums}  # fmt: skip
+         "layout": canonical_layout, "masks": additive_masks, "split_sums": merge_split_sums}  # fmt: skip
 
 
 @register_pass(NAME, order=10, purpose="one normal form: no-op copies, in-place assembly, cache writes, split sums",

@@ -82,7 +82,7 @@ def head_projection(ep, n) -> HeadProj | None:
     view, perm, _ = peel(n)
     if is_call(view, *RESHAPES, aten.unflatten.int) and val(view).ndim == 4:
         proj = projection(view.args[0])
-        if proj is None or len(view.users) != 1 or len(view.args[0].users) != 1 or not _constant_2d(ep, proj[1]):
+        if proj is None or len(view.args[0].users) != 1 or not _constant_2d(ep, proj[1]):
             return None
         H, width = int(val(view).shape[2]), int(val(view).shape[3])
         if int(val(proj[1]).shape[0]) != H * width:
@@ -169,9 +169,25 @@ def split_part(ep, n) -> HeadProj | None:
     return HeadProj(whole.x, rows, whole.perm, split, part)
 
 
+def slice_part(ep, n) -> HeadProj | None:
+    """n as a slice ``y[..., a:b]`` of the per-head features of a per-head projection."""
+    n = strip(n)
+    if not is_call(n, aten.slice.Tensor) or len(n.args) < 3:
+        return None
+    whole = head_projection(ep, n.args[0])
+    if whole is None or whole.perm[n.args[1] % 4] != 3 or (len(n.args) > 4 and n.args[4] != 1):
+        return None
+    r = whole.rows
+    a = n.args[2]
+    b = min(n.args[3], r.size) if len(n.args) > 3 else r.size
+    if not (isinstance(a, int) and isinstance(b, int)) or not 0 <= a < b:
+        return None
+    return HeadProj(whole.x, WeightRows(r.weight, r.heads, r.stride, r.offset + a, b - a), whole.perm)
+
+
 def per_head(ep, n) -> HeadProj | None:
-    """A split part or a whole per-head projection."""
-    return split_part(ep, n) or head_projection(ep, strip(n))
+    """A split part, a feature slice or a whole per-head projection."""
+    return split_part(ep, n) or slice_part(ep, n) or head_projection(ep, strip(n))
 
 
 def shared_key(n, hpos: int) -> tuple[fx.Node, int | None] | None:
