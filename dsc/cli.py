@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dsc.errors import DscError
+from dsc.machine import TARGETS
 from dsc.pass_manager import PassVerificationError
 
 console = Console(stderr=True)
@@ -109,21 +110,28 @@ def _split(v: str | None) -> list[str] | None:
 
 
 def cmd_optimize(args) -> int:
+    from dsc.machine import target
     from dsc.optimize import check_output_dir, optimize, write_output
 
     check_output_dir(args.output, args.force, [args.model])
+    machine = target(args.target)
     t0 = time.perf_counter()
 
     def on_event(kind: str, msg: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/] {kind:>6}: {msg}", highlight=False)
+        if not args.json:
+            console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/] {kind:>6}: {msg}", highlight=False)
 
     with console.status("optimizing...", spinner="dots"):
         result = optimize(
             args.model, _split(args.passes), _split(args.disable_pass), verify=not args.no_verify,
-            trust_pickle=args.trust_pickle, on_event=on_event, options=args.pass_option,
+            trust_pickle=args.trust_pickle, on_event=on_event, options=args.pass_option, machine=machine,
+            dump_dir=Path(args.dump_dir) if args.dump_dir else None,
         )  # fmt: skip
         on_event("stage", f"writing {args.output}")
         write_output(result, args.output, force=args.force)
+    if args.json:
+        print(json.dumps(result.report, indent=2, default=str))
+        return 0
     t = Table(title=f"dsc optimize {args.model or '(default)'} -> {args.output}")
     t.add_column("pass", no_wrap=True)
     t.add_column("sites", justify="right")
@@ -310,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check after each pass")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")
+    p.add_argument(
+        "--target", default="h200", choices=sorted(TARGETS),
+        help="machine the cost choices are made for: h200 (datasheet) or cpu (measured here); default h200",
+    )  # fmt: skip
+    p.add_argument("--dump-dir", metavar="DIR", help="write each changed pass's graphs before and after into DIR")
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("diff", help="compare two saved Programs (or an optimize output against its input)")

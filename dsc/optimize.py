@@ -12,6 +12,7 @@ import torch
 import dsc
 from dsc.capture import capture
 from dsc.fsutil import atomic_dir
+from dsc.machine import H200, Machine
 from dsc.pass_manager import PassRecord, parse_pass_options, run_pipeline, select_passes
 from dsc.program import Program
 from dsc.report import SCHEMA_VERSION, write_report
@@ -49,6 +50,7 @@ def optimize(
     dump_dir: Path | None = None,
     on_event: Callable[[str, str], None] | None = None,
     options: list[str] | None = None,
+    machine: Machine | None = None,
 ) -> OptimizeResult:
     """``options``: "PASS.OPTION=VALUE" strings (``dsc optimize --pass-option``)."""
     emit = on_event or (lambda kind, msg: None)
@@ -65,7 +67,7 @@ def optimize(
     timings["capture_s"] = time.perf_counter() - t
     t = time.perf_counter()
     after, records = run_pipeline(
-        before, chosen, verify=verify, dump_dir=dump_dir, on_event=on_event, options=pass_options
+        before, chosen, verify=verify, dump_dir=dump_dir, on_event=on_event, options=pass_options, machine=machine
     )
     timings["passes_s"] = time.perf_counter() - t
     report = {
@@ -74,6 +76,7 @@ def optimize(
         "torch_version": torch.__version__,
         "model": model_spec or "default",
         "verified": verify,
+        "target": (machine or H200).to_dict(),
         "passes": [r.to_dict() for r in records],
         "before": program_summary(before),
         "after": program_summary(after),

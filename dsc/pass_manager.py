@@ -20,6 +20,7 @@ from typing import Any
 
 from dsc.errors import DscError
 from dsc.fx_utils import listing, node_count, op_histogram
+from dsc.machine import H200, Machine
 from dsc.program import Program
 from dsc.verify import Numerics, Tolerance, compare, make_scenario, run_scenario
 
@@ -35,21 +36,26 @@ class PassInfo:
     fn: Callable
     default: bool = True
     options: dict[str, tuple] = field(default_factory=dict)  # option -> allowed values, the first the default
+    requires: tuple[str, ...] = ()  # passes that must have run before this one
 
-    def context(self, options: dict[str, str] | None = None) -> PassContext:
-        """The pass's context: its options' defaults overridden by ``options``."""
-        return PassContext(self.name, {k: v[0] for k, v in self.options.items()} | dict(options or {}))
+    def context(self, options: dict[str, str] | None = None, machine: Machine | None = None) -> PassContext:
+        """The pass's context: its options' defaults overridden by ``options``, the target machine."""
+        opts = {k: v[0] for k, v in self.options.items()} | dict(options or {})
+        return PassContext(self.name, opts, machine or H200)
 
 
 REGISTRY: dict[str, PassInfo] = {}
 
 
 def register_pass(
-    name: str, order: int, purpose: str, tolerance: Tolerance, default: bool = True, options: dict | None = None
-):
+    name: str, order: int, purpose: str, tolerance: Tolerance, default: bool = True, options: dict | None = None,
+    requires: tuple[str, ...] = (),
+):  # fmt: skip
+    """``requires``: passes that must run before this one (``select_passes`` adds them and checks the order)."""
+
     def deco(fn):
         assert name not in REGISTRY, f"pass {name!r} registered twice"
-        REGISTRY[name] = PassInfo(name, order, purpose, tolerance, fn, default, dict(options or {}))
+        REGISTRY[name] = PassInfo(name, order, purpose, tolerance, fn, default, dict(options or {}), tuple(requires))
         return fn
 
     return deco
@@ -65,6 +71,7 @@ def registry() -> dict[str, PassInfo]:
 class PassContext:
     pass_name: str
     options: dict[str, Any] = field(default_factory=dict)
+    machine: Machine = H200  # what cost choices are made for (``dsc optimize --target``)
 
 
 @dataclass
@@ -123,7 +130,18 @@ def select_passes(passes: list[str] | None = None, disable: list[str] | None = N
         if name not in reg:
             raise DscError(f"unknown pass {name!r}; available passes: {', '.join(reg)}")
     chosen = [reg[n] for n in passes] if passes else [p for p in reg.values() if p.default]
-    return [p for p in chosen if p.name not in set(disable or [])]
+    chosen = [p for p in chosen if p.name not in set(disable or [])]
+    # what a pass requires runs before it: pulled in when left out, an error when disabled or misordered
+    names = [p.name for p in chosen]
+    for p in list(chosen):
+        for req in p.requires:
+            if req in set(disable or []):
+                raise DscError(f"pass {p.name!r} needs {req!r} before it; it cannot be disabled while {p.name} runs")
+            if req not in names:
+                names.insert(names.index(p.name), req)
+            elif names.index(req) > names.index(p.name):
+                raise DscError(f"pass {p.name!r} needs {req!r} before it; list {req} first")
+    return [reg[n] for n in names]
 
 
 def parse_pass_options(items: list[str] | None) -> dict[str, dict[str, str]]:
@@ -166,6 +184,7 @@ def run_pipeline(
     dump_dir: Path | None = None,
     on_event: Callable[[str, str], None] | None = None,
     options: dict[str, dict[str, str]] | None = None,
+    machine: Machine | None = None,
 ) -> tuple[Program, list[PassRecord]]:
     """Run ``passes`` in order on clones of ``program``; returns the final Program and one record per pass.
     ``options``: per pass name, its options (see ``parse_pass_options``)."""
@@ -180,7 +199,7 @@ def run_pipeline(
         emit("pass", info.name)
         t0 = time.perf_counter()
         work = program.clone()
-        ctx = info.context((options or {}).get(info.name))
+        ctx = info.context((options or {}).get(info.name), machine)
         matches, stats = info.fn(work, ctx)
         seconds = time.perf_counter() - t0
         changed = graph_code(work) != graph_code(program) or work.cache != program.cache

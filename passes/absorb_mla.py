@@ -15,7 +15,8 @@ both become one latent cache [c ; k_pe] (kv_lora_rank + qk_rope_head_dim per tok
 CacheSpec changes with them; (b) a latent cache re-decompressed every step: the attention reads it
 directly. W_UK and W_UV are views of the original weights: no approximation.
 
-Each entry gets the form with the least H200-roofline time for 4096 tokens (``dsc.cost``, attention
+Each entry gets the form with the least roofline time on the target machine (``ctx.machine``, the
+H200 by default, at its context length; ``dsc.cost``, attention
 counted as a fused kernel moves it, so no form pays for materialised scores): prefill
 may keep the MHA form (it attends to the chunk's own K/V, which is what the cache holds when T == S
 from position 0); decode is absorbed. Option ``products`` (auto | never | always): the absorbed form
@@ -58,12 +59,10 @@ from dsc.match.ops import COPIES, peel, perm_of, same_size, same_value, sole_pat
 from dsc.match.projection import WeightRows, per_head, shared_key, split_part
 from dsc.pass_manager import register_pass
 from dsc.program import CacheTensor
-from dsc.verify import Tolerance
+from dsc.verify import TOLERANCES
 
 aten = torch.ops.aten
 NAME = "absorb_mla"
-# roofline machine for the MHA-vs-absorbed prefill choice: H200 bf16 dense (FLOP/s) and HBM (B/s)
-PEAK_FLOPS, PEAK_BW = 790e12, 4.8e12
 
 
 @dataclass
@@ -591,9 +590,9 @@ def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict |
     return stats
 
 
-def _roofline_s(cost, context: int) -> tuple[float, float, float]:
-    flops, nbytes = cost.at(context)
-    return max(flops / PEAK_FLOPS, nbytes / PEAK_BW), flops, nbytes
+def _roofline_s(cost, machine) -> tuple[float, float, float]:
+    flops, nbytes = cost.at(machine.context)
+    return machine.roofline_s(flops, nbytes), flops, nbytes
 
 
 PRODUCTS = ("auto", "never", "always")
@@ -602,8 +601,8 @@ PRODUCTS_MIN_GAIN = 0.1  # "auto" takes the products only for this much less roo
 
 @register_pass(
     NAME, order=20, purpose="MLA weight absorption: attention over the latent [c_kv ; k_pe] cache",
-    tolerance=Tolerance(atol=1e-4, rtol=1e-3, min_top1=0.95, min_sqnr_db=60.0),
-    options={"products": PRODUCTS},
+    tolerance=TOLERANCES["fp32_rewrite"],
+    options={"products": PRODUCTS}, requires=("canonicalize", "normalize"),
 )  # fmt: skip
 def absorb_mla(program, ctx):
     """Option ``products``: precompute W_UQ·W_UK and W_UV·W_O for the absorbed form — "auto" (the
@@ -655,12 +654,13 @@ def absorb_mla(program, ctx):
             for f in forms:
                 trial = _clone_entry(ep)
                 transform(trial, accepted, f, store)
-                options[f] = _roofline_s(entry_cost(trial, kind, fused_attention=True), 4096)
+                options[f] = _roofline_s(entry_cost(trial, kind, fused_attention=True), ctx.machine)
             form = min(options, key=lambda f: options[f][0])
             why = ", ".join(
                 f"{f}: {v[1]:.3g} FLOP, {v[2]:.3g} B, {v[0] * 1e6:.1f} us on the roofline" for f, v in options.items()
             )
-            why = f"{'prefill of 4096 tokens' if kind == 'prefill' else 'decode step at 4096 context'} — {why}"
+            T, on = ctx.machine.context, ctx.machine.name
+            why = f"{f'prefill of {T} tokens' if kind == 'prefill' else f'decode step at {T} context'} on {on} — {why}"
             rest = {f: v for f, v in options.items() if f != "products"}
             if form == "products" and rest and options[form][0] > (1 - PRODUCTS_MIN_GAIN) * min(rest.values())[0]:
                 form = min(rest, key=lambda f: rest[f][0])  # more weight memory must buy a real gain

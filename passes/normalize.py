@@ -334,7 +334,7 @@ RULES = {"noops": drop_noops, "assembly": assemble_cats, "cache_writes": canonic
 
 
 @register_pass(NAME, order=10, purpose="one normal form: no-op copies, in-place assembly, cache writes, split sums",
-               tolerance=FP32_REASSOC)  # fmt: skip
+               tolerance=FP32_REASSOC, requires=("canonicalize",))  # fmt: skip
 def normalize(program, ctx):
     stats: dict = {name: 0 for name in RULES} | {"declined": []}
     for ep in program.entries.values():

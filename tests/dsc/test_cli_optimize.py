@@ -92,3 +92,19 @@ def test_passes_listing(capsys):
     assert [r["name"] for r in rows] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
     assert rows[1]["options"] == {"products": ["auto", "never", "always"]}
     assert all(r["purpose"] for r in rows)
+
+
+def test_optimize_json_dump_dir_and_target(tmp_path, capsys):
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    args = ["optimize", "tiny", "-o", str(out), "--passes", "absorb_mla", "--no-verify", "--json"]
+    assert main([*args, "--dump-dir", str(dump), "--target", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout is the report alone
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["target"]["name"] == "cpu" and report["target"]["peak_bw"] > 0
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", "normalize", "absorb_mla"]  # pulled in
+    assert "on cpu" in report["passes"][2]["stats"]["entries"]["decode"]["why"]
+    names = {p.name for p in dump.iterdir()}
+    assert "003_absorb_mla.decode.after.py" in names and "001_canonicalize.decode.before.py" in names
+    with pytest.raises(SystemExit) as e:  # argparse names the choices
+        main(["optimize", "tiny", "-o", str(tmp_path / "o2"), "--target", "tpu"])
+    assert e.value.code == 2 and "choose from 'cpu', 'h200'" in capsys.readouterr().err

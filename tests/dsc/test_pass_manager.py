@@ -46,20 +46,41 @@ def test_planted_wrong_rewrite_is_caught(tiny_program, planted, tmp_path):
 
 def test_selection_and_records(tiny_program):
     assert [p.name for p in select_passes()] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
-    assert [p.name for p in select_passes(disable=["absorb_mla"])] == ["canonicalize", "fuse_add_rms_norm"]
+    assert [p.name for p in select_passes(disable=["absorb_mla"])] == ["canonicalize", "normalize", "fuse_add_rms_norm"]
     with pytest.raises(
         DscError, match="unknown pass 'nope'; available passes: canonicalize, normalize, absorb_mla, fuse_add_rms_norm"
     ):
         select_passes(["nope"])
     program, records = run_pipeline(tiny_program, select_passes())
-    r = records[2].to_dict()
+    r = records[3].to_dict()
     assert r["name"] == "fuse_add_rms_norm" and r["changed"] and r["matches"] == 10
     assert r["numerics"]["top1_agreement"] == 1.0 and r["tolerance"]["atol"] == FP32_REASSOC.atol
     assert r["nodes_after"]["decode"] < r["nodes_before"]["decode"]
-    assert program.provenance["passes"] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert program.provenance["passes"] == [
+        "canonicalize",
+        "absorb_mla",
+        "fuse_add_rms_norm",
+    ]  # normalize: nothing to do
 
 
 def test_a_pass_that_finds_nothing_says_so(tiny_optimized):
     program, _ = tiny_optimized
     _, records = run_pipeline(program, select_passes(["fuse_add_rms_norm"]))
     assert records[0].matches == 0 and not records[0].changed and records[0].numerics is None
+
+
+def test_required_passes_are_pulled_in_and_ordered():
+    assert [p.name for p in select_passes(["absorb_mla"])] == ["canonicalize", "normalize", "absorb_mla"]
+    with pytest.raises(DscError, match="needs 'canonicalize' before it; list canonicalize first"):
+        select_passes(["absorb_mla", "canonicalize"])
+    with pytest.raises(DscError, match="needs 'normalize' before it; it cannot be disabled"):
+        select_passes(disable=["normalize"])
+
+
+def test_the_target_machine_reaches_the_passes(tiny_program):
+    from dsc.machine import Machine
+
+    slow = Machine("test-cpu", peak_flops=1e11, peak_bw=2e10, context=512)
+    _, records = run_pipeline(tiny_program, select_passes(["absorb_mla"]), verify=False, machine=slow)
+    why = records[-1].stats["entries"]["decode"]["why"]
+    assert "on test-cpu" in why and "512 context" in why

@@ -44,8 +44,18 @@ class DemoLatentMLA(nn.Module):
     per_row_positions = True
     functional = False
 
-    def __init__(self, dim=32, n_heads=2, q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
-                 qk_rope_head_dim=8, v_head_dim=8, mscale=1.3689, rope_theta=10000.0):
+    def __init__(
+        self,
+        dim=32,
+        n_heads=2,
+        q_lora_rank=12,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        mscale=1.3689,
+        rope_theta=10000.0,
+    ):
         super().__init__()
         torch.manual_seed(0)
         self.dim, self.n_heads, self.kv_lora_rank = dim, n_heads, kv_lora_rank
@@ -84,8 +94,9 @@ class DemoLatentMLA(nn.Module):
         W = self.wkv_b.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
         k_nope = torch.einsum("btc,hdc->bthd", kv, W[:, : self.dn])
         v = torch.einsum("btc,hdc->bthd", kv, W[:, self.dn :])
-        scores = (torch.einsum("bshd,bthd->bsht", q_nope, k_nope)
-                  + torch.einsum("bshr,btr->bsht", q_pe, pe)) * self.softmax_scale
+        scores = (
+            torch.einsum("bshd,bthd->bsht", q_nope, k_nope) + torch.einsum("bshr,btr->bsht", q_pe, pe)
+        ) * self.softmax_scale
         scores = scores + torch.where(visible, 0.0, float("-inf"))[:, :, None, :]
         p = scores.softmax(dim=-1, dtype=torch.float32)
         o = torch.einsum("bsht,bthd->bshd", p, v)
@@ -128,8 +139,17 @@ class HeadsFirstSdpaMLA(nn.Module):
     per_row_positions = False
     functional = False
 
-    def __init__(self, hidden_size=32, num_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
-                 qk_rope_head_dim=8, v_head_dim=8, rope_theta=10000.0, eps=1e-6):
+    def __init__(
+        self,
+        hidden_size=32,
+        num_heads=4,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        rope_theta=10000.0,
+        eps=1e-6,
+    ):
         super().__init__()
         self.hidden_size, self.num_heads, self.kv_lora_rank = hidden_size, num_heads, kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -147,7 +167,7 @@ class HeadsFirstSdpaMLA(nn.Module):
                     p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-        self.scaling = self.q_head_dim ** -0.5
+        self.scaling = self.q_head_dim**-0.5
         inv = 1.0 / rope_theta ** (torch.arange(0, qk_rope_head_dim, 2, dtype=torch.float32) / qk_rope_head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
 
@@ -221,7 +241,7 @@ class PackedLatentBmmMLA(nn.Module):
         self.d_model, self.h, self.dc, self.dn, self.dr, self.dv = d_model, heads, kv_rank, d_nope, d_rope, d_v
 
         def w(o, i):
-            return nn.Parameter(torch.randn(o, i, generator=gen) * i ** -0.5)
+            return nn.Parameter(torch.randn(o, i, generator=gen) * i**-0.5)
 
         self.w_dq, self.w_uq = w(q_rank, d_model), w(heads * (d_nope + d_rope), q_rank)
         self.g_q = nn.Parameter(1 + 0.2 * torch.randn(q_rank, generator=gen))
