@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from torch._export.serde.serialize import SerializedArtifact, deserialize, seria
 from torch.export import ExportedProgram
 
 import dsc.kernels  # noqa: F401  (registers the dsc:: ops the graphs call)
+from dsc.cache import CacheSpec, CacheTensor  # noqa: F401  (re-exported: the Program's cache types)
 from dsc.errors import DscError
 from dsc.model.config import ModelConfig
 
@@ -44,45 +44,6 @@ ENTRY_INPUTS = {
     "decode": ["tokens", "positions", "caches"],
     "mtp": ["hidden", "tokens", "positions", "caches"],
 }
-
-
-@dataclass
-class CacheTensor:
-    """One cache tensor: shape (batch, max_len, *tail), its dtype and what it holds."""
-
-    name: str
-    tail: list[int]
-    dtype: str
-    meaning: str
-    layer: int
-
-    @property
-    def values_per_token(self) -> int:
-        return math.prod(self.tail)
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.values_per_token * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-
-
-@dataclass
-class CacheSpec:
-    tensors: list[CacheTensor]
-
-    def allocate(self, batch: int, max_len: int, device=None) -> list[Tensor]:
-        return [
-            torch.zeros(batch, max_len, *t.tail, dtype=getattr(torch, t.dtype), device=device) for t in self.tensors
-        ]
-
-    def bytes_per_token(self, layers: set[int] | None = None) -> int:
-        return sum(t.bytes_per_token for t in self.tensors if layers is None or t.layer in layers)
-
-    def to_dict(self) -> list[dict]:
-        return [asdict(t) for t in self.tensors]
-
-    @classmethod
-    def from_dict(cls, d: list[dict]) -> CacheSpec:
-        return cls([CacheTensor(**t) for t in d])
 
 
 @dataclass

@@ -1,3 +1,22 @@
-"""dsc custom ops (``dsc::*``): each file holds the reference, the registration and the implementations."""
+"""dsc custom ops (``dsc::*``): each file holds the reference, the registration and the implementations.
+
+``DECOMPOSITIONS`` maps every op to its reference, written in standard ATen ops: what an exporter
+(ONNX, AOTInductor) lowers a Program with, ``ep.run_decompositions(DECOMPOSITIONS)``.
+"""
+
+import torch
 
 from dsc.kernels import add_rms_norm, mla_decode, moe  # noqa: F401  (registers the ops)
+
+DECOMPOSITIONS = {
+    torch.ops.dsc.add_rms_norm.default: add_rms_norm.add_rms_norm_ref,
+    torch.ops.dsc.mla_decode.default: mla_decode.mla_decode_ref,
+    torch.ops.dsc.moe_experts.default: moe.moe_experts_ref,
+}
+
+
+def decompose(ep):
+    """The exported program with every dsc:: op replaced by its reference's ATen ops (core ATen)."""
+    from torch.export import default_decompositions
+
+    return ep.run_decompositions(default_decompositions() | DECOMPOSITIONS)

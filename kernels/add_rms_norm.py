@@ -13,7 +13,7 @@ read-add-write-read-normalise-write. Reference: ``add_rms_norm_ref``. CPU: two A
 from __future__ import annotations
 
 import torch
-from dsc.kernels.triton_utils import HAVE_TRITON, tl, triton
+from dsc.kernels.triton_utils import HAVE_TRITON, tl, triton, warn_no_triton
 from torch import Tensor
 
 
@@ -33,6 +33,9 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
 
 @add_rms_norm.register_kernel("cuda")
 def _(x, residual, weight, eps):
+    if not HAVE_TRITON:
+        warn_no_triton("add_rms_norm")
+        return add_rms_norm_ref(x, residual, weight, eps)
     return add_rms_norm_triton(x, residual, weight, eps)
 
 

@@ -18,7 +18,7 @@ an online softmax, and the Triton kernel splits the context like flash-decoding 
 from __future__ import annotations
 
 import torch
-from dsc.kernels.triton_utils import HAVE_TRITON, tl, triton
+from dsc.kernels.triton_utils import HAVE_TRITON, tl, triton, warn_no_triton
 from torch import Tensor
 
 
@@ -86,6 +86,7 @@ def _(q, kv, mask, scale, dv, indices=None):
 @mla_decode.register_kernel("cuda")
 def _(q, kv, mask, scale, dv, indices=None):
     if not HAVE_TRITON:
+        warn_no_triton("mla_decode")
         return mla_decode_ref(q, kv, mask, scale, dv, indices)
     return mla_decode_triton(q, kv, mask, scale, dv, indices=indices)
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 def moe_experts_ref(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -> Tensor:
     combine = torch.zeros(x.shape[0], len(gate_w), dtype=x.dtype, device=x.device)
-    combine.scatter_add_(1, idx, wts.to(x.dtype))  # (N, E)
+    combine = combine.scatter_add(1, idx, wts.to(x.dtype))  # (N, E); functional: it is also the decomposition
     y = torch.zeros_like(x)
     for e, (g, u, d) in enumerate(zip(gate_w, up_w, down_w)):
         y = y + combine[:, e : e + 1] * (F.silu(x @ g.T) * (x @ u.T)) @ d.T

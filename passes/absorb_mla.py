@@ -39,13 +39,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.export.graph_signature import InputKind
 
+from dsc.cache import CacheTensor, cache_inputs, drop_cache_input, retype_cache_input
 from dsc.fx_utils import (
     add_constant_input,
     constant_of,
     drop_unused_inputs,
-    drop_user_inputs,
     finalize,
     is_call,
     refresh_meta,
@@ -58,7 +57,6 @@ from dsc.match.cache import CacheWrite, cache_write, other_readers
 from dsc.match.ops import COPIES, peel, perm_of, same_size, same_value, sole_path, strip
 from dsc.match.projection import WeightRows, per_head, shared_key, split_part
 from dsc.pass_manager import register_pass
-from dsc.program import CacheTensor
 from dsc.verify import TOLERANCES
 
 aten = torch.ops.aten
@@ -416,16 +414,11 @@ def _tag(n: fx.Node) -> fx.Node:
     return tag(n, NAME)
 
 
-def _user_inputs(ep):
-    phs = [n for n in ep.graph.nodes if n.op == "placeholder"]
-    return [n for n, s in zip(phs, ep.graph_signature.input_specs) if s.kind == InputKind.USER_INPUT]
-
-
 def _is_prefill(ep, site: Site) -> bool:
     """T == S (one symbol) and the chunk starts at position 0: what the prefill entry guarantees."""
     cache_len = val(site.k_write.node).shape[site.k_write.time_dim]
     chunk_len = val(site.k_new).shape[1]
-    return str(cache_len) == str(chunk_len) and "positions" not in [n.name for n in _user_inputs(ep)]
+    return str(cache_len) == str(chunk_len) and "positions" not in [n.name for n in cache_inputs(ep)]
 
 
 def _unfold(g: fx.Graph, n) -> fx.Node | None:
@@ -518,7 +511,7 @@ def _sites(ep) -> list[Site]:
 def _cache_index(ep, ph: fx.Node) -> int:
     """Position among the user inputs counted from the end: the same cache has the same index in
     every entry (entries differ in their leading inputs, the cache list closes each signature)."""
-    users = _user_inputs(ep)
+    users = cache_inputs(ep)
     return users.index(ph) - len(users)
 
 
@@ -569,21 +562,11 @@ def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict |
         assert not n.users, f"{n.name} still read by {list(n.users)}"
         g.erase_node(n)
     # every accepted pair changes layout in this entry too: K slot -> latent, V slot gone
-    users = _user_inputs(ep)
-    dropped = []
-    for k, (v, width, time_dim) in accepted.items():
+    users = cache_inputs(ep)
+    for k, (v, width, time_dim) in accepted.items():  # the latent cache (B, T, C): same B and T
         kph, vph = users[len(users) + k], users[len(users) + v]
-        for ph in (kph, vph):  # only size reads remain: the latent cache (B, T, C) has the same B and T
-            for u in list(ph.users):
-                if ph is kph and is_call(u, aten.index_put_.default):
-                    continue  # the latent write
-                assert is_call(u, aten.sym_size.int) and u.args[1] in (0, time_dim), f"{u.name} reads {ph.name}"
-                u.args = (kph, 0 if u.args[1] == 0 else 1)
-        dropped.append(vph.name)
-        old = kph.meta["val"]
-        with old.fake_mode:
-            kph.meta["val"] = torch.empty((old.shape[0], old.shape[time_dim], width), dtype=old.dtype)
-    drop_user_inputs(ep, dropped)
+        retype_cache_input(ep, kph, [width], time_dim)
+        drop_cache_input(ep, vph, kph, time_dim)
     drop_unused_inputs(ep)
     refresh_meta(ep)
     finalize(ep)
@@ -618,7 +601,7 @@ def absorb_mla(program, ctx):
     hits: dict[int, set[str]] = {}
     inflation = None
     for entry, ep in program.entries.items():
-        for ph in _user_inputs(ep):
+        for ph in cache_inputs(ep):
             if any(not is_call(u, aten.sym_size.int) for u in ph.users):  # size reads do not count
                 readers.setdefault(_cache_index(ep, ph), set()).add(entry)
         for s in _sites(ep):
@@ -686,11 +669,9 @@ def absorb_mla(program, ctx):
             v, layer, dc, dr, _ = matched[k]
             old = program.cache.tensors[n + k]
             meaning = "MLA latent [c_kv ; RoPE(k_pe)], shared by all heads"
-            program.cache.tensors[n + k] = CacheTensor(
-                f"layers.{layer}.kv_latent", [dc + dr], old.dtype, meaning, layer
-            )
+            program.cache.replace(n + k, CacheTensor(f"layers.{layer}.kv_latent", [dc + dr], old.dtype, meaning, layer))
         for v in sorted((n + matched[k][0] for k in accepted), reverse=True):
-            del program.cache.tensors[v]
+            program.cache.remove(v)
     if accepted and program.cache.tensors:
         k0 = min(accepted)
         layer = matched[k0][1]
