@@ -5,7 +5,6 @@
 """
 
 import torch
-
 from dsc.kernels import add_rms_norm, mla_decode, moe  # noqa: F401  (registers the ops)
 
 DECOMPOSITIONS = {
