@@ -97,13 +97,7 @@ class Program:
     # ---- copying --------------------------------------------------------------------------------
     def clone(self) -> Program:
         """New graphs and signatures, the same weight tensors: what a pass may edit freely."""
-        entries = {}
-        with warnings.catch_warnings():  # deepcopy of pytree specs warns about a deprecated isinstance
-            warnings.simplefilter("ignore", FutureWarning)
-            for name, ep in self.entries.items():
-                gm = copy.deepcopy(ep.graph_module)
-                sig = copy.deepcopy(ep.graph_signature)
-                entries[name] = ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
+        entries = {name: clone_entry(ep) for name, ep in self.entries.items()}
         return Program(entries, copy.deepcopy(self.cache), self.config, copy.deepcopy(self.provenance))
 
     # ---- saving ---------------------------------------------------------------------------------
@@ -193,6 +187,17 @@ class Program:
             ModelConfig.from_dict(manifest["config"]),
             manifest.get("provenance", {}),
         )
+
+
+def clone_entry(ep: ExportedProgram) -> ExportedProgram:
+    """New graph, signature and call signature (a pass may drop inputs), the same weight tensors."""
+    with warnings.catch_warnings():  # deepcopy of pytree specs warns about a deprecated isinstance
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(ep.graph_module)
+        sig = copy.deepcopy(ep.graph_signature)
+        new = ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
+        new._module_call_graph = copy.deepcopy(ep.module_call_graph)
+    return new
 
 
 def _put_once(store: dict[str, Tensor], key: str, t: Tensor, entry: str) -> None:

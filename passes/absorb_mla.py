@@ -32,18 +32,15 @@ re-association.
 
 from __future__ import annotations
 
-import copy
-import operator
-import warnings
 from dataclasses import dataclass
 
 import torch
+from dsc.passes.mla_products import match_products, param_bytes, param_name, product_weights
 from torch import fx
 
 from dsc.cache import CacheTensor, cache_inputs, drop_cache_input, retype_cache_input
 from dsc.fx_utils import (
     add_constant_input,
-    constant_of,
     drop_unused_inputs,
     finalize,
     is_call,
@@ -54,9 +51,11 @@ from dsc.fx_utils import (
 from dsc.match.attention import attention, softmax_scores
 from dsc.match.attention import sites as attention_nodes
 from dsc.match.cache import CacheWrite, cache_write, other_readers
-from dsc.match.ops import COPIES, peel, perm_of, same_size, same_value, sole_path, strip
-from dsc.match.projection import WeightRows, per_head, shared_key, split_part
+from dsc.match.heads import repeated_over_heads, unfold
+from dsc.match.ops import same_size, same_value, sole_path, strip
+from dsc.match.projection import WeightRows, per_head, shared_key
 from dsc.pass_manager import register_pass
+from dsc.program import clone_entry
 from dsc.verify import TOLERANCES
 
 aten = torch.ops.aten
@@ -268,85 +267,6 @@ def _mask_bst(g: fx.Graph, site: Site) -> fx.Node | None:
     return m
 
 
-@dataclass
-class Products:
-    """The projections around a site that precomputed products replace: q_nope = part 0 of
-    linear(c_q, W_q) per head, and o_proj = linear(flatten(P·V over heads), W_o[, bias])."""
-
-    cq: fx.Node
-    w_q: fx.Node
-    q_pe_part: fx.Node  # part 1 of the same split: the rope rows, kept as their own projection
-    q_perm: list[int]
-    dr: int
-    out_linear: fx.Node
-
-
-def match_products(ep, site: Site) -> Products | None:
-    qd = split_part(ep, site.q_nope)
-    if qd is None or qd.part != 0 or len(site.q_nope.users) != 1:
-        return None
-    r = qd.rows
-    if r.heads != site.dec.heads or r.size != site.dec.dn or r.offset != 0:
-        return None
-    pe = [u for u in qd.split.users if is_call(u, operator.getitem) and u.args[1] == 1]
-    if len(pe) != 1:
-        return None
-    # o -> [permute to (b, s, h, v)] -> reshape (B, S, H * dv) -> linear(., W_o[, bias])
-    n, roles = site.out, site.out_roles
-    while len(n.users) == 1:
-        u = next(iter(n.users))
-        p = perm_of(u)
-        if p is not None:
-            roles = "".join(roles[i] for i in p)
-        elif not is_call(u, *COPIES):
-            break
-        n = u
-    if len(n.users) != 1 or roles != "bshv":
-        return None
-    flat = next(iter(n.users))
-    if not is_call(flat, aten.view.default, aten.reshape.default, aten.flatten.using_ints) or val(flat).ndim != 3:
-        return None
-    if len(flat.users) != 1:
-        return None
-    lin = next(iter(flat.users))
-    if not is_call(lin, aten.linear.default) or lin.args[0] is not flat or constant_of(ep, lin.args[1]) is None:
-        return None
-    return Products(qd.x, r.weight, pe[0], qd.perm, r.stride - r.size, lin)
-
-
-def _param_name(ep, node: fx.Node) -> str:
-    return ep.graph_signature.inputs_to_parameters.get(node.name) or ep.graph_signature.inputs_to_buffers.get(
-        node.name, node.name
-    )
-
-
-@torch.no_grad()
-def product_weights(ep, site: Site, pr: Products) -> dict[str, torch.Tensor]:
-    """W_UQ·W_UK (H, dc, q_lora), the rope rows of W_UQ (H·dr, q_lora) and W_UV·W_O (d, H·dc),
-    computed once in fp32 from the original weights, stored in their dtype."""
-    d = site.dec
-    w_uk, w_uv = d.k.tensor(ep), d.v.tensor(ep)
-    w_q, w_o = constant_of(ep, pr.w_q), constant_of(ep, pr.out_linear.args[1])
-    ql = w_q.shape[1]
-    q = w_q.float().view(d.heads, d.dn + pr.dr, ql)
-    o = w_o.float().view(w_o.shape[0], d.heads, d.dv)
-    return {
-        "uq_uk": torch.einsum("hnc,hnl->hcl", w_uk, q[:, : d.dn]).to(w_q.dtype).contiguous(),
-        "q_rope": q[:, d.dn :].reshape(d.heads * pr.dr, ql).to(w_q.dtype).contiguous(),
-        "uv_o": torch.einsum("ehv,hvc->ehc", o, w_uv).reshape(w_o.shape[0], -1).to(w_o.dtype).contiguous(),
-    }
-
-
-def param_bytes(ep, site: Site, pr: Products) -> tuple[int, int]:
-    """Bytes of the weights the products replace (W_UQ's nope rows, W_UK, W_UV, W_O) and of the products."""
-    d = site.dec
-    w_kvb, w_q, w_o = (constant_of(ep, n) for n in (d.k.weight, pr.w_q, pr.out_linear.args[1]))
-    ql, dc, e = w_q.shape[1], w_kvb.shape[1], w_o.shape[0]
-    factored = d.heads * (d.dn * ql * w_q.element_size() + (d.dn + d.dv) * dc * w_kvb.element_size())
-    factored += w_o.numel() * w_o.element_size()
-    return factored, d.heads * dc * (ql * w_q.element_size() + e * w_o.element_size())
-
-
 def _latent_3d(g: fx.Graph, site: Site) -> tuple[fx.Node, fx.Node]:
     """The latent c (B, T, dc) and rope key k_pe (B, T, dr) of the site, as views."""
     c, r = site.dec.latent, site.k_pe
@@ -421,36 +341,6 @@ def _is_prefill(ep, site: Site) -> bool:
     return str(cache_len) == str(chunk_len) and "positions" not in [n.name for n in cache_inputs(ep)]
 
 
-def _unfold(g: fx.Graph, n) -> fx.Node | None:
-    """For n = [permute](reshape(x, (B·H, a, b))) of a 4-D x (B, H, ...), the same values with batch
-    and heads apart: x, permuted like n (a new permute node when n was one)."""
-    base, perm, _ = peel(n)
-    if not is_call(base, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-        return None
-    x = base.args[0]
-    xs, bs = val(x).shape, val(base).shape
-    if len(xs) != 4 or len(bs) != 3 or perm[0] != 0:
-        return None
-    if not (same_size(xs[0] * xs[1], bs[0]) and same_size(xs[2], bs[1]) and same_size(xs[3], bs[2])):
-        return None
-    if perm == [0, 1, 2]:
-        return x
-    return tag(g.call_function(aten.permute.default, (x, [0, 1] + [p + 1 for p in perm[1:]])), NAME)
-
-
-ELEMENTWISE = (aten.bitwise_not.default, aten.logical_not.default, aten.to.dtype, aten.where.Scalar,
-               aten.mul.Tensor, aten.add.Tensor, aten.where.ScalarSelf, aten.where.ScalarOther)  # fmt: skip
-
-
-def _repeated_over_heads(mask) -> bool:
-    """A (B·H, S, T) mask made by ``repeat_interleave(m, H, 0)`` of a (B, S, T) m, through elementwise
-    ops with scalars only: every head of a batch row sees the same mask."""
-    n = mask
-    while is_call(n, *ELEMENTWISE) and sum(isinstance(a, fx.Node) for a in n.args) == 1:
-        n = next(a for a in n.args if isinstance(a, fx.Node))
-    return is_call(n, aten.repeat_interleave.self_int) and len(n.args) > 2 and n.args[2] == 0 and val(n).ndim == 3
-
-
 def _unfold_heads(ep) -> None:
     """Attention over heads folded into the batch — bmm(reshape(q, (B·H, S, D)), reshape(k)ᵀ), softmax,
     bmm with reshape(v) — becomes the same computation on 4-D tensors (batched matmul), which ``match``
@@ -465,7 +355,7 @@ def _unfold_heads(ep) -> None:
         x, mask, scale = found
         mval = val(mask)
         per_row = mval is not None and mval.ndim == 3 and str(mval.shape[0]) != "1"
-        if mval is not None and (mval.ndim > 3 or (per_row and not _repeated_over_heads(mask))):
+        if mval is not None and (mval.ndim > 3 or (per_row and not repeated_over_heads(mask))):
             continue  # a mask that differs per (batch, head) row stays folded
         if not (
             is_call(x, aten.bmm.default, aten.matmul.default) and is_call(pv, aten.bmm.default, aten.matmul.default)
@@ -474,7 +364,7 @@ def _unfold_heads(ep) -> None:
         if pv.args[0] is not sm:
             continue
         with g.inserting_before(pv):
-            ops = [_unfold(g, a) for a in (*x.args[:2], pv.args[1])]
+            ops = [unfold(g, a, _tag) for a in (*x.args[:2], pv.args[1])]
             if any(o is None for o in ops):
                 continue
             s4 = tag(g.call_function(aten.matmul.default, (ops[0], ops[1])), NAME)
@@ -530,7 +420,7 @@ def transform(ep, accepted: dict[int, tuple[int, int]], form: str, store: dict |
         products = None
         pr = match_products(ep, site) if form == "products" else None
         if pr is not None:
-            base = _param_name(ep, site.dec.k.weight).removesuffix(".weight")
+            base = param_name(ep, site.dec.k.weight).removesuffix(".weight")
             made, w = None, {}
             for key in ("uq_uk", "q_rope", "uv_o"):
                 name = f"{base}.absorbed_{key}"
@@ -635,7 +525,7 @@ def absorb_mla(program, ctx):
         if len(forms) > 1:
             options = {}
             for f in forms:
-                trial = _clone_entry(ep)
+                trial = clone_entry(ep)
                 transform(trial, accepted, f, store)
                 options[f] = _roofline_s(entry_cost(trial, kind, fused_attention=True), ctx.machine)
             form = min(options, key=lambda f: options[f][0])
@@ -677,13 +567,3 @@ def absorb_mla(program, ctx):
         layer = matched[k0][1]
         stats["cache_bytes_per_token_per_layer"] = {"before": before, "after": program.cache.bytes_per_token({layer})}
     return sum(e["sites"] for e in stats["entries"].values()), stats
-
-
-def _clone_entry(ep):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        gm = copy.deepcopy(ep.graph_module)
-        sig = copy.deepcopy(ep.graph_signature)
-        new = ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
-        new._module_call_graph = copy.deepcopy(ep.module_call_graph)
-    return new
