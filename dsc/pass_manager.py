@@ -1,6 +1,7 @@
 """Pass registry, the default pipeline, and the runner that verifies every pass.
 
-A pass is a function ``fn(program, ctx) -> (matches, stats)`` registered with ``@register_pass``.
+A pass is a function ``fn(program, ctx) -> (matches, stats)`` registered with ``@register_pass``
+(``dsc.registry``, which the passes import: they never import this module, so there is no circle).
 It receives a *clone* of the Program (new graphs, shared weights) and edits it in place; the
 manager never hands it the caller's Program, so a pass cannot mutate its input. With verification
 on, the manager runs the Program before and after each pass on the same seeded scenario and stops
@@ -16,62 +17,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import dsc.passes  # noqa: F401  (each pass file registers itself)
 from dsc.errors import DscError
 from dsc.fx_utils import listing, node_count, op_histogram
-from dsc.machine import H200, Machine
+from dsc.machine import Machine
 from dsc.program import Program
+from dsc.registry import REGISTRY, PassInfo, register_pass  # noqa: F401  (re-exported)
 from dsc.verify import Numerics, Tolerance, compare, make_scenario, run_scenario
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PassInfo:
-    name: str
-    order: int
-    purpose: str
-    tolerance: Tolerance
-    fn: Callable
-    default: bool = True
-    options: dict[str, tuple] = field(default_factory=dict)  # option -> allowed values, the first the default
-    requires: tuple[str, ...] = ()  # passes that must have run before this one
-
-    def context(self, options: dict[str, str] | None = None, machine: Machine | None = None) -> PassContext:
-        """The pass's context: its options' defaults overridden by ``options``, the target machine."""
-        opts = {k: v[0] for k, v in self.options.items()} | dict(options or {})
-        return PassContext(self.name, opts, machine or H200)
-
-
-REGISTRY: dict[str, PassInfo] = {}
-
-
-def register_pass(
-    name: str, order: int, purpose: str, tolerance: Tolerance, default: bool = True, options: dict | None = None,
-    requires: tuple[str, ...] = (),
-):  # fmt: skip
-    """``requires``: passes that must run before this one (``select_passes`` adds them and checks the order)."""
-
-    def deco(fn):
-        assert name not in REGISTRY, f"pass {name!r} registered twice"
-        REGISTRY[name] = PassInfo(name, order, purpose, tolerance, fn, default, dict(options or {}), tuple(requires))
-        return fn
-
-    return deco
-
-
 def registry() -> dict[str, PassInfo]:
-    import dsc.passes  # noqa: F401  (each pass file registers itself)
-
     return dict(sorted(REGISTRY.items(), key=lambda kv: kv[1].order))
-
-
-@dataclass
-class PassContext:
-    pass_name: str
-    options: dict[str, Any] = field(default_factory=dict)
-    machine: Machine = H200  # what cost choices are made for (``dsc optimize --target``)
 
 
 @dataclass

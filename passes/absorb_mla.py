@@ -54,8 +54,8 @@ from dsc.match.cache import CacheWrite, cache_write, other_readers
 from dsc.match.heads import repeated_over_heads, unfold
 from dsc.match.ops import same_size, same_value, sole_path, strip
 from dsc.match.projection import WeightRows, per_head, shared_key
-from dsc.pass_manager import register_pass
 from dsc.program import clone_entry
+from dsc.registry import register_pass
 from dsc.verify import TOLERANCES
 
 aten = torch.ops.aten

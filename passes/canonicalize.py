@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from dsc.fx_utils import call_nodes, drop_unused_inputs, finalize, mutated_inputs, tag, val
-from dsc.pass_manager import register_pass
+from dsc.registry import register_pass
 from dsc.verify import EXACT
 
 aten = torch.ops.aten

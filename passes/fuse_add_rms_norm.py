@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from dsc.fx_utils import call_nodes, finalize, tag, val
-from dsc.pass_manager import register_pass
+from dsc.registry import register_pass
 from dsc.verify import FP32_REASSOC
 
 aten = torch.ops.aten

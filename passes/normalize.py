@@ -31,7 +31,7 @@ from torch import fx
 from dsc.fx_utils import call_nodes, finalize, is_call, mutated_inputs, refresh_meta, tag, val
 from dsc.match.contraction import contraction
 from dsc.match.ops import CONTRACTIONS
-from dsc.pass_manager import register_pass
+from dsc.registry import register_pass
 from dsc.verify import FP32_REASSOC
 
 aten = torch.ops.aten

@@ -8,7 +8,7 @@ import torch
 from dsc.program import CacheSpec, Program
 from tests.passes.helpers import apply, ops
 from tests.passes.mla_zoo import ZOO
-from tests.passes.test_mla_zoo_selfcheck import _clone, _dynamic_shapes, _make
+from tests.passes.test_mla_zoo_selfcheck import _clone, _make, export_dynamic
 from tests.tolerances import TOL
 
 MLA_OP = "dsc.mla_decode.default"
@@ -18,10 +18,7 @@ MLA_OP = "dsc.mla_decode.default"
 @torch.no_grad()
 def test_fires_once_and_matches(cls):
     m = _make(cls)
-    torch.manual_seed(3)
-    args = m.example_inputs(2, 3, 9, 4)
-    ep = torch.export.export(m, tuple(_clone(args)), dynamic_shapes=_dynamic_shapes(m, args))
-    program = Program({"forward": ep}, CacheSpec([]), config=None)
+    program = Program({"forward": export_dynamic(m)}, CacheSpec([]), config=None)
     for name in ("canonicalize", "normalize"):
         program, _, _ = apply(name, program)
     out, matches, stats = apply("absorb_mla", program)

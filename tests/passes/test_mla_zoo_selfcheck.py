@@ -83,13 +83,18 @@ def _clone(args):
     return [a.clone() for a in args]
 
 
+def export_dynamic(m):
+    """torch.export of the module with batch, new tokens and cache length dynamic."""
+    torch.manual_seed(3)
+    args = m.example_inputs(2, 3, 9, 4)
+    return torch.export.export(m, tuple(_clone(args)), dynamic_shapes=_dynamic_shapes(m, args))
+
+
 @pytest.mark.parametrize("cls", ZOO, ids=lambda c: c.__name__)
 @torch.no_grad()
 def test_exports_dynamic(cls):
     m = _make(cls)
-    torch.manual_seed(3)
-    args = m.example_inputs(2, 3, 9, 4)
-    ep = torch.export.export(m, tuple(_clone(args)), dynamic_shapes=_dynamic_shapes(m, args))
+    ep = export_dynamic(m)
     em = ep.module()
     for shape in [(2, 3, 9, 4), (1, 2, 13, 7), (3, 1, 6, 5), (2, 4, 16, 0)]:
         call = m.example_inputs(*shape)
