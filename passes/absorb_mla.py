@@ -182,7 +182,8 @@ def _k_layout(ep, K, V):
         whole = c.args[0]
         dc = int(val(c).shape[-1])
         if val(whole).ndim == 3 and c.args[1] % 3 == 2 and r.args[1] % 3 == 2 and tuple(c.args[2:4]) == (0, dc):
-            if r.args[2] == dc and not r_sq and val(r).ndim == 3:
+            width = int(val(whole).shape[-1])  # the kernel reads every feature: nothing after k_pe
+            if r.args[2] == dc and not r_sq and val(r).ndim == 3 and width == dc + int(val(r).shape[-1]):
                 latent = whole
     fields = dict(dec=kv[0], k_pe=rope[0], k_pe_squeeze=r_sq, c_squeeze=c_sq, style="latent", latent=latent)
     return fields, k_roles, v_roles

@@ -30,7 +30,7 @@ from torch import fx
 
 from dsc.fx_utils import call_nodes, finalize, is_call, mutated_inputs, refresh_meta, tag, val
 from dsc.match.contraction import contraction
-from dsc.match.ops import CONTRACTIONS
+from dsc.match.ops import CONTRACTIONS, slice_bounds
 from dsc.registry import register_pass
 from dsc.verify import FP32_REASSOC
 
@@ -63,17 +63,6 @@ def _order(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
-def _slice_bounds(s: fx.Node, size):
-    a = s.args[2] if len(s.args) > 2 else 0
-    b = s.args[3] if len(s.args) > 3 else size
-    step = s.args[4] if len(s.args) > 4 else 1
-    if isinstance(b, int) and isinstance(size, int):
-        b = min(b, size)
-    elif isinstance(b, int) and b >= 2**62:
-        b = size
-    return a, b, step
-
-
 def assemble_cats(ep, declined: list) -> int:
     g, order, n_changed = ep.graph, _order(ep.graph), 0
     for buf in [n for n in g.nodes if is_call(n, *FRESH)]:
@@ -89,11 +78,10 @@ def assemble_cats(ep, declined: list) -> int:
         if not slices or len(copies) != len(slices) or len({s.args[1] % len(shape) for s in slices}) != 1:
             continue
         d = slices[0].args[1] % len(shape)
-        spans = sorted(((*_slice_bounds(s, shape[d]), s, c) for s, c in zip(slices, copies)), key=lambda x: str(x[0]))
-        try:
-            spans = sorted(spans, key=lambda x: int(x[0]))
-        except TypeError:
-            continue
+        spans = [(*slice_bounds(s, shape[d]), s, c) for s, c in zip(slices, copies)]
+        if not all(isinstance(x[0], int) for x in spans):
+            continue  # symbolic starts: the tiling cannot be ordered here
+        spans.sort(key=lambda x: x[0])
         edges = [0] + [x[1] for x in spans]
         if any(x[2] != 1 for x in spans) or [x[0] for x in spans] != edges[:-1] or str(edges[-1]) != str(shape[d]):
             continue  # the copies must tile the dim exactly
@@ -145,7 +133,7 @@ def canonical_cache_writes(ep, declined: list) -> int:
             s, src = n.args[0], n.args[1]
             cache = s.args[0]
             d = s.args[1] % val(cache).ndim
-            a, b, step = _slice_bounds(s, val(cache).shape[d])
+            a, b, step = slice_bounds(s, val(cache).shape[d])
             if step != 1:
                 declined.append(f"{n.name}: strided slice write")
                 continue

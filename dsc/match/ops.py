@@ -80,3 +80,16 @@ def same_size(a, b) -> bool:
 def squeezed_shape(shape) -> list:
     """The sizes that are not a literal 1."""
     return [s for s in shape if str(s) != "1"]
+
+
+def slice_bounds(s: fx.Node, size) -> tuple:
+    """(start, end, step) of ``aten.slice.Tensor`` node s over a dim of ``size``; an open end
+    (torch.export writes 2**63 - 1) is the size."""
+    a = s.args[2] if len(s.args) > 2 else 0
+    b = s.args[3] if len(s.args) > 3 else size
+    step = s.args[4] if len(s.args) > 4 else 1
+    if isinstance(b, int) and isinstance(size, int):
+        b = min(b, size)
+    elif isinstance(b, int) and b >= 2**62:
+        b = size
+    return a, b, step

@@ -20,7 +20,7 @@ from torch import fx
 
 from dsc.fx_utils import constant_of, is_call, val
 from dsc.match.contraction import contraction
-from dsc.match.ops import RESHAPES, SPLITS, peel, perm_of, strip
+from dsc.match.ops import RESHAPES, SPLITS, peel, perm_of, slice_bounds, strip
 
 aten = torch.ops.aten
 
@@ -105,9 +105,8 @@ def _weight_expr(ep, w) -> tuple[WeightRows, list[int]] | None:
         return None
     a, b = 0, stride
     if sl is not None:
-        a = sl.args[2] if len(sl.args) > 2 else 0
-        b = min(sl.args[3] if len(sl.args) > 3 else stride, stride)
-        if not (isinstance(a, int) and isinstance(b, int)) or (len(sl.args) > 4 and sl.args[4] != 1):
+        a, b, step = slice_bounds(sl, stride)
+        if not (isinstance(a, int) and isinstance(b, int)) or step != 1:
             return None
     return WeightRows(base.args[0], H, stride, a, b - a), perm
 
@@ -121,9 +120,9 @@ def _einsum_projection(ep, n) -> HeadProj | None:
     got = _weight_expr(ep, n.args[1][1])
     if got is None:
         return None
-    rows, _ = got
-    lx, lw = con.letters[0], _letters_of_expr(n)
-    if lw is None or len(lx) != 3 or len(con.contracted) != 1 or lx[-1] != lw[2] or lw[2] not in con.contracted:
+    rows, perm = got
+    lx, lw = con.letters[0], _over_hdc(n, perm)
+    if len(lx) != 3 or len(con.contracted) != 1 or lx[-1] != lw[2] or lw[2] not in con.contracted:
         return None
     canonical = lx[:2] + lw[:2]  # (b, t, h, d)
     if sorted(canonical) != sorted(con.out):
@@ -131,12 +130,9 @@ def _einsum_projection(ep, n) -> HeadProj | None:
     return HeadProj(con.ops[0], rows, [canonical.index(ch) for ch in con.out])
 
 
-def _letters_of_expr(n) -> str | None:
-    """The einsum letters of operand 1 over the weight expression's (h, d, c) dims."""
-    eq = n.args[0].replace(" ", "")
-    lw = eq.split("->")[0].split(",")[1]
-    got = peel(n.args[1][1])
-    perm = got[1]
+def _over_hdc(n, perm: list[int]) -> str:
+    """The einsum letters of operand 1, reordered over the weight expression's (h, d, c) dims."""
+    lw = n.args[0].replace(" ", "").split("->")[0].split(",")[1]
     out = [""] * 3
     for i, p in enumerate(perm):
         out[p] = lw[i]
@@ -175,12 +171,11 @@ def slice_part(ep, n) -> HeadProj | None:
     if not is_call(n, aten.slice.Tensor) or len(n.args) < 3:
         return None
     whole = head_projection(ep, n.args[0])
-    if whole is None or whole.perm[n.args[1] % 4] != 3 or (len(n.args) > 4 and n.args[4] != 1):
+    if whole is None or whole.perm[n.args[1] % 4] != 3:
         return None
     r = whole.rows
-    a = n.args[2]
-    b = min(n.args[3], r.size) if len(n.args) > 3 else r.size
-    if not (isinstance(a, int) and isinstance(b, int)) or not 0 <= a < b:
+    a, b, step = slice_bounds(n, r.size)
+    if not (isinstance(a, int) and isinstance(b, int)) or step != 1 or not 0 <= a < b:
         return None
     return HeadProj(whole.x, WeightRows(r.weight, r.heads, r.stride, r.offset + a, b - a), whole.perm)
 
