@@ -131,9 +131,8 @@ class BenchResult:
 
 
 def build_variants(cfg: BenchConfig, on_event=print):
-    from dsc.capture import capture
+    from dsc.frontends.reference import capture, load_model
     from dsc.pass_manager import run_pipeline, select_passes
-    from dsc.sources import load_model
 
     model, _ = load_model(cfg.model)
     variants = {}

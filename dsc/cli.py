@@ -41,8 +41,8 @@ def _fmt_bytes(n: float) -> str:
 
 # ---- info ---------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
+    from dsc.frontends.reference import resolve_config
     from dsc.model.stats import info
-    from dsc.sources import resolve_config
 
     data = info(resolve_config(args.model))
     if args.json:
@@ -125,7 +125,7 @@ def cmd_optimize(args) -> int:
         result = optimize(
             args.model, _split(args.passes), _split(args.disable_pass), verify=not args.no_verify,
             trust_pickle=args.trust_pickle, on_event=on_event, options=args.pass_option, machine=machine,
-            dump_dir=Path(args.dump_dir) if args.dump_dir else None,
+            dump_dir=Path(args.dump_dir) if args.dump_dir else None, frontend=args.frontend,
         )  # fmt: skip
         on_event("stage", f"writing {args.output}")
         write_output(result, args.output, force=args.force)
@@ -153,21 +153,32 @@ def cmd_optimize(args) -> int:
 
 # ---- generate -----------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from pathlib import Path
-
+    from dsc.frontends import load
     from dsc.program import MANIFEST, Program
-    from dsc.runtime import EagerBackend, SamplingParams, generate
-    from dsc.sources import load_model
+    from dsc.runtime import SamplingParams, generate
     from dsc.tokenizer import ByteTokenizer
 
+    if bool(args.prompt) == bool(args.prompt_tokens):
+        raise DscError("give the prompts as --prompt TEXT or as --prompt-tokens IDS (one of the two, repeatable)")
     if args.model and (Path(args.model) / MANIFEST).exists():
+        if args.frontend:
+            raise DscError(f"{args.model} is a compiled Program; --frontend is for loading a model, leave it out")
         backend = Program.load(args.model)
     else:
-        backend = EagerBackend(load_model(args.model, trust_pickle=args.trust_pickle)[0])
-    tok = ByteTokenizer.for_config(backend.config)
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    res = generate(backend, [tok.encode(p) for p in args.prompt], params)
-    texts = [tok.decode(t) for t in res.tokens]
+        backend = load(args.model, args.frontend, trust_pickle=args.trust_pickle).eager()
+    tok = None
+    if args.prompt:
+        if backend.config.vocab_size < 256:
+            raise DscError(
+                f"this model's vocabulary ({backend.config.vocab_size} ids) is not byte-level; give --prompt-tokens"
+            )
+        tok = ByteTokenizer.for_config(backend.config)
+        prompts = [tok.encode(p) for p in args.prompt]
+    else:
+        prompts = [_token_ids(p, backend.config.vocab_size) for p in args.prompt_tokens]
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, not args.ignore_eos)
+    res = generate(backend, prompts, params)
+    texts = [tok.decode(t) if tok else None for t in res.tokens]
     if args.json:
         if len(texts) == 1:
             print(json.dumps({"text": texts[0], "tokens": res.tokens[0], "stats": res.stats}))
@@ -175,12 +186,25 @@ def cmd_generate(args) -> int:
             rows = [{"text": x, "tokens": t} for x, t in zip(texts, res.tokens)]
             print(json.dumps({"results": rows, "stats": res.stats}))
         return 0
-    for p, x in zip(args.prompt, texts):
-        print(p + x)
+    for p, x, t in zip(args.prompt or args.prompt_tokens, texts, res.tokens):
+        print(p + x if tok else f"{p} -> {','.join(map(str, t))}")
     console.print(
         f"{res.stats['new_tokens']} tokens, {res.stats['ms_per_step']} ms/step, {res.stats['tokens_per_s']} tok/s"
     )
     return 0
+
+
+def _token_ids(text: str, vocab: int) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DscError(f"--prompt-tokens {text!r}: write comma-separated integers, e.g. 5,17,3") from None
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if not ids or bad:
+        raise DscError(
+            f"--prompt-tokens {text!r}: token ids must be in 0..{vocab - 1}" + (f", got {bad}" if bad else "")
+        )
+    return ids
 
 
 # ---- diff ---------------------------------------------------------------------------------------
@@ -193,7 +217,7 @@ def cmd_diff(args) -> int:
     if args.b:
         b, label_a, label_b = load_side(args.b), args.a, args.b
     else:  # an optimize output against its input
-        b, a = a, input_of(a)
+        b, a = a, input_of(a, trust_pickle=args.trust_pickle)
         label_a, label_b = f"input ({b.provenance.get('source')})", args.a
     report, graphs = diff(a, b, label_a, label_b, args.context)
     if args.html:
@@ -319,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")
     p.add_argument(
+        "--frontend", metavar="NAME",
+        help="how the model is read: reference (default: dsc's reference model), transformers (HF's modeling code), "
+        "module:PKG.MOD:CLASS or module (your own nn.Module; see the README), pt2 (torch.export.save files)",
+    )  # fmt: skip
+    p.add_argument(
         "--target", default="h200", choices=sorted(TARGETS),
         help="machine the cost choices are made for: h200 (datasheet) or cpu (measured here); default h200",
     )  # fmt: skip
@@ -328,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diff", help="compare two saved Programs (or an optimize output against its input)")
     p.add_argument("a", help="a `dsc optimize` output directory")
+    p.add_argument("--trust-pickle", action="store_true", help="re-load a pickled input (module / pt2 frontends)")
     p.add_argument("b", nargs="?", help="another one; omitted: compare A against the model it was made from")
     p.add_argument("--context", type=int, default=4096, help="context length for the cost figures (default 4096)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -353,12 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text with a model or an optimized Program directory")
     p.add_argument("model", nargs="?", help="dsc optimize output, checkpoint, model.pt or preset (default: built-in)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument(
+        "--prompt-tokens", action="append", metavar="IDS",
+        help="a prompt as comma-separated token ids (models without a byte-level vocabulary); repeat for a batch",
+    )  # fmt: skip
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after the EOS token")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")
+    p.add_argument(
+        "--frontend", metavar="NAME",
+        help="how the model is read: reference (default: dsc's reference model), transformers (HF's modeling code), "
+        "module:PKG.MOD:CLASS or module (your own nn.Module; see the README), pt2 (torch.export.save files)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print {text, tokens, stats} as JSON")
     p.set_defaults(func=cmd_generate)
     return ap

@@ -18,16 +18,15 @@ def load_side(spec: str) -> Program:
     return Program.load(spec)
 
 
-def input_of(program: Program) -> Program:
+def input_of(program: Program, trust_pickle: bool = False) -> Program:
     """Re-capture the model an optimize output was made from (its manifest names the source)."""
-    from dsc.capture import capture
-    from dsc.sources import load_model
+    from dsc.frontends import load
 
     source = program.provenance.get("source")
     if not source:
         raise DscError("this Program does not record its input; pass both A and B")
-    model, _ = load_model(None if source == "default" else source)
-    return capture(model, source=source)
+    frontend = program.provenance.get("frontend", "reference")
+    return load(None if source == "default" else source, frontend, trust_pickle=trust_pickle).capture()
 
 
 def diff(a: Program, b: Program, label_a: str, label_b: str, context: int = 4096) -> tuple[dict, dict]:

@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from dsc.sources import load_model
+    from dsc.frontends.reference import load_model
 
     if args.ship:
         ship(Path(args.ship))

@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 
 import dsc
-from dsc.capture import capture
+from dsc.frontends import load
 from dsc.fsutil import atomic_dir
 from dsc.machine import H200, Machine
 from dsc.pass_manager import PassRecord, parse_pass_options, run_pipeline, select_passes
 from dsc.program import Program
 from dsc.report import SCHEMA_VERSION, write_report
-from dsc.sources import load_model
 
 
 @dataclass
@@ -51,19 +50,23 @@ def optimize(
     on_event: Callable[[str, str], None] | None = None,
     options: list[str] | None = None,
     machine: Machine | None = None,
+    frontend: str | None = None,
 ) -> OptimizeResult:
-    """``options``: "PASS.OPTION=VALUE" strings (``dsc optimize --pass-option``)."""
+    """``options``: "PASS.OPTION=VALUE" strings (``dsc optimize --pass-option``); ``frontend``: see
+    ``dsc.frontends`` (default: the reference model)."""
     emit = on_event or (lambda kind, msg: None)
     chosen = select_passes(passes, disable)  # bad names and options fail before any work
     pass_options = parse_pass_options(options)
     timings = {}
     t = time.perf_counter()
-    emit("stage", "loading model")
-    model, _ = load_model(model_spec, trust_pickle=trust_pickle)
+    emit("stage", f"loading model ({frontend or 'reference'} frontend)")
+    loaded = load(model_spec, frontend, trust_pickle=trust_pickle)
+    for note in loaded.notes:
+        emit("note", note)
     timings["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    emit("stage", "capturing prefill and decode with torch.export")
-    before = capture(model, source=model_spec or "default")
+    emit("stage", "capturing the entry points with torch.export")
+    before = loaded.capture()
     timings["capture_s"] = time.perf_counter() - t
     t = time.perf_counter()
     after, records = run_pipeline(
@@ -75,6 +78,8 @@ def optimize(
         "dsc_version": dsc.__version__,
         "torch_version": torch.__version__,
         "model": model_spec or "default",
+        "frontend": loaded.frontend,
+        "notes": loaded.notes,
         "verified": verify,
         "target": (machine or H200).to_dict(),
         "passes": [r.to_dict() for r in records],

@@ -68,17 +68,24 @@ class Program:
         if len(caches) != len(self.cache.tensors):
             raise DscError(f"the Program takes {len(self.cache.tensors)} cache tensors, got {len(caches)}")
         for spec, c in zip(self.cache.tensors, caches):
-            if list(c.shape[2:]) != spec.tail or c.shape[0] != tokens.shape[0] or str(c.dtype) != f"torch.{spec.dtype}":
+            want = spec.shape(tokens.shape[0], "T")
+            got = list(c.shape)
+            if (
+                c.ndim != len(want)
+                or str(c.dtype) != f"torch.{spec.dtype}"
+                or any(w != g for w, g in zip(want, got) if w != "T")
+            ):
                 raise DscError(
-                    f"cache {spec.name}: got {str(c.dtype).removeprefix('torch.')}{list(c.shape)}, expected "
-                    f"{spec.dtype}[{tokens.shape[0]}, T, {', '.join(map(str, spec.tail))}]"
+                    f"cache {spec.name}: got {str(c.dtype).removeprefix('torch.')}{got}, expected "
+                    f"{spec.dtype}[{', '.join(map(str, want))}]"
                 )
 
-    def prefill(self, tokens: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor]:
-        return self.module("prefill")(tokens, caches)
+    def prefill(self, tokens: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(logits, final hidden state or None where the captured code returns only logits)."""
+        return logits_hidden(self.module("prefill")(tokens, caches))
 
-    def decode(self, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor]:
-        return self.module("decode")(tokens, positions, caches)
+    def decode(self, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        return logits_hidden(self.module("decode")(tokens, positions, caches))
 
     def mtp(self, hidden: Tensor, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> Tensor:
         return self.module("mtp")(hidden, tokens, positions, caches)
@@ -187,6 +194,12 @@ class Program:
             ModelConfig.from_dict(manifest["config"]),
             manifest.get("provenance", {}),
         )
+
+
+def logits_hidden(out) -> tuple[Tensor, Tensor | None]:
+    if isinstance(out, Tensor):
+        return out, None
+    return out[0], (out[1] if len(out) > 1 else None)
 
 
 def clone_entry(ep: ExportedProgram) -> ExportedProgram:

@@ -2,7 +2,8 @@
 
 Both expose ``prefill(tokens, caches)``, ``decode(tokens, positions, caches)`` and a CacheSpec; the
 runtime allocates the caches once at (batch, prompt + new tokens) and hands each call a view
-``cache[:, :T]`` of the current context, so a step reads O(T) and writes only its new positions.
+``cache[:, :T]`` of the current context (``CacheSpec.window``), so a step reads O(T) and writes only
+its new positions.
 
 Batches of different prompt lengths are right-padded: every row is at its own positions, attention
 is causal by position, and a row's first decode step overwrites its padding slot before any query
@@ -17,22 +18,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dsc.capture import cache_spec_of
 from dsc.errors import DscError
-from dsc.model.model import DeepseekV32ForCausalLM
+from dsc.program import logits_hidden
 
 
 class EagerBackend:
-    """The reference model behind the Program interface."""
+    """Eager code behind the Program interface: the reference model, or any frontend's model with
+    the entry-point protocol (``prefill`` / ``decode`` [/ ``mtp``]) and its CacheSpec."""
 
-    def __init__(self, model: DeepseekV32ForCausalLM):
-        self.model, self.config, self.cache = model, model.config, cache_spec_of(model)
+    def __init__(self, model, cache=None, config=None):
+        if cache is None:
+            from dsc.frontends.reference import cache_spec_of
+
+            cache = cache_spec_of(model)
+        self.model, self.cache, self.config = model, cache, config if config is not None else model.config
 
     def prefill(self, tokens, caches):
-        return self.model.prefill(tokens, caches)
+        return logits_hidden(self.model.prefill(tokens, caches))
 
     def decode(self, tokens, positions, caches):
-        return self.model.decode(tokens, positions, caches)
+        return logits_hidden(self.model.decode(tokens, positions, caches))
 
     def mtp(self, hidden, tokens, positions, caches):
         return self.model.mtp(hidden, tokens, positions, caches)
@@ -85,6 +90,12 @@ def generate(backend, prompts: list[list[int]], params: SamplingParams) -> Gener
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts])
     P = int(lens.max())
+    if backend.cache.shared_positions and int(lens.min()) != P:
+        raise DscError(
+            "this model's cache writes every row of a batch at the same positions (a transformers StaticCache), "
+            f"so a batch needs prompts of one length; got lengths {sorted(set(lens.tolist()))}. "
+            "Run them one at a time or pad them to one length."
+        )
     total = P + params.max_new_tokens
     if total > cfg.max_position_embeddings:
         raise DscError(
@@ -100,7 +111,7 @@ def generate(backend, prompts: list[list[int]], params: SamplingParams) -> Gener
     gen = torch.Generator().manual_seed(params.seed)
 
     t0 = time.perf_counter()
-    logits, _ = backend.prefill(tokens, [c[:, :P] for c in caches])
+    logits, _ = backend.prefill(tokens, backend.cache.window(caches, P))
     last = logits[torch.arange(B), lens - 1]  # (B, V): each row's own last position
     t_prefill = time.perf_counter() - t0
 
@@ -119,7 +130,7 @@ def generate(backend, prompts: list[list[int]], params: SamplingParams) -> Gener
             break
         t1 = time.perf_counter()
         T = int(positions.max()) + 1
-        logits, _ = backend.decode(nxt[:, None], positions[:, None], [c[:, :T] for c in caches])
+        logits, _ = backend.decode(nxt[:, None], positions[:, None], backend.cache.window(caches, T))
         step_times.append(time.perf_counter() - t1)
         last = logits[:, -1]
         positions += 1

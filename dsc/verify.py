@@ -90,17 +90,17 @@ def run_scenario(program, scenario: Scenario) -> dict[str, Tensor]:
     caches = program.cache.allocate(scenario.batch, scenario.total_len)
     P = scenario.prompt.shape[1]
     out = {}
-    logits, hidden = program.prefill(scenario.prompt, [c[:, :P] for c in caches])
+    logits, hidden = program.prefill(scenario.prompt, program.cache.window(caches, P))
     out["prefill.logits"] = logits.clone()
     if "mtp" in getattr(program, "entries", {"mtp": None}) and program.config.num_nextn_predict_layers:
         # the draft module over the prompt: h_i with t_{i+1}, positions 0..P-2
         pos = torch.arange(P - 1).expand(scenario.batch, P - 1)
         out["mtp.logits"] = program.mtp(
-            hidden[:, :-1], scenario.prompt[:, 1:], pos, [c[:, : P - 1] for c in caches]
+            hidden[:, :-1], scenario.prompt[:, 1:], pos, program.cache.window(caches, P - 1)
         ).clone()
     for i, (toks, pos) in enumerate(scenario.steps):
         T = int(pos.max()) + 1
-        logits, _ = program.decode(toks, pos, [c[:, :T] for c in caches])
+        logits, _ = program.decode(toks, pos, program.cache.window(caches, T))
         out[f"decode[{i}](S={toks.shape[1]}).logits"] = logits.clone()
     for spec, c in zip(program.cache.tensors, caches):
         out[f"cache.{spec.name}"] = c

@@ -7,16 +7,18 @@ so an existing checkpoint is never half-overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from dsc.model.config import ModelConfig
+from dsc.model.config import MODEL_TYPES, ModelConfig
 from dsc.model.fp8 import FP8, block_dequant, scale_shape
 from dsc.model.model import DeepseekV32ForCausalLM
 from safetensors import SafetensorError, safe_open
@@ -39,6 +41,7 @@ class Checkpoint:
     tensors: dict[str, Tensor]
     source: str = ""
     metadata: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the loader inferred or left out (also logged)
 
     @property
     def fp8_weights(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -77,6 +80,8 @@ def validate_tensors(cfg: ModelConfig, tensors: dict[str, Tensor], source: str) 
         problems.append(f"missing keys: {_fmt_keys(missing)}")
     if unexpected or orphan:
         problems.append(f"unexpected keys: {_fmt_keys(unexpected + orphan)}")
+    if not cfg.has_indexer and any(".indexer." in k for k in unexpected):
+        problems.insert(0, f"these are DeepSeek-V3.2 indexer weights, but config.json says model_type {cfg.model_type!r}")
     for k, t in weights.items():
         if k not in expected:
             continue
@@ -101,6 +106,54 @@ def validate_tensors(cfg: ModelConfig, tensors: dict[str, Tensor], source: str) 
             + "\n  - ".join(shown)
             + "\nCheck that config.json belongs to these weights."
         )
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def reconcile(
+    cfg: ModelConfig, tensors: dict[str, Tensor], source: str
+) -> tuple[ModelConfig, dict[str, Tensor], list[str]]:
+    """What the weights say and the config does not: HF's fused in-memory experts are split into the
+    checkpoint's per-expert names, and the MTP layer count is taken from the weights when the config
+    leaves it unset (or declares layers that transformers' ``save_pretrained`` dropped). Each such
+    decision is returned as a note and logged."""
+    tensors, notes = unfuse_experts(tensors), []
+    n_main = cfg.num_hidden_layers
+    found = len({int(m.group(1)) for k in tensors if (m := _LAYER.match(k)) and int(m.group(1)) >= n_main})
+    if "num_nextn_predict_layers" in cfg.absent:
+        notes.append(
+            f"config.json does not set num_nextn_predict_layers; the weights hold {found} MTP layer(s), so dsc uses {found}"
+        )
+        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=found)
+    elif found == 0 and cfg.num_nextn_predict_layers:
+        notes.append(
+            f"config.json declares num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the checkpoint holds no MTP "
+            "weights (transformers' save_pretrained drops them); loading without MTP, so there is no `mtp` entry point"
+        )
+        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    for n in notes:
+        log.warning("%s: %s", source, n)
+    return cfg, tensors, notes
+
+
+def unfuse_experts(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers 5 holds a MoE layer's experts fused in memory: ``experts.gate_up_proj`` (E, 2I, D)
+    (gate rows first) and ``experts.down_proj`` (E, D, I). Checkpoints name them per expert."""
+    out = {}
+    for k, t in tensors.items():
+        if k.endswith(".experts.gate_up_proj") and t.ndim == 3:
+            base = k.removesuffix("gate_up_proj")
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate[e], up[e]
+        elif k.endswith(".experts.down_proj") and t.ndim == 3:
+            base = k.removesuffix("down_proj")
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = t[e]
+        else:
+            out[k] = t
+    return out
 
 
 # ---- HF directories -----------------------------------------------------------------------------
@@ -142,8 +195,9 @@ def load_hf(path: str | Path) -> Checkpoint:
         tensors, meta = _read_safetensors(path / "model.safetensors")
     else:
         raise CheckpointError(f"{path} has neither model.safetensors nor {INDEX_FILE}")
+    cfg, tensors, notes = reconcile(cfg, tensors, str(path))
     validate_tensors(cfg, tensors, str(path))
-    return Checkpoint(cfg, tensors, str(path), meta)
+    return Checkpoint(cfg, tensors, str(path), meta, notes)
 
 
 def save_hf(ckpt: Checkpoint, dest: str | Path, max_shard_bytes: int | None = None, overwrite: bool = False) -> None:
@@ -197,15 +251,32 @@ def load_pt(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable torch.save file ({e})") from None
-    if isinstance(obj, DeepseekV32ForCausalLM):
-        obj = {"config": obj.config.to_dict(), "state_dict": obj.state_dict()}
+    if isinstance(obj, torch.nn.Module):
+        obj = _module_checkpoint(obj, path)
     if not (isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("state_dict"), dict)):
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f'{path} must hold {{"config": dict, "state_dict": dict}}; got {got}')
     cfg = ModelConfig.from_dict(obj["config"])
-    tensors = dict(obj["state_dict"])
+    cfg, tensors, notes = reconcile(cfg, dict(obj["state_dict"]), str(path))
     validate_tensors(cfg, tensors, str(path))
-    return Checkpoint(cfg, tensors, str(path))
+    return Checkpoint(cfg, tensors, str(path), notes=notes)
+
+
+def _module_checkpoint(m: torch.nn.Module, path: Path) -> dict:
+    """A pickled model: dsc's own reference model, or an HF DeepSeek model (config + state dict)."""
+    cls = type(m)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(m, DeepseekV32ForCausalLM):
+        return {"config": m.config.to_dict(), "state_dict": m.state_dict()}
+    config = getattr(m, "config", None)
+    if cls.__module__.startswith("transformers.") and getattr(config, "model_type", None) in MODEL_TYPES:
+        return {"config": config.to_dict(), "state_dict": m.state_dict()}
+    raise CheckpointError(
+        f"{path} holds a pickled {name}, which is not a model dsc's reference frontend can load (it loads dsc's "
+        "DeepseekV32ForCausalLM and transformers' DeepseekV3/V32ForCausalLM). To compile your own module, load it "
+        "with --frontend module (it must implement the module protocol: prefill, decode, cache_spec; see the README) "
+        "or export its entry points with torch.export.save and use --frontend pt2."
+    )
 
 
 def save_pt(ckpt: Checkpoint, dest: str | Path) -> None:

@@ -1,8 +1,13 @@
-"""DeepSeek-V3.2 model configuration: the HF ``config.json`` keys of ``model_type = "deepseek_v32"``.
+"""DeepSeek-V3 / V3.2 model configuration: the HF ``config.json`` keys of ``model_type`` ``deepseek_v32``
+and ``deepseek_v3`` (V3 / V3.1 / R1: the same model without the DSA indexer).
 
 Field names are the HF keys (spec §1.1) so a config round-trips through ``config.json`` unchanged;
 keys we do not interpret (``auto_map``, ``transformers_version`` ...) are kept in ``extra`` and
-written back. ``validate`` turns inconsistent values into a ``ConfigError`` that says what to fix.
+written back. Every spelling transformers writes is read: the rope as ``rope_scaling`` (DeepSeek's
+files, transformers 4) or ``rope_parameters`` (transformers 5), with transformers' meaning of an
+absent sub-key; a config without any rope scaling has none. ``from_dict`` records which fields the
+file did not set (``absent``), so the checkpoint loader can infer them from the weights instead of
+assuming. ``validate`` turns inconsistent values into a ``ConfigError`` that says what to fix.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 from dsc.errors import ConfigError
 
 MODEL_TYPE = "deepseek_v32"
+MODEL_TYPES = {"deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 @dataclass
@@ -47,17 +53,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = field(
-        default_factory=lambda: {
-            "type": "yarn",
-            "factor": 40,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        }
-    )
+    rope_scaling: dict | None = None  # YaRN parameters, or None: plain RoPE
     max_position_embeddings: int = 163840
     index_n_heads: int = 64
     index_head_dim: int = 128
@@ -72,6 +68,8 @@ class ModelConfig:
     model_type: str = MODEL_TYPE
     architectures: list = field(default_factory=lambda: ["DeepseekV32ForCausalLM"])
     extra: dict = field(default_factory=dict)
+    # fields the config file did not set (their defaults apply unless a loader infers them)
+    absent: frozenset = field(default_factory=frozenset, compare=False, repr=False)
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -87,6 +85,11 @@ class ModelConfig:
         return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
 
     @property
+    def has_indexer(self) -> bool:
+        """DeepSeek-V3.2's DSA lightning indexer; V3 attends densely."""
+        return self.model_type == "deepseek_v32"
+
+    @property
     def yarn(self) -> dict | None:
         rs = self.rope_scaling
         if rs and rs.get("type", rs.get("rope_type")) == "yarn":
@@ -95,34 +98,57 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """MLA softmax scale: qk_head_dim^-0.5 times the YaRN mscale squared (spec §4.5)."""
+        """MLA softmax scale: qk_head_dim^-0.5 times the YaRN mscale squared (spec §4.5). As in
+        transformers, an absent (or zero) ``mscale_all_dim`` means no mscale."""
         scale = self.qk_head_dim**-0.5
-        if self.yarn is not None:
-            m = yarn_mscale(float(self.yarn["factor"]), float(self.yarn.get("mscale_all_dim", 1.0)))
+        if self.yarn is not None and self.yarn.get("mscale_all_dim"):
+            m = yarn_mscale(float(self.yarn["factor"]), float(self.yarn["mscale_all_dim"]))
             scale *= m * m
         return scale
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """YaRN's cos/sin magnitude (transformers' ``attention_factor``): mscale(s, mscale) /
+        mscale(s, mscale_all_dim) when both are set (1 for DeepSeek's configs, spec §3), else
+        mscale(s, 1)."""
+        ys = self.yarn
+        if ys is None:
+            return 1.0
+        if ys.get("attention_factor") is not None:
+            return float(ys["attention_factor"])
+        factor = float(ys["factor"])
+        if ys.get("mscale") and ys.get("mscale_all_dim"):
+            return yarn_mscale(factor, float(ys["mscale"])) / yarn_mscale(factor, float(ys["mscale_all_dim"]))
+        return yarn_mscale(factor)
 
     # ---- (de)serialisation --------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
-        if d.get("model_type") != MODEL_TYPE:
+        if d.get("model_type") not in MODEL_TYPES:
             raise ConfigError(
-                f"config model_type is {d.get('model_type')!r}; dsc compiles {MODEL_TYPE!r} models "
-                "(DeepSeek-V3.2 / V3.2-Exp). Check that this is a DeepSeek-V3.2 config.json."
+                f"config model_type is {d.get('model_type')!r}; dsc compiles {' and '.join(map(repr, MODEL_TYPES))} "
+                "models (DeepSeek-V3.2 / V3.2-Exp, DeepSeek-V3 / V3.1 / R1). Check that this is a DeepSeek config.json."
             )
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        _read_rope(d)
+        if d.get("num_nextn_predict_layers", 0) is None:  # transformers writes null for "not set"
+            del d["num_nextn_predict_layers"]
+        if d.get("torch_dtype") is None and d.get("dtype") is not None:  # transformers 5's spelling
+            d["torch_dtype"] = d.pop("dtype")
+        if "architectures" not in d or not d["architectures"]:
+            d["architectures"] = [MODEL_TYPES[d["model_type"]]]
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "absent"}
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
-        cfg = cls(**kwargs, extra=d)
+        cfg = cls(**kwargs, extra=d, absent=frozenset(known - set(kwargs)))
         cfg.validate()
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        extra = d.pop("extra")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "absent")}
+        d = json.loads(json.dumps(d))  # a deep copy of plain data
         if d["quantization_config"] is None:
             d.pop("quantization_config")
-        return {**d, **extra}
+        return {**d, **self.extra}
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
@@ -177,6 +203,7 @@ class ModelConfig:
             per_group >= 2 or self.n_group == 1,
             "group-limited routing needs >= 2 experts per group (top-2 group score)",
         )
+        self._validate_layer_types(need)
         need(
             self.scoring_func == "sigmoid",
             f"scoring_func must be 'sigmoid' for deepseek_v32, got {self.scoring_func!r}",
@@ -184,17 +211,22 @@ class ModelConfig:
         need(self.topk_method == "noaux_tc", f"topk_method must be 'noaux_tc', got {self.topk_method!r}")
         need(self.hidden_act == "silu", f"hidden_act must be 'silu', got {self.hidden_act!r}")
         need(self.num_key_value_heads == self.num_attention_heads, "MLA has num_key_value_heads == num_attention_heads")
-        d = self.index_head_dim
-        need(d & (d - 1) == 0, f"index_head_dim must be a power of two (Hadamard rotation), got {d}")
-        need(d >= self.qk_rope_head_dim, f"index_head_dim ({d}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim})")
+        if self.has_indexer:
+            d = self.index_head_dim
+            need(d & (d - 1) == 0, f"index_head_dim must be a power of two (Hadamard rotation), got {d}")
+            need(
+                d >= self.qk_rope_head_dim,
+                f"index_head_dim ({d}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim})",
+            )
         need(0 < self.rms_norm_eps < 1, f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
         need(not self.tie_word_embeddings, "tie_word_embeddings must be false for DeepSeek-V3.2")
         rs = self.rope_scaling
         if rs is not None:
+            need(isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")
             kind = rs.get("type", rs.get("rope_type"))
-            need(kind == "yarn", f"rope_scaling type must be 'yarn', got {kind!r}")
-            for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
-                need(k in rs, f"rope_scaling is missing {k!r}")
+            need(kind == "yarn", f"rope_scaling type must be 'yarn' (or none at all), got {kind!r}")
+            for k in ("factor", "original_max_position_embeddings"):
+                need(rs.get(k) is not None, f"rope_scaling is missing {k!r}")
             need(float(rs["factor"]) >= 1, f"rope_scaling.factor must be >= 1, got {rs['factor']}")
         qc = self.quantization_config
         if qc is not None:
@@ -203,6 +235,50 @@ class ModelConfig:
             )
             need(qc.get("fmt", "e4m3") == "e4m3", f"only fp8 fmt 'e4m3' is supported, got {qc.get('fmt')!r}")
             need(list(qc.get("weight_block_size", [128, 128])) == [128, 128], "weight_block_size must be [128, 128]")
+
+    def _validate_layer_types(self, need) -> None:
+        """transformers 5 spells the layer kinds out per layer; they must agree with the fields dsc reads."""
+        n = self.num_hidden_layers
+        mlp = self.extra.get("mlp_layer_types")
+        if mlp is not None:
+            want = ["sparse" if self.is_moe_layer(i) else "dense" for i in range(n)]
+            need(
+                list(mlp) == want,
+                f"mlp_layer_types {mlp} disagrees with first_k_dense_replace={self.first_k_dense_replace} / "
+                f"moe_layer_freq={self.moe_layer_freq} (which give {want}); make them agree",
+            )
+        kinds = self.extra.get("layer_types")
+        if kinds is not None:
+            want_kind = "indexed_attention" if self.has_indexer else "full_attention"
+            need(
+                len(kinds) == n and set(kinds) <= {want_kind},
+                f"layer_types must be {n} x {want_kind!r} for {self.model_type}, got {sorted(set(kinds))}",
+            )
+
+
+def _read_rope(d: dict) -> None:
+    """Fold transformers 5's ``rope_parameters`` into ``rope_theta`` / ``rope_scaling`` (in place).
+    No rope spelling at all means plain RoPE, never a default YaRN."""
+    rp = d.pop("rope_parameters", None)
+    if rp is None:
+        d.setdefault("rope_scaling", None)
+        return
+    if not isinstance(rp, dict):
+        raise ConfigError(f"rope_parameters must be an object, got {rp!r}")
+    if "rope_theta" in rp:
+        if "rope_theta" in d and float(d["rope_theta"]) != float(rp["rope_theta"]):
+            raise ConfigError(
+                f"rope_theta {d['rope_theta']} disagrees with rope_parameters.rope_theta {rp['rope_theta']}; keep one"
+            )
+        d["rope_theta"] = rp["rope_theta"]
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    scaling = None if kind == "default" else {k: v for k, v in rp.items() if k != "rope_theta"} | {"type": kind}
+    old = d.get("rope_scaling")
+    if old is not None:
+        clash = sorted(k for k in old if k not in ("type", "rope_type") and (scaling or {}).get(k, old[k]) != old[k])
+        if scaling is None or clash:
+            raise ConfigError(f"rope_scaling {old} disagrees with rope_parameters {rp} ({clash or 'type'}); keep one")
+    d["rope_scaling"] = old if old is not None else scaling
 
 
 def yarn_mscale(factor: float, mscale_all_dim: float = 1.0) -> float:
@@ -316,6 +392,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),  # fmt: skip
     # The exact 671B config (spec §1.1): meta device only, for shape and cost analysis.
     "deepseek-v3.2": dict(
+        rope_scaling=_yarn(40, 4096),
         quantization_config={
             "activation_scheme": "dynamic",
             "fmt": "e4m3",

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import dsc.kernels.moe  # noqa: F401  (registers dsc::moe_experts)
 import torch
 import torch.nn.functional as F
+from dsc.errors import ConfigError
 from dsc.model.config import ModelConfig
 from dsc.model.rope import apply_rope_half, apply_rope_interleaved, rope_table
 from torch import Tensor, nn
@@ -41,19 +42,24 @@ class CacheEntry:
 
 
 def cache_layout(cfg: ModelConfig) -> list[CacheEntry]:
-    """The reference model's cache tensors, in the order entry points take them."""
+    """The reference model's cache tensors, in the order entry points take them (V3 has no indexer keys)."""
     H = cfg.num_attention_heads
     out = []
     for layer in range(cfg.num_layers_total):
         out += [
             CacheEntry(f"layers.{layer}.k", layer, (H, cfg.qk_head_dim), "per-head key: [k_nope ; RoPE(k_pe)]"),
             CacheEntry(f"layers.{layer}.v", layer, (H, cfg.v_head_dim), "per-head value"),
-            CacheEntry(
-                f"layers.{layer}.index_k", layer, (cfg.index_head_dim,),
-                "indexer key: Hadamard(RoPE(LayerNorm(wk x)))",
-            ),
-        ]  # fmt: skip
+        ]
+        if cfg.has_indexer:
+            out.append(
+                CacheEntry(f"layers.{layer}.index_k", layer, (cfg.index_head_dim,),
+                           "indexer key: Hadamard(RoPE(LayerNorm(wk x)))")
+            )  # fmt: skip
     return out
+
+
+def caches_per_layer(cfg: ModelConfig) -> int:
+    return 3 if cfg.has_indexer else 2
 
 
 def hadamard_matrix(n: int) -> Tensor:
@@ -149,12 +155,12 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = _linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim))
         self.o_proj = _linear(self.n_heads * self.v_dim, cfg.hidden_size)
-        self.indexer = Indexer(cfg)
+        self.indexer = Indexer(cfg) if cfg.has_indexer else None  # V3: dense attention
         # Training / analysis switches (plain attributes, constant under export):
         self.sparse = True  # False: dense attention (the indexer still scores, for its KL warm-up)
         self.aux: list | None = None  # when a list, each forward appends its attention and index scores
 
-    def forward(self, x, cos, sin, positions, visible, cache_k, cache_v, cache_ik) -> Tensor:
+    def forward(self, x, cos, sin, positions, visible, cache_k, cache_v, cache_ik=None) -> Tensor:
         B, S, _ = x.shape
         H = self.n_heads
         qr = self.q_a_layernorm(self.q_a_proj(x))  # (B, S, q_lora_rank)
@@ -172,11 +178,13 @@ class MLA(nn.Module):
 
         # In training the indexer learns only from its KL loss: its inputs are detached (spec §5.4).
         xi, qri = (x.detach(), qr.detach()) if self.training else (x, qr)
-        index_scores = self.indexer.scores(xi, qri, cos, sin, positions, cache_ik)  # (B, S, T)
-        if self.sparse:
+        index_scores = None
+        if self.indexer is not None:
+            index_scores = self.indexer.scores(xi, qri, cos, sin, positions, cache_ik)  # (B, S, T)
+        if self.sparse and self.indexer is not None:
             index_mask = self.indexer.select_mask(index_scores, visible)
         else:
-            index_mask = torch.zeros_like(index_scores).masked_fill(~visible, NEG_INF)
+            index_mask = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, NEG_INF)
         q = torch.cat((q_nope, q_pe), dim=-1)
         scores = torch.einsum("bshd,bthd->bsht", q.float(), cache_k.float()) * self.softmax_scale
         probs = (scores + index_mask.unsqueeze(2)).softmax(dim=-1)  # (B, S, H, T)
@@ -310,6 +318,11 @@ class DeepseekV32ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
+        if cfg.extra.get("rope_interleave", True) is False:
+            raise ConfigError(
+                "rope_interleave is false: this checkpoint's MLA rope is laid out half-split, which dsc's reference "
+                "model does not implement (DeepSeek's checkpoints are interleaved); compile it with --frontend transformers"
+            )
         self.config = cfg
         self.model = DeepseekV32Model(cfg)
         self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size)
@@ -357,8 +370,9 @@ class DeepseekV32ForCausalLM(nn.Module):
         cos, sin = self._rope_at(positions)
         visible = self._visible(positions, caches[0].shape[1])
         h = self.model.embed_tokens(tokens)
+        n = caches_per_layer(self.config)
         for i in range(self.config.num_hidden_layers):
-            h = self.model.layers[i](h, cos, sin, positions, visible, caches[3 * i : 3 * i + 3])
+            h = self.model.layers[i](h, cos, sin, positions, visible, caches[n * i : n * (i + 1)])
         h = self.model.norm(h)
         return self.lm_head(h), h
 
@@ -369,8 +383,9 @@ class DeepseekV32ForCausalLM(nn.Module):
         layer = self.config.num_hidden_layers + depth
         cos, sin = self._rope_at(positions)
         visible = self._visible(positions, caches[0].shape[1])
+        n = caches_per_layer(self.config)
         return self.model.layers[layer].predict(
-            hidden, next_tokens, cos, sin, positions, visible, caches[3 * layer : 3 * layer + 3]
+            hidden, next_tokens, cos, sin, positions, visible, caches[n * layer : n * (layer + 1)]
         )
 
     # ---- entry points -------------------------------------------------------------------------

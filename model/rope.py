@@ -27,8 +27,11 @@ def yarn_inv_freq(cfg: ModelConfig) -> Tensor:
     def corr_dim(rotations: float) -> float:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(corr_dim(float(ys["beta_fast"]))), 0)
-    high = min(math.ceil(corr_dim(float(ys["beta_slow"]))), dim - 1)
+    # transformers' defaults for the optional keys: beta 32 / 1, the correction range truncated
+    low, high = corr_dim(float(ys.get("beta_fast") or 32)), corr_dim(float(ys.get("beta_slow") or 1))
+    if ys.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
@@ -36,11 +39,13 @@ def yarn_inv_freq(cfg: ModelConfig) -> Tensor:
 
 
 def rope_table(cfg: ModelConfig, device=None) -> tuple[Tensor, Tensor]:
-    """(cos, sin), each (max_position_embeddings, r/2) float32."""
+    """(cos, sin), each (max_position_embeddings, r/2) float32, scaled by YaRN's attention factor
+    (1 for DeepSeek's configs)."""
     inv = yarn_inv_freq(cfg).to(device)
     pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=device)
     ang = torch.outer(pos, inv)
-    return ang.cos(), ang.sin()
+    a = cfg.rope_attention_factor
+    return (ang.cos(), ang.sin()) if a == 1 else (ang.cos() * a, ang.sin() * a)
 
 
 def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

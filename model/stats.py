@@ -39,11 +39,12 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 def cache_values_per_token(cfg: ModelConfig) -> dict[str, int]:
     """Cached values per token per layer: the reference layout and the absorbed (latent) layout."""
+    index_keys = cfg.index_head_dim if cfg.has_indexer else 0
     per_layer_ref = sum(math.prod(e.tail) for e in cache_layout(cfg) if e.layer == 0)
     return {
-        "per_head_kv": per_layer_ref - cfg.index_head_dim,
+        "per_head_kv": per_layer_ref - index_keys,
         "mla_latent": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-        "index_keys": cfg.index_head_dim,
+        "index_keys": index_keys,
     }
 
 
@@ -58,6 +59,7 @@ def info(cfg: ModelConfig) -> dict:
         "config": {
             k: getattr(cfg, k)
             for k in (
+                "model_type",
                 "hidden_size",
                 "num_hidden_layers",
                 "first_k_dense_replace",

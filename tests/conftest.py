@@ -20,7 +20,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_program(tiny):
-    from dsc.capture import capture
+    from dsc.frontends.reference import capture
 
     return capture(tiny, source="tiny")
 

@@ -191,8 +191,16 @@ def test_broken_index(ckpt, tmp_path):
 def test_wrong_model_type(ckpt, tmp_path):
     save_hf(ckpt, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="dsc compiles 'deepseek_v32' and 'deepseek_v3'"):
+        load_checkpoint(tmp_path / "m")
+
+
+def test_v3_config_on_v32_weights_names_the_indexer(ckpt, tmp_path):
+    save_hf(ckpt, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg | {"model_type": "deepseek_v3"}))
-    with pytest.raises(ConfigError, match="dsc compiles 'deepseek_v32'"):
+    with pytest.raises(CheckpointError, match="DeepSeek-V3.2 indexer weights.*model_type 'deepseek_v3'"):
         load_checkpoint(tmp_path / "m")
 
 

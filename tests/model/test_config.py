@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 from dsc.model import DeepseekV32ForCausalLM, ModelConfig, preset
@@ -33,6 +34,12 @@ def test_full_config_matches_spec():
         ({"hidden_size": -1}, "hidden_size must be a positive integer"),
         ({"rope_scaling": {"type": "linear", "factor": 2}}, "yarn"),
         ({"quantization_config": {"quant_method": "awq"}}, "fp8"),
+        ({"rope_scaling": None, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "yarn"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 8, "original_max_position_embeddings": 256}},
+         "disagrees with rope_parameters"),
+        ({"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}, "rope_theta"),
+        ({"mlp_layer_types": ["dense", "dense"]}, "mlp_layer_types"),
+        ({"layer_types": ["full_attention"] * 2}, "layer_types"),
     ],
 )
 def test_inconsistent_config_is_a_clear_error(change, needle):
@@ -57,3 +64,45 @@ def test_presets():
     assert set(PRESETS) == {"tiny", "small", "demo", "deepseek-v3.2"}
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         preset("huge")
+
+
+def test_no_rope_scaling_means_none():
+    """A config.json without any rope scaling gets plain RoPE, never the 671B model's YaRN."""
+    d = {k: v for k, v in preset("tiny").to_dict().items() if k != "rope_scaling"}
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.rope_scaling is None and cfg.yarn is None and cfg.softmax_scale == cfg.qk_head_dim**-0.5
+
+
+def test_transformers5_rope_parameters_are_read():
+    yarn = {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 256, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}  # fmt: skip
+    base = {k: v for k, v in preset("tiny").to_dict().items() if k not in ("rope_scaling", "rope_theta")}
+    cfg = ModelConfig.from_dict(base | {"rope_parameters": yarn | {"rope_theta": 5000.0}})
+    assert cfg.rope_theta == 5000.0 and cfg.yarn["factor"] == 4
+    assert cfg.softmax_scale == preset("tiny").softmax_scale  # mscale_all_dim 1 enters the softmax scale
+    plain = ModelConfig.from_dict(base | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    assert plain.rope_scaling is None
+    # transformers' meaning of absent YaRN keys: no softmax mscale, cos/sin scaled by 0.1 ln(s) + 1
+    bare = ModelConfig.from_dict(base | {"rope_parameters": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 256}})
+    assert bare.softmax_scale == bare.qk_head_dim**-0.5
+    assert abs(bare.rope_attention_factor - (0.1 * math.log(4) + 1)) < 1e-12
+
+
+def test_absent_keys_are_recorded():
+    d = preset("tiny").to_dict()
+    del d["num_nextn_predict_layers"]
+    assert "num_nextn_predict_layers" in ModelConfig.from_dict(d).absent
+    assert "num_nextn_predict_layers" in ModelConfig.from_dict(d | {"num_nextn_predict_layers": None}).absent
+    assert not ModelConfig.from_dict(preset("tiny").to_dict()).absent & {"num_nextn_predict_layers", "rope_scaling"}
+
+
+def test_deepseek_v3_builds_without_indexer():
+    d = preset("tiny").to_dict() | {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}
+    m = DeepseekV32ForCausalLM(ModelConfig.from_dict(d))
+    assert not any(".indexer." in k for k in m.state_dict())
+
+
+def test_half_split_rope_is_refused_with_the_frontend_that_takes_it():
+    d = preset("tiny").to_dict() | {"model_type": "deepseek_v3", "rope_interleave": False}
+    with pytest.raises(ConfigError, match="--frontend transformers"):
+        DeepseekV32ForCausalLM(ModelConfig.from_dict(d))

@@ -5,7 +5,7 @@ import torch
 from dsc.model import DeepseekV32ForCausalLM, preset
 from torch.export import Dim
 
-from dsc.capture import _Decode, _Prefill
+from dsc.frontends.export import _Decode, _Prefill
 from tests.tolerances import TOL
 
 

@@ -13,7 +13,8 @@ transformers = __import__("pytest").importorskip("transformers")
 TOPK = 4
 
 
-def hf_model(kind: str, attn: str, seed: int = 0):
+def hf_model(kind: str, attn: str, seed: int = 0, **overrides):
+    """A tiny random transformers DeepSeek-V3 ("v3") or V3.2 ("v32") model; ``overrides``: config keys."""
     cls_cfg = transformers.DeepseekV32Config if kind == "v32" else transformers.DeepseekV3Config
     kw = dict(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -23,7 +24,7 @@ def hf_model(kind: str, attn: str, seed: int = 0):
     )  # fmt: skip
     if kind == "v32":
         kw.update(index_topk=TOPK, index_head_dim=16, index_n_heads=2)
-    cfg = cls_cfg(**kw)
+    cfg = cls_cfg(**(kw | overrides))
     cfg._attn_implementation = attn
     cfg._experts_implementation = "batched_mm"  # the default loops over the experts present (data-dependent)
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 from dsc.model import DeepseekV32ForCausalLM, preset
 from torch import nn
 
-from dsc.capture import capture
+from dsc.frontends.reference import capture
 from dsc.pass_manager import run_pipeline, select_passes
 from tests.passes.helpers import apply, ops, toy_program
 from tests.tolerances import TOL
