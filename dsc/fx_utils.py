@@ -237,16 +237,60 @@ def listing(ep: ExportedProgram) -> str:
     return pattern.sub(lambda m: names[m.group(1)], text) if pattern else text
 
 
-def refresh_meta(ep: ExportedProgram) -> None:
-    """Recompute every node's ``meta["val"]`` by fake-tensor propagation from the placeholders."""
+def refresh_meta(ep: ExportedProgram, full: bool = False) -> None:
+    """Recompute ``meta["val"]`` by fake-tensor propagation from the placeholders.
+
+    Incremental by default: a node is recomputed when it has no value, its target or arguments
+    changed since the last refresh (``meta["_meta_sig"]``), or an input's value changed shape, dtype
+    or strides; the rest keep theirs. A rewrite of one layer's attention thus re-propagates that
+    layer, not the model (symbolic fake propagation costs milliseconds per node). ``full``: every node."""
     from torch._guards import detect_fake_mode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(vals)
     ep.graph_module.recompile()
-    with torch.no_grad():
-        FakeTensorProp(ep.graph_module, mode).propagate_dont_convert_inputs(*vals)
+    interp = FakeTensorProp(ep.graph_module, mode)
+    changed: set[fx.Node] = set()
+    with torch.no_grad(), mode:
+        for n in ep.graph.nodes:
+            old = n.meta.get("val")
+            if n.op == "placeholder":
+                if old is not n.meta.get("_meta_seen"):
+                    changed.add(n)
+                interp.env[n] = old
+            elif n.op == "get_attr" and old is None:
+                interp.env[n] = interp.fetch_attr(n.target)  # a subgraph module, or a tensor read as is
+            elif (
+                full
+                or old is None
+                or n.meta.get("_meta_sig") != _meta_sig(n)
+                or any(a in changed for a in n.all_input_nodes)
+            ):
+                interp.env[n] = interp.run_node(n)
+                if not _same_meta(old, n.meta.get("val")):
+                    changed.add(n)
+            else:
+                interp.env[n] = old
+            n.meta["_meta_sig"], n.meta["_meta_seen"] = _meta_sig(n), n.meta.get("val")
+
+
+def stamp_meta(ep: ExportedProgram) -> None:
+    """Mark every node's value as current, so the next ``refresh_meta`` recomputes only what changes after this."""
+    for n in ep.graph.nodes:
+        n.meta["_meta_sig"], n.meta["_meta_seen"] = _meta_sig(n), n.meta.get("val")
+
+
+def _meta_sig(n: fx.Node) -> str:
+    return f"{n.target}{n.args}{n.kwargs}"
+
+
+def _same_meta(a, b) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_meta(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (str(a.shape), a.dtype, str(a.stride()), a.device) == (str(b.shape), b.dtype, str(b.stride()), b.device)
+    return str(a) == str(b)
 
 
 def drop_user_inputs(ep: ExportedProgram, names: list[str]) -> None:

@@ -33,6 +33,7 @@ from torch.export import ExportedProgram
 import dsc.kernels  # noqa: F401  (registers the dsc:: ops the graphs call)
 from dsc.cache import CacheSpec, CacheTensor  # noqa: F401  (re-exported: the Program's cache types)
 from dsc.errors import DscError
+from dsc.fx_utils import stamp_meta
 from dsc.model.config import ModelConfig
 
 FORMAT_VERSION = 1
@@ -210,6 +211,7 @@ def clone_entry(ep: ExportedProgram) -> ExportedProgram:
         sig = copy.deepcopy(ep.graph_signature)
         new = ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
         new._module_call_graph = copy.deepcopy(ep.module_call_graph)
+    stamp_meta(new)  # the copy's values are current: a pass's refresh_meta redoes only what it changes
     return new
 
 

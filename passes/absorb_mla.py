@@ -523,11 +523,12 @@ def absorb_mla(program, ctx):
             forms.remove("products")
         kind = "prefill" if entry == "prefill" else "decode"
         form, why = forms[0], "the only form asked for"
+        trials = {}  # form -> (rewritten entry, its stats): the chosen one is kept, not redone
         if len(forms) > 1:
             options = {}
             for f in forms:
                 trial = clone_entry(ep)
-                transform(trial, accepted, f, store)
+                trials[f] = trial, transform(trial, accepted, f, store)
                 options[f] = _roofline_s(entry_cost(trial, kind, fused_attention=True), ctx.machine)
             form = min(options, key=lambda f: options[f][0])
             why = ", ".join(
@@ -541,7 +542,10 @@ def absorb_mla(program, ctx):
                 why += f"; products save under {PRODUCTS_MIN_GAIN:.0%}: not worth their extra weights"
         elif form != "mha":
             why = "attends to the whole cached context every step: read the latents, not per-head K/V"
-        s = transform(ep, accepted, form, store)
+        if form in trials:
+            program.entries[entry], s = trials[form]
+        else:
+            s = transform(ep, accepted, form, store)
         stats["entries"][entry] = {**s, "form": form if s["sites"] else "unchanged", "why": why}
     if inflation is not None:
         stats["products"] = {
