@@ -81,7 +81,9 @@ def validate_tensors(cfg: ModelConfig, tensors: dict[str, Tensor], source: str) 
     if unexpected or orphan:
         problems.append(f"unexpected keys: {_fmt_keys(unexpected + orphan)}")
     if not cfg.has_indexer and any(".indexer." in k for k in unexpected):
-        problems.insert(0, f"these are DeepSeek-V3.2 indexer weights, but config.json says model_type {cfg.model_type!r}")
+        problems.insert(
+            0, f"these are DeepSeek-V3.2 indexer weights, but config.json says model_type {cfg.model_type!r}"
+        )
     for k, t in weights.items():
         if k not in expected:
             continue

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import dsc.kernels.moe  # noqa: F401  (registers dsc::moe_experts)
 import torch
 import torch.nn.functional as F
-from dsc.errors import ConfigError
 from dsc.model.config import ModelConfig
 from dsc.model.rope import apply_rope_half, apply_rope_interleaved, rope_table
 from torch import Tensor, nn
+
+from dsc.errors import ConfigError
 
 NEG_INF = float("-inf")
 

@@ -1,6 +1,5 @@
 """The incremental ``refresh_meta`` leaves every node with the value a full propagation gives."""
 
-import pytest
 import sympy
 import torch
 

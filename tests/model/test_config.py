@@ -35,8 +35,10 @@ def test_full_config_matches_spec():
         ({"rope_scaling": {"type": "linear", "factor": 2}}, "yarn"),
         ({"quantization_config": {"quant_method": "awq"}}, "fp8"),
         ({"rope_scaling": None, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "yarn"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 8, "original_max_position_embeddings": 256}},
-         "disagrees with rope_parameters"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 8, "original_max_position_embeddings": 256}},
+            "disagrees with rope_parameters",
+        ),
         ({"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}, "rope_theta"),
         ({"mlp_layer_types": ["dense", "dense"]}, "mlp_layer_types"),
         ({"layer_types": ["full_attention"] * 2}, "layer_types"),
@@ -83,7 +85,9 @@ def test_transformers5_rope_parameters_are_read():
     plain = ModelConfig.from_dict(base | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
     assert plain.rope_scaling is None
     # transformers' meaning of absent YaRN keys: no softmax mscale, cos/sin scaled by 0.1 ln(s) + 1
-    bare = ModelConfig.from_dict(base | {"rope_parameters": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 256}})
+    bare = ModelConfig.from_dict(
+        base | {"rope_parameters": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 256}}
+    )
     assert bare.softmax_scale == bare.qk_head_dim**-0.5
     assert abs(bare.rope_attention_factor - (0.1 * math.log(4) + 1)) < 1e-12
 
