@@ -5,12 +5,14 @@
 """
 
 import torch
-from dsc.kernels import add_rms_norm, mla_decode, moe  # noqa: F401  (registers the ops)
+from dsc.kernels import add_rms_norm, dsa, mla_decode, moe  # noqa: F401  (registers the ops)
 
 DECOMPOSITIONS = {
     torch.ops.dsc.add_rms_norm.default: add_rms_norm.add_rms_norm_ref,
     torch.ops.dsc.mla_decode.default: mla_decode.mla_decode_ref,
     torch.ops.dsc.moe_experts.default: moe.moe_experts_ref,
+    torch.ops.dsc.indexer_topk.default: dsa.indexer_topk_ref,
+    torch.ops.dsc.sparse_mla.default: dsa.sparse_mla_ref,
 }
 
 

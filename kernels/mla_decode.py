@@ -168,7 +168,8 @@ def mla_decode_triton(
     T = kv.shape[1]
     assert kv.shape == (B, T, C) and dv <= C, f"q {tuple(q.shape)} kv {tuple(kv.shape)} dv {dv}"
     q2 = q.contiguous().view(B * S, H, C)
-    kv = kv.contiguous()
+    if kv.stride(-1) != 1:  # the kernel reads rows by their strides: a window view of the cache needs no copy
+        kv = kv.contiguous()
     if indices is not None:
         assert indices.shape[:2] == (B, S), f"indices {tuple(indices.shape)} for q {tuple(q.shape)}"
         idx, mask = indices.contiguous().view(B * S, -1), None

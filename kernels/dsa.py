@@ -1,0 +1,153 @@
+"""DeepSeek Sparse Attention ops: ``dsc::indexer_topk`` (the lightning indexer's scores fused with
+their top-k) and ``dsc::sparse_mla`` (absorbed MLA over the selected latents only). Spec §5, §4.6.
+
+    I[b,s,t]   = Σ_h w[b,s,h] · ReLU(q[b,s,h,:] · k[b,t,:])            t visible iff t <= limit[b,s]
+    indices    = the min(topk, visible) visible t of largest I, ties to the earlier t; -1 pads the rest
+    out[b,s,h] = Σ_j softmax_j(scale · (q_abs·c_j + q_pe·r_j)) · c_j   over j in indices[b,s] (not -1)
+
+All heads of a query share one selected set. A query with no valid slot gets zeros, never NaN.
+Neither op materialises a (S, T) score matrix for the whole sequence: the CPU implementations work
+on blocks of query rows (the indexer scores a block of rows against the keys, selects exactly, and
+keeps only (rows, topk) indices; sparse attention gathers a block's selected latents at a time).
+"""
+
+from __future__ import annotations
+
+import torch
+from dsc.kernels.mla_decode import HAVE_TRITON, mla_decode_triton
+from dsc.kernels.triton_utils import warn_no_triton
+from torch import Tensor
+
+NEG_INF = float("-inf")
+ROW_BLOCK_VALUES = 1 << 22  # values (fp32) of one block's score / gather intermediates: 16 MB
+
+
+def index_scores_ref(q: Tensor, w: Tensor, keys: Tensor) -> Tensor:
+    """I (B, S, T) = Σ_h w_h · ReLU(q_h · k_t) in fp32."""
+    return torch.einsum("bsht,bsh->bst", torch.einsum("bshd,btd->bsht", q.float(), keys.float()).relu(), w.float())
+
+
+def indexer_topk_ref(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: int) -> Tensor:
+    """The specification: a stable descending sort of the visible scores (ties: earlier token first),
+    the first ``topk``, slots past the visible count -1. Returns (B, S, topk) int64."""
+    B, S = limit.shape
+    T = keys.shape[1]
+    scores = index_scores_ref(q, w, keys)
+    visible = torch.arange(T, device=keys.device) <= limit.unsqueeze(-1)
+    scores = scores.masked_fill(~visible, NEG_INF)
+    padded = torch.cat((scores, scores.new_full((B, S, topk), NEG_INF)), dim=-1)
+    vals, order = padded.sort(dim=-1, descending=True, stable=True)
+    vals, order = vals[..., :topk], order[..., :topk]
+    return torch.where((vals > NEG_INF) & (order < T), order, -1)
+
+
+def _select(scores: Tensor, topk: int) -> Tensor:
+    """(R, T) scores, -inf where not visible -> (R, topk) indices in increasing order, -1 padded: the
+    topk largest finite scores, ties to the earlier index. Exact, without sorting the row."""
+    R, T = scores.shape
+    k = min(topk, T)
+    kth = scores.topk(k, dim=-1).values[:, -1:]  # the k-th largest value of each row
+    finite = scores > NEG_INF
+    above = (scores > kth) & finite
+    tied = (scores == kth) & finite
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied values still fit, earliest first
+    keep = above | (tied & (tied.cumsum(-1) <= room))
+    # compact: the kept positions in increasing order (a top-k of distinct integer keys)
+    pos = torch.arange(T, device=scores.device)
+    key = torch.where(keep, T - pos, 0)
+    got = key.topk(k, dim=-1).values
+    idx = torch.where(got > 0, T - got, -1)
+    if k < topk:
+        idx = torch.cat((idx, idx.new_full((R, topk - k), -1)), dim=-1)
+    return idx
+
+
+def indexer_topk_cpu(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: int) -> Tensor:
+    B, S, H, D = q.shape
+    T = keys.shape[1]
+    rows = max(1, ROW_BLOCK_VALUES // max(1, H * T))
+    out = torch.empty(B, S, topk, dtype=torch.int64, device=q.device)
+    pos = torch.arange(T, device=q.device)
+    kf = keys.float()
+    for s0 in range(0, S, rows):
+        qs, ws, ls = q[:, s0 : s0 + rows].float(), w[:, s0 : s0 + rows].float(), limit[:, s0 : s0 + rows]
+        scores = torch.einsum("bsht,bsh->bst", torch.einsum("bshd,btd->bsht", qs, kf).relu_(), ws)
+        scores = scores.masked_fill(pos > ls.unsqueeze(-1), NEG_INF)
+        out[:, s0 : s0 + rows] = _select(scores.flatten(0, 1), topk).view(B, -1, topk)
+    return out
+
+
+@torch.library.custom_op("dsc::indexer_topk", mutates_args=())
+def indexer_topk(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: int) -> Tensor:
+    """q (B, S, H, D) index queries, w (B, S, H) head weights (scales folded in), keys (B, T, D) the
+    index-key cache, limit (B, S) the last visible key of each query -> (B, S, topk) int64."""
+    return indexer_topk_cpu(q, w, keys, limit, topk)
+
+
+@indexer_topk.register_fake
+def _(q, w, keys, limit, topk):
+    return limit.new_empty((*limit.shape, topk), dtype=torch.int64)
+
+
+def sparse_mla_ref(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
+    B, S, K = indices.shape
+    safe = indices.clamp(min=0).reshape(B, S * K, 1)
+    c = latent.float().gather(1, safe.expand(B, S * K, latent.shape[-1])).view(B, S, K, -1)
+    r = rope.float().gather(1, safe.expand(B, S * K, rope.shape[-1])).view(B, S, K, -1)
+    scores = (
+        torch.einsum("bshc,bskc->bshk", q_abs.float(), c) + torch.einsum("bshr,bskr->bshk", q_pe.float(), r)
+    ) * scale
+    valid = (indices >= 0).unsqueeze(2)
+    scores = scores.masked_fill(~valid, NEG_INF)
+    p = torch.where(valid.any(-1, keepdim=True), scores.softmax(-1), 0.0)  # no valid slot: zeros, not NaN
+    return torch.einsum("bshk,bskc->bshc", p, c).to(q_abs.dtype)
+
+
+def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """Blocks of query rows: gather a block's selected latents, then batched matmuls with the heads
+    folded into the rows (one shared latent head)."""
+    B, S, H, dc = q_abs.shape
+    K = indices.shape[-1]
+    rows = max(1, ROW_BLOCK_VALUES // max(1, K * (dc + rope.shape[-1])))
+    out = torch.empty(B, S, H, dc, dtype=q_abs.dtype, device=q_abs.device)
+    for s0 in range(0, S, rows):
+        sl = slice(s0, s0 + rows)
+        out[:, sl] = sparse_mla_ref(q_abs[:, sl], q_pe[:, sl], latent, rope, indices[:, sl], scale)
+    return out
+
+
+@torch.library.custom_op("dsc::sparse_mla", mutates_args=())
+def sparse_mla(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """q_abs (B, S, H, dc) = W_UKᵀ q_nope, q_pe (B, S, H, dr), latent (B, T, dc), rope (B, T, dr),
+    indices (B, S, K) (-1: none) -> the latent output (B, S, H, dc), to be multiplied by W_UV."""
+    return sparse_mla_cpu(q_abs, q_pe, latent, rope, indices, scale)
+
+
+@sparse_mla.register_fake
+def _(q_abs, q_pe, latent, rope, indices, scale):
+    return q_abs.new_empty(q_abs.shape)
+
+
+def _fused_view(latent: Tensor, rope: Tensor) -> Tensor | None:
+    """[latent ; rope] as one (B, T, dc + dr) view when they are adjacent columns of one tensor."""
+    if (
+        latent.untyped_storage().data_ptr() == rope.untyped_storage().data_ptr()
+        and latent.stride() == rope.stride()
+        and latent.stride(-1) == 1
+        and rope.storage_offset() == latent.storage_offset() + latent.shape[-1]
+    ):
+        C = latent.shape[-1] + rope.shape[-1]
+        return latent.as_strided((*latent.shape[:-1], C), latent.stride())
+    return None
+
+
+@sparse_mla.register_kernel("cuda")
+def _(q_abs, q_pe, latent, rope, indices, scale):
+    if not HAVE_TRITON:
+        warn_no_triton("sparse_mla")
+        return sparse_mla_ref(q_abs, q_pe, latent, rope, indices, scale)
+    kv = _fused_view(latent, rope)
+    if kv is None:
+        kv = torch.cat((latent, rope), dim=-1)  # separate caches: one copy of the cache per call
+    q = torch.cat((q_abs, q_pe), dim=-1)
+    return mla_decode_triton(q, kv, None, scale, latent.shape[-1], indices=indices)

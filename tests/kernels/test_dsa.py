@@ -1,0 +1,136 @@
+"""dsc::indexer_topk and dsc::sparse_mla against their references (the spec), and against the
+masked-dense attention they replace; ties, short contexts, per-row limits, block edges."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from dsc.kernels import dsa
+from dsc.kernels.mla_decode import mla_decode_ref
+
+from tests.tolerances import TOL
+
+
+def _indexer_inputs(B, S, H, D, T, seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, H, D, generator=g)
+    keys = torch.randn(B, T, D, generator=g)
+    if ties:  # ReLU zeros: many keys score exactly 0
+        keys[:, ::2] = -keys[:, ::2].abs()
+        q = q.abs()
+        keys[:, 1::3] = keys[:, 1::3].abs().round()
+    w = torch.randn(B, S, H, generator=g).abs()
+    start = torch.randint(0, T - S + 1, (B, 1), generator=g)
+    limit = start + torch.arange(S)  # an extend of S tokens at a per-row start
+    return q, w, keys, limit
+
+
+def _as_sets(idx):
+    return [[sorted(int(i) for i in row if i >= 0) for row in b] for b in idx]
+
+
+CASES = [  # B, S, H, D, T, topk
+    (1, 1, 4, 16, 50, 8),  # decode
+    (2, 5, 3, 16, 37, 8),  # extend at per-row starts
+    (2, 4, 2, 8, 10, 16),  # topk > T: everything visible is selected
+    (1, 7, 4, 16, 7, 3),  # a prefill from position 0: the first queries see fewer than topk keys
+]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_indexer_topk_cpu_equals_reference(case, ties, monkeypatch):
+    B, S, H, D, T, k = case
+    q, w, keys, limit = _indexer_inputs(B, S, H, D, T, ties=ties)
+    want = dsa.indexer_topk_ref(q, w, keys, limit, k)
+    assert want.shape == (B, S, k) and want.dtype == torch.int64
+    for block in (dsa.ROW_BLOCK_VALUES, H * T):  # one block; a block per query row
+        monkeypatch.setattr(dsa, "ROW_BLOCK_VALUES", block)
+        got = torch.ops.dsc.indexer_topk(q, w, keys, limit, k)
+        assert _as_sets(got) == _as_sets(want)
+    # k = min(topk, visible): each row selects exactly that many, all visible
+    visible = (limit + 1).clamp(max=T)
+    assert ((got >= 0).sum(-1) == visible.clamp(max=k)).all()
+    assert (got <= limit.unsqueeze(-1)).all()
+
+
+def test_ties_go_to_the_earlier_token():
+    keys = torch.zeros(1, 6, 4)
+    keys[0, 4] = 1.0  # one positive score; the rest tie at ReLU's 0
+    q, w = torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1)
+    got = torch.ops.dsc.indexer_topk(q, w, keys, torch.tensor([[5]]), 3)
+    assert _as_sets(got) == [[[0, 1, 4]]]
+
+
+def _mla_inputs(B, S, H, dc, dr, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, S, H, dc, generator=g), torch.randn(B, S, H, dr, generator=g),
+            torch.randn(B, T, dc, generator=g), torch.randn(B, T, dr, generator=g))  # fmt: skip
+
+
+def _random_indices(B, S, T, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(B * S)]).view(B, S, K)
+    idx[..., K // 2 :] = torch.where(torch.rand(B, S, K - K // 2, generator=g) < 0.3, -1, idx[..., K // 2 :])
+    return idx
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4, 16, 8, 40, 12), (2, 3, 2, 8, 4, 9, 9), (2, 5, 3, 16, 8, 64, 20)])
+def test_sparse_mla_equals_masked_dense_attention(shape, monkeypatch):
+    B, S, H, dc, dr, T, K = shape
+    q_abs, q_pe, c, r = _mla_inputs(B, S, H, dc, dr, T)
+    idx = _random_indices(B, S, T, K)
+    dump = torch.where(idx >= 0, idx, T)  # -1 slots land in a column that is cut off
+    mask = torch.full((B, S, T + 1), float("-inf")).scatter(-1, dump, 0.0)[..., :T]
+    dense = mla_decode_ref(torch.cat((q_abs, q_pe), -1), torch.cat((c, r), -1), mask, 0.3, dc)
+    ref = dsa.sparse_mla_ref(q_abs, q_pe, c, r, idx, 0.3)
+    torch.testing.assert_close(ref, dense, **TOL["fp32_reassoc"])
+    monkeypatch.setattr(dsa, "ROW_BLOCK_VALUES", K * (dc + dr))  # a block per query row
+    torch.testing.assert_close(torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.3), ref, **TOL["fp32_exact_graph"])
+
+
+def test_sparse_mla_row_without_a_token_is_zero():
+    q_abs, q_pe, c, r = _mla_inputs(1, 2, 2, 8, 4, 5)
+    idx = torch.tensor([[[-1, -1], [3, -1]]])
+    out = torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.5)
+    assert torch.isfinite(out).all() and (out[0, 0] == 0).all()
+    torch.testing.assert_close(out[0, 1], c[0, 3].expand(2, 8), **TOL["fp32_exact_graph"])  # one token: its latent
+
+
+def test_fused_view_of_adjacent_caches():
+    cache = torch.randn(2, 30, 12)
+    window = cache[:, :17]  # what the runtime hands a step: not contiguous
+    kv = dsa._fused_view(window[..., :8], window[..., 8:])
+    assert kv is not None and torch.equal(kv, window) and kv.data_ptr() == window.data_ptr()
+    assert dsa._fused_view(torch.randn(2, 17, 8), torch.randn(2, 17, 4)) is None
+
+
+TRITON_CHECK = """
+import torch
+from dsc.kernels import dsa
+from dsc.kernels.mla_decode import mla_decode_triton
+from tests.kernels.test_dsa import _mla_inputs, _random_indices
+for B, S, H, dc, dr, T, K in [(1, 1, 4, 16, 8, 40, 12), (2, 3, 3, 16, 8, 33, 20)]:
+    q_abs, q_pe, c, r = _mla_inputs(B, S, H, dc, dr, T)
+    cache = torch.cat((c, r), -1)
+    big = torch.zeros(B, T + 7, dc + dr)
+    big[:, :T] = cache
+    window = big[:, :T]  # a non-contiguous window, read in place
+    kv = dsa._fused_view(window[..., :dc], window[..., dc:])
+    idx = _random_indices(B, S, T, K)
+    got = mla_decode_triton(torch.cat((q_abs, q_pe), -1), kv, None, 0.3, dc, indices=idx)
+    ref = dsa.sparse_mla_ref(q_abs, q_pe, c, r, idx, 0.3)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-3), (got - ref).abs().max()
+print("ok")
+"""
+
+
+def test_sparse_mla_triton_path_in_interpreter():
+    pytest.importorskip("triton")
+    r = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET="1"), cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )  # fmt: skip
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
