@@ -86,6 +86,14 @@ def node_flops(n: fx.Node) -> sympy.Expr:
         keys = _expr(val(idx).shape[-1]) if isinstance(idx, fx.Node) else _expr(kv.shape[1])
         rows = _numel(q) / _expr(q.shape[-1])
         return rows * keys * (2 * _expr(q.shape[-1]) + 2 * int(n.args[4]) + 5)
+    if t is torch.ops.dsc.indexer_topk.default:  # Σ_h w·ReLU(q·k) over every visible key, then a selection
+        q, keys = val(n.args[0]), val(n.args[2])
+        B, S, H, D = (_expr(x) for x in q.shape)
+        return B * S * _expr(keys.shape[1]) * (H * (2 * D + 3) + 4)
+    if t is torch.ops.dsc.sparse_mla.default:  # q (B, S, H, dc + dr) against K selected latents
+        q_abs, q_pe, idx = val(n.args[0]), val(n.args[1]), val(n.args[4])
+        dc, dr = _expr(q_abs.shape[-1]), _expr(q_pe.shape[-1])
+        return _numel(q_abs) / dc * _expr(idx.shape[-1]) * (2 * (dc + dr) + 2 * dc + 5)
     if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
         return 5 * _numel(out)
     if t in (aten.sort.stable, aten.sort.default, aten.topk.default):
@@ -106,6 +114,11 @@ def node_bytes(n: fx.Node, interior: frozenset = frozenset()) -> sympy.Expr:
         return sympy.Integer(0)
     if t in (aten.index_put_.default, aten.index_put.default):
         return 2 * _bytes(val(n.args[2]))  # read the values, write them into the cache
+    if t is torch.ops.dsc.sparse_mla.default:  # only the selected latents are read: at most S·K of the T
+        q_abs, q_pe, latent, rope, idx = (val(a) for a in n.args[:5])
+        B, S, K, Tk = _expr(idx.shape[0]), _expr(idx.shape[1]), _expr(idx.shape[2]), _expr(latent.shape[1])
+        row = (_expr(latent.shape[-1]) + _expr(rope.shape[-1])) * latent.element_size()
+        return _bytes(q_abs) + _bytes(q_pe) + _bytes(idx) + B * sympy.Min(Tk, S * K) * row + _bytes(val(n))
     inputs = [a for a in n.all_input_nodes if a not in interior and isinstance(val(a), torch.Tensor)]
     reads = sympy.Add(*[_bytes(val(a)) for a in inputs])
     if n in interior:
@@ -153,9 +166,32 @@ def attention_interiors(ep: ExportedProgram) -> frozenset:
     return frozenset(inner)
 
 
-def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False) -> EntryCost:
+def _dsa_keys(n: fx.Node):
+    """k when n is an absorbed attention whose mask is a DSA top-k (what fuse_dsa makes sparse)."""
+    from dsc.match.dsa import dsa_mask
+
+    if n.target is torch.ops.dsc.mla_decode.default and len(n.args) > 2 and isinstance(n.args[2], fx.Node):
+        m = dsa_mask(n.args[2])
+        return m.k if m is not None else None
+    return None
+
+
+def _sparse_attention_cost(n: fx.Node, k: int) -> tuple[sympy.Expr, sympy.Expr]:
+    q, kv = val(n.args[0]), val(n.args[1])
+    Tk, C = _expr(kv.shape[1]), _expr(kv.shape[-1])
+    rows = _numel(q) / _expr(q.shape[-1])
+    keys = sympy.Min(Tk, k)
+    flops = rows * keys * (2 * C + 2 * int(n.args[4]) + 5)
+    S = _expr(q.shape[1])
+    nbytes = _bytes(q) + _expr(q.shape[0]) * sympy.Min(Tk, S * k) * C * kv.element_size() + _bytes(val(n))
+    return flops, nbytes
+
+
+def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False, sparse_dsa: bool = False) -> EntryCost:
     """kind "decode": batch 1, 1 new token, context T; kind "prefill": batch 1, T tokens.
-    ``fused_attention``: count attention as a flash kernel moves it (``attention_interiors``)."""
+    ``fused_attention``: count attention as a flash kernel moves it (``attention_interiors``);
+    ``sparse_dsa``: price an absorbed attention masked by a DSA top-k as the sparse attention over
+    its k keys that ``fuse_dsa`` makes of it (for choosing forms before that pass runs)."""
     syms = _symbols(ep)
     subs = {syms[k]: 1 for k in ("batch",) if k in syms}
     if kind == "decode":
@@ -167,6 +203,11 @@ def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False) ->
     interior = attention_interiors(ep) if fused_attention else frozenset()
     for n in ep.graph.nodes:
         if n.op != "call_function":
+            continue
+        k = _dsa_keys(n) if sparse_dsa else None
+        if k is not None:
+            f, b = _sparse_attention_cost(n, k)
+            flops, bytes_ = flops + f, bytes_ + b
             continue
         flops += node_flops(n)
         bytes_ += node_bytes(n, interior)

@@ -89,7 +89,16 @@ def select_passes(passes: list[str] | None = None, disable: list[str] | None = N
         if name not in reg:
             raise DscError(f"unknown pass {name!r}; available passes: {', '.join(reg)}")
     chosen = [reg[n] for n in passes] if passes else [p for p in reg.values() if p.default]
-    chosen = [p for p in chosen if p.name not in set(disable or [])]
+    off = set(disable or [])
+    if not passes:  # the default pipeline: a disabled pass takes the default passes that need it along
+        changed = True
+        while changed:
+            changed = False
+            for p in chosen:
+                if p.name not in off and off & set(p.requires):
+                    off.add(p.name)
+                    changed = True
+    chosen = [p for p in chosen if p.name not in off]
     # what a pass requires runs before it: pulled in when left out, an error when disabled or misordered
     names = [p.name for p in chosen]
     for p in list(chosen):

@@ -529,7 +529,7 @@ def absorb_mla(program, ctx):
             for f in forms:
                 trial = clone_entry(ep)
                 trials[f] = trial, transform(trial, accepted, f, store)
-                options[f] = _roofline_s(entry_cost(trial, kind, fused_attention=True), ctx.machine)
+                options[f] = _roofline_s(entry_cost(trial, kind, fused_attention=True, sparse_dsa=True), ctx.machine)
             form = min(options, key=lambda f: options[f][0])
             why = ", ".join(
                 f"{f}: {v[1]:.3g} FLOP, {v[2]:.3g} B, {v[0] * 1e6:.1f} us on the roofline" for f, v in options.items()

@@ -13,6 +13,11 @@ candidate for safety, the reason under ``declined``):
 - ``masks``: a softmax over ``where(keep, s, c)`` or ``masked_fill(s, drop, c)`` (c a scalar) -> a
   softmax over ``s + where(keep, 0, c)``: the additive mask the attention matchers read (the kept
   scores are the same; the dropped ones get probability 0 either way, for c <= -1e4);
+- ``contractions``: ``einsum('...c,oc->...o', x, W)`` of a 2-D W -> ``linear(x, W)`` (the projection
+  matchers read linear); ``matmul`` of operands of different ranks (>= 3, batch dims broadcast
+  from the right, e.g. a (B, 1, T, c) latent against per-head (H, c, d) weights) -> an einsum with
+  one letter per output batch dim, a broadcast size-1 dim squeezed away; ``sum(a * b, dims)`` ->
+  the einsum that contracts those dims;
 - ``split_sums``: ``A·Bᵀ + A'·B'ᵀ`` (two contractions with the same output, one contracted dim
   each, e.g. ``q_nope·k_noteᵀ + q_pe·k_peᵀ`` with the shared rope key broadcast) -> one contraction
   over ``cat(A, A')`` and ``cat(B, B')``.
@@ -317,8 +322,106 @@ def _shape_after(x, have, want) -> list[str]:
     return shape
 
 
+def canonical_contractions(ep, declined: list) -> int:
+    g, n_changed = ep.graph, 0
+    for n in [n for n in g.nodes if is_call(n, aten.einsum.default, aten.matmul.default, aten.sum.dim_IntList)]:
+        if n.target is aten.einsum.default:
+            new = _as_linear(g, n)
+        elif n.target is aten.matmul.default:
+            new = _broadcast_matmul(g, n)
+        else:
+            new = _sum_of_product(g, n)
+        if new is None:
+            continue
+        n.replace_all_uses_with(tag(new, NAME))
+        g.erase_node(n)
+        n_changed += 1
+    return n_changed
+
+
+def _as_linear(g, n):
+    eq = n.args[0].replace(" ", "")
+    if "->" not in eq or "." in eq or len(n.args[1]) != 2:
+        return None
+    (lx, lw), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    x, w = n.args[1]
+    if len(lw) != 2 or val(w) is None or val(w).ndim != 2 or len(set(lx)) != len(lx):
+        return None
+    o, c = lw
+    if not (lx and lx[-1] == c and o not in lx and out == lx[:-1] + o):
+        return None
+    with g.inserting_before(n):
+        return g.call_function(aten.linear.default, (x, w))
+
+
+def _sum_of_product(g, n):
+    """sum(a * b, dims) -> einsum: one letter per dim of the product, a size-1 dim of one operand
+    broadcast against the other squeezed away, the summed dims left out of the output."""
+    prod = n.args[0]
+    keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    if keepdim or n.kwargs.get("dtype") is not None or not is_call(prod, aten.mul.Tensor) or len(prod.users) != 1:
+        return None
+    a, b = prod.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or val(a) is None or val(b) is None:
+        return None
+    out_shape = [str(x) for x in val(prod).shape]
+    nd = len(out_shape)
+    if val(a).ndim != nd or val(b).ndim != nd or val(a).dtype != val(b).dtype:
+        return None
+    summed = {d % nd for d in n.args[1]}
+    letters = "abcdefgh"[:nd]
+    operands, subs = [], []
+    for x in (a, b):
+        keep, squeeze = [], []
+        for d, size in enumerate(str(s) for s in val(x).shape):
+            if size == out_shape[d]:
+                keep.append(letters[d])
+            elif size == "1":
+                squeeze.append(d)
+            else:
+                return None
+        if squeeze:
+            with g.inserting_before(n):
+                x = g.call_function(aten.squeeze.dims, (x, squeeze))
+        operands.append(x)
+        subs.append("".join(keep))
+    out = "".join(c for d, c in enumerate(letters) if d not in summed)
+    with g.inserting_before(n):
+        return g.call_function(aten.einsum.default, (f"{subs[0]},{subs[1]}->{out}", operands))
+
+
+def _broadcast_matmul(g, n):
+    a, b = n.args[:2]
+    va, vb = val(a), val(b)
+    if va is None or vb is None or va.ndim == vb.ndim or min(va.ndim, vb.ndim) < 3:
+        return None
+    nb = max(va.ndim, vb.ndim) - 2  # output batch dims, aligned from the right
+    out_batch = [str(s) for s in val(n).shape[:nb]]
+    letters = "pqruw"[:nb]
+    operands, subs = [], []
+    for x, v, rows in ((a, va, "i" + "k"), (b, vb, "k" + "j")):
+        off = nb - (v.ndim - 2)
+        keep, squeeze = [], []
+        for d in range(v.ndim - 2):
+            size, want = str(v.shape[d]), out_batch[off + d]
+            if size == want:
+                keep.append(letters[off + d])
+            elif size == "1":
+                squeeze.append(d)
+            else:
+                return None
+        if squeeze:
+            with g.inserting_before(n):
+                x = g.call_function(aten.squeeze.dims, (x, squeeze))
+        operands.append(x)
+        subs.append("".join(keep) + rows)
+    with g.inserting_before(n):
+        return g.call_function(aten.einsum.default, (f"{subs[0]},{subs[1]}->{letters}ij", operands))
+
+
 RULES = {"noops": drop_noops, "assembly": assemble_cats, "cache_writes": canonical_cache_writes,
-         "layout": canonical_layout, "masks": additive_masks, "split_sums": merge_split_sums}  # fmt: skip
+         "layout": canonical_layout, "masks": additive_masks, "contractions": canonical_contractions,
+         "split_sums": merge_split_sums}  # fmt: skip
 
 
 @register_pass(NAME, order=10, purpose="one normal form: no-op copies, in-place assembly, cache writes, split sums",

@@ -20,7 +20,13 @@ def test_optimize_then_generate_matches_eager(tmp_path, capsys, tiny):
     out = tmp_path / "out"
     assert main(["optimize", str(tmp_path / "ckpt"), "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert [p["name"] for p in report["passes"]] == [
+        "canonicalize",
+        "normalize",
+        "absorb_mla",
+        "fuse_dsa",
+        "fuse_add_rms_norm",
+    ]
     assert report["after"]["nodes"]["decode"] < report["before"]["nodes"]["decode"]
     capsys.readouterr()
     compiled = _gen(capsys, str(out))
@@ -89,7 +95,7 @@ def test_pass_option_reaches_the_pass_and_the_report(tmp_path):
 def test_passes_listing(capsys):
     assert main(["passes", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert [r["name"] for r in rows] == ["canonicalize", "normalize", "absorb_mla", "fuse_dsa", "fuse_add_rms_norm"]
     assert rows[2]["options"] == {"products": ["auto", "never", "always"]}
     assert all(r["purpose"] for r in rows)
 

@@ -45,20 +45,28 @@ def test_planted_wrong_rewrite_is_caught(tiny_program, planted, tmp_path):
 
 
 def test_selection_and_records(tiny_program):
-    assert [p.name for p in select_passes()] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert [p.name for p in select_passes()] == [
+        "canonicalize",
+        "normalize",
+        "absorb_mla",
+        "fuse_dsa",
+        "fuse_add_rms_norm",
+    ]
     assert [p.name for p in select_passes(disable=["absorb_mla"])] == ["canonicalize", "normalize", "fuse_add_rms_norm"]
     with pytest.raises(
-        DscError, match="unknown pass 'nope'; available passes: canonicalize, normalize, absorb_mla, fuse_add_rms_norm"
+        DscError,
+        match="unknown pass 'nope'; available passes: canonicalize, normalize, absorb_mla, fuse_dsa, fuse_add_rms_norm",
     ):
         select_passes(["nope"])
     program, records = run_pipeline(tiny_program, select_passes())
-    r = records[3].to_dict()
+    r = records[4].to_dict()
     assert r["name"] == "fuse_add_rms_norm" and r["changed"] and r["matches"] == 10
     assert r["numerics"]["top1_agreement"] == 1.0 and r["tolerance"]["atol"] == FP32_REASSOC.atol
     assert r["nodes_after"]["decode"] < r["nodes_before"]["decode"]
     assert program.provenance["passes"] == [
         "canonicalize",
         "absorb_mla",
+        "fuse_dsa",
         "fuse_add_rms_norm",
     ]  # normalize: nothing to do
 
@@ -74,7 +82,9 @@ def test_required_passes_are_pulled_in_and_ordered():
     with pytest.raises(DscError, match="needs 'canonicalize' before it; list canonicalize first"):
         select_passes(["absorb_mla", "canonicalize"])
     with pytest.raises(DscError, match="needs 'normalize' before it; it cannot be disabled"):
-        select_passes(disable=["normalize"])
+        select_passes(["absorb_mla"], disable=["normalize"])
+    # the default pipeline: disabling a pass leaves out the default passes that need it
+    assert [p.name for p in select_passes(disable=["normalize"])] == ["canonicalize", "fuse_add_rms_norm"]
 
 
 def test_the_target_machine_reaches_the_passes(tiny_program):

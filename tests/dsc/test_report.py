@@ -39,7 +39,13 @@ def test_report_json_schema(tiny_program, tiny_optimized, tmp_path):
     write_report(tmp_path, report, graphs)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["schema_version"] == 1
-    assert [p["name"] for p in data["passes"]] == ["canonicalize", "normalize", "absorb_mla", "fuse_add_rms_norm"]
+    assert [p["name"] for p in data["passes"]] == [
+        "canonicalize",
+        "normalize",
+        "absorb_mla",
+        "fuse_dsa",
+        "fuse_add_rms_norm",
+    ]
     for p in data["passes"]:  # a pass that changed nothing has nothing to verify
         assert PASS_KEYS <= set(p) and (NUMERICS_KEYS == set(p["numerics"]) if p["changed"] else p["numerics"] is None)
     for side in ("before", "after"):
@@ -78,8 +84,11 @@ def test_cost_model(tiny_program):
 def test_cost_model_counts_mla_decode_and_fused_attention(tiny_program, tiny_optimized):
     cfg = tiny_program.config
     L, H, dc, dr = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    # the absorbed decode: every head scores T latents (dc + dr wide) and sums dc-wide values
-    after = entry_cost(tiny_optimized[0].entries["decode"], "decode")
+    # the absorbed (still dense) decode: every head scores T latents (dc + dr wide) and sums dc-wide values
+    from dsc.pass_manager import run_pipeline, select_passes
+
+    absorbed, _ = run_pipeline(tiny_program, select_passes(["absorb_mla"]), verify=False)
+    after = entry_cost(absorbed.entries["decode"], "decode")
     coeff = sympy.Poly(sympy.expand(after.flops.subs(sympy.log(T + cfg.index_topk), 0)), T).coeff_monomial(T)
     assert coeff >= L * H * (2 * (dc + dr) + 2 * dc + 5)
     # a flash kernel never writes the scores: per layer the scores, scale, mask and softmax go on chip
@@ -88,6 +97,11 @@ def test_cost_model_counts_mla_decode_and_fused_attention(tiny_program, tiny_opt
     fused, unfused = entry_cost(prefill, "prefill", fused_attention=True), entry_cost(prefill, "prefill")
     saved = sympy.expand(unfused.bytes - fused.bytes)
     assert fused.flops == unfused.flops and sympy.Poly(saved, T).degree() == 2  # the (S, H, T) scores
+    # DSA made sparse: attention reads k of the T latents, so only the indexer still grows with T
+    sparse = entry_cost(tiny_optimized[0].entries["decode"], "decode")
+    lin = sympy.Poly(sympy.expand(sparse.flops.subs(sympy.log(T + cfg.index_topk), 0)), T).coeff_monomial(T)
+    indexer = L * cfg.index_n_heads * (2 * cfg.index_head_dim + 3)
+    assert indexer <= lin < L * H * (2 * (dc + dr) + 2 * dc + 5)
 
 
 def test_dsc_diff(tmp_path, capsys):

@@ -170,3 +170,31 @@ def test_split_sums_merge():
     assert stats["split_sums"] == 1
     assert ops(out)["aten.einsum.default"] == 1
     _same(SplitSum(), out, *args, exact=False)
+
+
+class Contractions(nn.Module):
+    """Three spellings the projection and attention matchers read in their normal forms."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4))
+        self.wh = nn.Parameter(torch.randn(2, 4, 3))
+
+    def forward(self, x, lat, a, b):
+        y = torch.einsum("btc,oc->bto", x, self.w)  # a linear spelled as einsum
+        z = torch.matmul(lat.unsqueeze(1), self.wh)  # (B, 1, T, c) @ (H, c, d): broadcast batch dims
+        s = (a * b).sum(1)  # (B, H, S, T) * (B, H, S, 1), summed over H
+        return y, z, s
+
+
+def test_contractions():
+    args = (torch.randn(2, 5, 4), torch.randn(2, 7, 4), torch.randn(2, 3, 5, 7), torch.randn(2, 3, 5, 1))
+    m = Contractions()
+    out, stats = _run(m, *args)
+    assert stats["contractions"] == 3
+    h = ops(out)
+    assert h.get("aten.linear.default") == 1 and h.get("aten.einsum.default") == 2
+    assert "aten.matmul.default" not in h and "aten.sum.dim_IntList" not in h
+    with torch.no_grad():
+        for got, want in zip(out.module("forward")(*args), m(*args)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

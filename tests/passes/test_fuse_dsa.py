@@ -1,0 +1,122 @@
+"""fuse_dsa on the reference model: every DSA layer (MTP included) in every entry reads only its
+selected latents, the numbers are the masked-dense ones, and it leaves alone what is not DSA."""
+
+import pytest
+import torch
+from torch.export import Dim
+
+from dsc.fx_utils import call_nodes, finalize, refresh_meta
+from dsc.program import CacheSpec, Program
+from tests.passes.dsa_zoo import DSA_ZOO
+from tests.passes.helpers import apply, ops
+from tests.tolerances import TOL
+
+SPARSE, TOPK = "dsc.sparse_mla.default", "dsc.indexer_topk.default"
+
+
+def _absorbed(program):
+    for name in ("canonicalize", "normalize", "absorb_mla"):
+        program, _, _ = apply(name, program)
+    return program
+
+
+def _run(program, toks, steps, rows_start):
+    """Logits of a prefill, single steps and S > 1 extends, rows at different positions."""
+    B = toks.shape[0]
+    total = toks.shape[1]
+    caches = program.cache.allocate(B, total)
+    P = int(rows_start.max())
+    out = []
+    with torch.no_grad():
+        logits, _ = program.prefill(toks[:, :P], [c[:, :P] for c in caches])
+        out.append(logits)
+        p = rows_start.clone()
+        for n in steps:
+            pos = p[:, None] + torch.arange(n)
+            T = int(pos.max()) + 1
+            tk = torch.gather(toks, 1, pos)
+            logits, _ = program.decode(tk, pos, [c[:, :T] for c in caches])
+            out.append(logits)
+            p += n
+    return out
+
+
+def test_reference_model_every_dsa_layer(tiny_program, tiny_cfg):
+    dense = _absorbed(tiny_program)
+    out, matches, stats = apply("fuse_dsa", dense)
+    L = tiny_cfg.num_hidden_layers
+    assert matches == 2 * L + 1, stats  # prefill and decode: every layer; mtp: the MTP layer
+    for entry, n in (("prefill", L), ("decode", L), ("mtp", 1)):
+        h = ops(out, entry)
+        assert stats["entries"][entry]["form"] == "sparse" and "roofline" in stats["entries"][entry]["why"]
+        assert h.get(SPARSE, 0) == n and h.get(TOPK, 0) == n
+        assert "dsc.mla_decode.default" not in h and "aten.sort.stable" not in h  # no dense scores, no full sort
+    # the fused Program's numbers are the masked-dense one's: a prefill past top-k, >= 32 steps, extends
+    g = torch.Generator().manual_seed(3)
+    toks = torch.randint(0, 256, (2, 80), generator=g)
+    start = torch.tensor([24, 20])  # the second row's prompt is padding past 20: it starts its extends earlier
+    steps = [1] * 32 + [3, 2, 1]
+    for a, b in zip(_run(dense, toks, steps, start), _run(out, toks, steps, start)):
+        torch.testing.assert_close(b, a, **TOL["fp32_rewrite"])
+    # idempotent: nothing left to fuse
+    _, again, stats2 = apply("fuse_dsa", out)
+    assert again == 0 and all(e["sites"] == 0 for e in stats2["entries"].values())
+
+
+def test_a_selection_read_elsewhere_stays_dense(tiny_program):
+    dense = _absorbed(tiny_program)
+    ep = dense.entries["decode"]
+    sort = call_nodes(ep.graph_module, torch.ops.aten.sort.stable)[0]  # layer 0's selection
+    output = next(iter(ep.graph.find_nodes(op="output")))
+    logits = output.args[0][0]
+    with ep.graph.inserting_before(output):
+        peek = ep.graph.call_function(torch.ops.aten.sum.default, (next(iter(sort.users)),))
+        zero = ep.graph.call_function(torch.ops.aten.mul.Tensor, (peek, 0.0))
+        new = ep.graph.call_function(torch.ops.aten.add.Tensor, (logits, zero))
+    output.args = ((new, *output.args[0][1:]),)
+    refresh_meta(ep)
+    finalize(ep)
+    _, _, stats = apply("fuse_dsa", dense)
+    assert stats["entries"]["decode"]["sites"] == 1  # layer 1 only
+
+
+def test_a_mask_that_is_not_an_indexer_top_k_stays_dense(tiny_program):
+    dense = _absorbed(tiny_program)
+    for ep in dense.entries.values():  # scores of sigmoid(q·k) are not the lightning indexer's
+        for n in call_nodes(ep.graph_module, torch.ops.aten.relu.default):
+            n.target = torch.ops.aten.sigmoid.default
+        finalize(ep)
+    _, matches, stats = apply("fuse_dsa", dense)
+    assert matches == 0 and "no attention mask is a top-k" in stats["entries"]["decode"]["why"]
+
+
+def test_nothing_to_fuse_without_absorbed_attention(tiny_program):
+    canon, _, _ = apply("canonicalize", tiny_program)
+    _, matches, stats = apply("fuse_dsa", canon)
+    assert matches == 0 and "no absorbed MLA attention" in stats["entries"]["decode"]["why"]
+
+
+@pytest.mark.parametrize("cls", DSA_ZOO, ids=lambda c: c.__name__)
+@torch.no_grad()
+def test_spec_written_dsa_modules(cls):
+    """Two DSA attentions written from the spec by someone who had not read the matchers
+    (``dsa_zoo.py``): absorbed, then made sparse, each exactly once, with the numbers kept."""
+    torch.manual_seed(0)
+    m = cls().eval()
+    args = m.example_inputs(2, 3, 9, 4)
+    B, S, T = Dim("batch", max=16), Dim("seq", max=32), Dim("ctx", min=5, max=64)
+    ep = torch.export.export(
+        m, tuple(a.clone() for a in args), dynamic_shapes=({0: B, 1: S}, {0: B, 1: S}, {0: B, 1: T}, {0: B, 1: T})
+    )
+    program = Program({"forward": ep}, CacheSpec([]), config=None)
+    program = _absorbed(program)
+    out, matches, stats = apply("fuse_dsa", program)
+    assert matches == 1, stats
+    assert ops(out).get(SPARSE, 0) == 1 and "dsc.mla_decode.default" not in ops(out)
+    g = torch.Generator().manual_seed(1)
+    for b, s, t, start in [(2, 3, 9, 4), (1, 1, 20, 17), (3, 2, 12, 6)]:
+        call = list(m.example_inputs(b, s, t, start))
+        call[2] = torch.randn(call[2].shape, generator=g)  # a filled history, longer than top-k
+        call[3] = torch.randn(call[3].shape, generator=g)
+        a1, a2 = [a.clone() for a in call], [a.clone() for a in call]
+        torch.testing.assert_close(out.module("forward")(*a2), m(*a1), **TOL["fp32_rewrite"])
