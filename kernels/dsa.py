@@ -19,7 +19,7 @@ from dsc.kernels.triton_utils import warn_no_triton
 from torch import Tensor
 
 NEG_INF = float("-inf")
-ROW_BLOCK_VALUES = 1 << 22  # values (fp32) of one block's score / gather intermediates: 16 MB
+ROW_BLOCK_VALUES = 1 << 24  # values (fp32) of one block's score / gather intermediates: 64 MB
 
 
 def index_scores_ref(q: Tensor, w: Tensor, keys: Tensor) -> Tensor:
@@ -90,10 +90,9 @@ def _(q, w, keys, limit, topk):
 
 
 def sparse_mla_ref(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
-    B, S, K = indices.shape
-    safe = indices.clamp(min=0).reshape(B, S * K, 1)
-    c = latent.float().gather(1, safe.expand(B, S * K, latent.shape[-1])).view(B, S, K, -1)
-    r = rope.float().gather(1, safe.expand(B, S * K, rope.shape[-1])).view(B, S, K, -1)
+    safe = indices.clamp(min=0)
+    rows = torch.arange(indices.shape[0], device=indices.device)[:, None, None]
+    c, r = latent[rows, safe].float(), rope[rows, safe].float()  # (B, S, K, dc), (B, S, K, dr)
     scores = (
         torch.einsum("bshc,bskc->bshk", q_abs.float(), c) + torch.einsum("bshr,bskr->bshk", q_pe.float(), r)
     ) * scale
@@ -104,15 +103,26 @@ def sparse_mla_ref(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
 
 
 def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
-    """Blocks of query rows: gather a block's selected latents, then batched matmuls with the heads
-    folded into the rows (one shared latent head)."""
+    """Blocks of query rows: gather a block's selected latents (advanced indexing), then batched
+    matmuls with the heads as the rows of each (query, K selected latents) product."""
     B, S, H, dc = q_abs.shape
-    K = indices.shape[-1]
-    rows = max(1, ROW_BLOCK_VALUES // max(1, K * (dc + rope.shape[-1])))
+    K, dr = indices.shape[-1], rope.shape[-1]
+    rows = max(1, ROW_BLOCK_VALUES // max(1, K * (dc + dr)))
     out = torch.empty(B, S, H, dc, dtype=q_abs.dtype, device=q_abs.device)
+    batch = torch.arange(B, device=indices.device)[:, None, None]
     for s0 in range(0, S, rows):
-        sl = slice(s0, s0 + rows)
-        out[:, sl] = sparse_mla_ref(q_abs[:, sl], q_pe[:, sl], latent, rope, indices[:, sl], scale)
+        idx = indices[:, s0 : s0 + rows]
+        n = idx.shape[1]
+        safe = idx.clamp(min=0)
+        c = latent[batch, safe].float().view(B * n, K, dc)
+        r = rope[batch, safe].float().view(B * n, K, dr)
+        qa = q_abs[:, s0 : s0 + rows].float().reshape(B * n, H, dc)
+        qp = q_pe[:, s0 : s0 + rows].float().reshape(B * n, H, dr)
+        scores = torch.baddbmm(torch.bmm(qp, r.transpose(1, 2)), qa, c.transpose(1, 2)).mul_(scale)  # (B n, H, K)
+        valid = (idx >= 0).reshape(B * n, 1, K)
+        scores = scores.masked_fill_(~valid, NEG_INF)
+        p = torch.where(valid.any(-1, keepdim=True), scores.softmax(-1), 0.0)
+        out[:, s0 : s0 + rows] = torch.bmm(p, c).view(B, n, H, dc).to(q_abs.dtype)
     return out
 
 
