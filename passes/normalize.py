@@ -370,24 +370,33 @@ def _sum_of_product(g, n):
         return None
     summed = {d % nd for d in n.args[1]}
     letters = "abcdefgh"[:nd]
-    operands, subs = [], []
-    for x in (a, b):
-        keep, squeeze = [], []
-        for d, size in enumerate(str(s) for s in val(x).shape):
-            if size == out_shape[d]:
-                keep.append(letters[d])
-            elif size == "1":
-                squeeze.append(d)
-            else:
-                return None
-        if squeeze:
-            with g.inserting_before(n):
-                x = g.call_function(aten.squeeze.dims, (x, squeeze))
-        operands.append(x)
-        subs.append("".join(keep))
+    sides = [_broadcast_letters(x, [str(s) for s in val(x).shape], out_shape, letters) for x in (a, b)]
     out = "".join(c for d, c in enumerate(letters) if d not in summed)
+    return _einsum(g, n, sides, ("", ""), out)
+
+
+def _broadcast_letters(x, sizes: list[str], out_sizes: list[str], letters: str):
+    """(x, its letters, its dims to squeeze) for x's leading ``sizes`` broadcast against ``out_sizes``
+    aligned from the right: a dim equal to the output's gets its letter, a size-1 dim is squeezed."""
+    off = len(out_sizes) - len(sizes)
+    keep, squeeze = [], []
+    for d, size in enumerate(sizes):
+        if size == out_sizes[off + d]:
+            keep.append(letters[off + d])
+        elif size == "1":
+            squeeze.append(d)
+        else:
+            return None
+    return x, "".join(keep), squeeze
+
+
+def _einsum(g, n, sides, tails: tuple[str, str], out: str):
+    if any(side is None for side in sides):
+        return None
     with g.inserting_before(n):
-        return g.call_function(aten.einsum.default, (f"{subs[0]},{subs[1]}->{out}", operands))
+        ops = [g.call_function(aten.squeeze.dims, (x, sq)) if sq else x for x, _, sq in sides]
+        subs = [ls + tail for (_, ls, _), tail in zip(sides, tails)]
+        return g.call_function(aten.einsum.default, (f"{subs[0]},{subs[1]}->{out}", ops))
 
 
 def _broadcast_matmul(g, n):
@@ -398,25 +407,8 @@ def _broadcast_matmul(g, n):
     nb = max(va.ndim, vb.ndim) - 2  # output batch dims, aligned from the right
     out_batch = [str(s) for s in val(n).shape[:nb]]
     letters = "pqruw"[:nb]
-    operands, subs = [], []
-    for x, v, rows in ((a, va, "i" + "k"), (b, vb, "k" + "j")):
-        off = nb - (v.ndim - 2)
-        keep, squeeze = [], []
-        for d in range(v.ndim - 2):
-            size, want = str(v.shape[d]), out_batch[off + d]
-            if size == want:
-                keep.append(letters[off + d])
-            elif size == "1":
-                squeeze.append(d)
-            else:
-                return None
-        if squeeze:
-            with g.inserting_before(n):
-                x = g.call_function(aten.squeeze.dims, (x, squeeze))
-        operands.append(x)
-        subs.append("".join(keep) + rows)
-    with g.inserting_before(n):
-        return g.call_function(aten.einsum.default, (f"{subs[0]},{subs[1]}->{letters}ij", operands))
+    sides = [_broadcast_letters(x, [str(s) for s in v.shape[:-2]], out_batch, letters) for x, v in ((a, va), (b, vb))]
+    return _einsum(g, n, sides, ("ik", "kj"), f"{letters}ij")
 
 
 RULES = {"noops": drop_noops, "assembly": assemble_cats, "cache_writes": canonical_cache_writes,

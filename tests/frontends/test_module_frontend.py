@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from torch.export import Dim
 
 from dsc.cli import main
+from dsc.frontends.export import _Decode, _Prefill  # thin wrappers, as a user would write them
 from tests.frontends.user_model import TinyDeepseekV3, full_forward, init_random, tiny_config
 
 TARGET = "module:tests.frontends.user_model:TinyDeepseekV3"
@@ -68,20 +69,6 @@ def test_module_from_trusted_pickle(user, tmp_path, capsys):
     )
     assert report["verified"] and absorbed(report) == 4
     assert tokens == greedy(user, PROMPT, NEW)
-
-
-class _Prefill(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, tokens, caches):
-        return self.m.prefill(tokens, caches)
-
-
-class _Decode(_Prefill):
-    def forward(self, tokens, positions, caches):
-        return self.m.decode(tokens, positions, caches)
 
 
 def caches(B, T, C, L, alias):
