@@ -2,6 +2,9 @@
 
 Rules, each a small graph rewrite with a hit count in the stats (and, when a rule declines a
 candidate for safety, the reason under ``declined``):
+- ``grad_mode``: a ``torch.no_grad()`` / ``set_grad_enabled`` region (``wrap_with_set_grad_enabled``,
+  a call of a subgraph) inlined into the graph: grad mode changes nothing in an inference graph,
+  and the matchers must see what the region computes (transformers' V3.2 indexer sits in one);
 - ``noops``: ``dropout`` with p = 0 or in eval mode, ``clone`` / ``contiguous`` / ``alias`` /
   ``detach`` of memory nothing writes in place -> their input;
 - ``assembly``: a fresh buffer (``new_empty`` / ``empty`` / ``zeros``) filled by ``copy_`` into
@@ -30,6 +33,8 @@ assembly by ``select`` + ``copy_``, split sums of more than two terms.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -44,6 +49,41 @@ NAME = "normalize"
 ALIASING_COPIES = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
                    aten.lift_fresh_copy.default)  # fmt: skip
 FRESH = (aten.new_empty.default, aten.empty.memory_format, aten.zeros.default, aten.new_zeros.default)
+
+
+def inline_grad_mode(ep, declined: list) -> int:
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+
+    g, gm, n_changed = ep.graph, ep.graph_module, 0
+    for n in [n for n in g.nodes if n.op == "call_function" and n.target is wrap_with_set_grad_enabled]:
+        sub_node, args = n.args[1], n.args[2:]
+        sub = getattr(gm, sub_node.target, None) if sub_node.op == "get_attr" else None
+        if not isinstance(sub, fx.GraphModule) or any(x.op in ("get_attr", "call_module") for x in sub.graph.nodes):
+            declined.append(f"{n.name}: a grad-mode region with attributes of its own")
+            continue
+        env, outs = {}, None
+        with g.inserting_before(n):
+            for x in sub.graph.nodes:
+                if x.op == "placeholder":
+                    env[x] = args[len(env)]
+                elif x.op == "output":
+                    outs = x.args[0]
+                else:
+                    env[x] = g.node_copy(x, env.__getitem__)
+        mapped = fx.node.map_arg(outs, env.__getitem__)
+        for u in list(n.users):
+            if not (u.target is operator.getitem and isinstance(mapped, (tuple, list))):
+                break
+            u.replace_all_uses_with(mapped[u.args[1]])
+            g.erase_node(u)
+        if n.users:
+            n.replace_all_uses_with(mapped)
+        g.erase_node(n)
+        if not sub_node.users:
+            g.erase_node(sub_node)
+            delattr(gm, sub_node.target)
+        n_changed += 1
+    return n_changed
 
 
 def drop_noops(ep, declined: list) -> int:
@@ -411,7 +451,7 @@ def _broadcast_matmul(g, n):
     return _einsum(g, n, sides, ("ik", "kj"), f"{letters}ij")
 
 
-RULES = {"noops": drop_noops, "assembly": assemble_cats, "cache_writes": canonical_cache_writes,
+RULES = {"grad_mode": inline_grad_mode, "noops": drop_noops, "assembly": assemble_cats, "cache_writes": canonical_cache_writes,
          "layout": canonical_layout, "masks": additive_masks, "contractions": canonical_contractions,
          "split_sums": merge_split_sums}  # fmt: skip
 

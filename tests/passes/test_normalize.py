@@ -198,3 +198,24 @@ def test_contractions():
     with torch.no_grad():
         for got, want in zip(out.module("forward")(*args), m(*args)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_grad_mode_regions_are_inlined():
+    """transformers' V3.2 indexer runs under torch.no_grad(): export keeps it as a subgraph call."""
+    from tests.passes.hf_models import export_case, hf_model
+
+    m = hf_model("v32", "eager")
+    ep, inputs = export_case(m, "decode")
+    wrap = "wrap_with_set_grad_enabled"
+    from dsc.program import CacheSpec, Program
+
+    program = Program({"forward": ep}, CacheSpec([]), config=None)
+    assert any(wrap in str(n.target) for n in ep.graph.nodes)
+    canon, _, _ = apply("canonicalize", program)
+    out, _, stats = apply("normalize", canon)
+    assert stats["grad_mode"] == m.config.num_hidden_layers
+    assert not any(wrap in str(n.target) for n in out.entries["forward"].graph.nodes)
+    args = inputs(2, 1)
+    fresh = lambda: [[t.clone() for t in a] if isinstance(a, list) else a.clone() for a in args]  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(out.module("forward")(*fresh()), program.module("forward")(*fresh()), atol=0, rtol=0)
