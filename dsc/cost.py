@@ -67,6 +67,11 @@ def _einsum_flops(eq: str, operands) -> sympy.Expr:
     return 2 * sympy.Mul(*sizes.values())
 
 
+def _latent_attention_flops(rows, keys, width, dv) -> sympy.Expr:
+    """Query-head rows against ``keys`` shared latents: scores over ``width``, P·V over ``dv``, softmax."""
+    return rows * keys * (2 * width + 2 * dv + 5)
+
+
 def node_flops(n: fx.Node) -> sympy.Expr:
     t, out = n.target, val(n)
     if t in ZERO_COST or t is operator.getitem:
@@ -84,8 +89,7 @@ def node_flops(n: fx.Node) -> sympy.Expr:
         q, kv = val(n.args[0]), val(n.args[1])
         idx = n.args[5] if len(n.args) > 5 else n.kwargs.get("indices")
         keys = _expr(val(idx).shape[-1]) if isinstance(idx, fx.Node) else _expr(kv.shape[1])
-        rows = _numel(q) / _expr(q.shape[-1])
-        return rows * keys * (2 * _expr(q.shape[-1]) + 2 * int(n.args[4]) + 5)
+        return _latent_attention_flops(_numel(q) / _expr(q.shape[-1]), keys, _expr(q.shape[-1]), int(n.args[4]))
     if t is torch.ops.dsc.indexer_topk.default:  # Σ_h w·ReLU(q·k) over every visible key, then a selection
         q, keys = val(n.args[0]), val(n.args[2])
         B, S, H, D = (_expr(x) for x in q.shape)
@@ -93,7 +97,7 @@ def node_flops(n: fx.Node) -> sympy.Expr:
     if t is torch.ops.dsc.sparse_mla.default:  # q (B, S, H, dc + dr) against K selected latents
         q_abs, q_pe, idx = val(n.args[0]), val(n.args[1]), val(n.args[4])
         dc, dr = _expr(q_abs.shape[-1]), _expr(q_pe.shape[-1])
-        return _numel(q_abs) / dc * _expr(idx.shape[-1]) * (2 * (dc + dr) + 2 * dc + 5)
+        return _latent_attention_flops(_numel(q_abs) / dc, _expr(idx.shape[-1]), dc + dr, dc)
     if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
         return 5 * _numel(out)
     if t in (aten.sort.stable, aten.sort.default, aten.topk.default):
@@ -179,9 +183,7 @@ def _dsa_keys(n: fx.Node):
 def _sparse_attention_cost(n: fx.Node, k: int) -> tuple[sympy.Expr, sympy.Expr]:
     q, kv = val(n.args[0]), val(n.args[1])
     Tk, C = _expr(kv.shape[1]), _expr(kv.shape[-1])
-    rows = _numel(q) / _expr(q.shape[-1])
-    keys = sympy.Min(Tk, k)
-    flops = rows * keys * (2 * C + 2 * int(n.args[4]) + 5)
+    flops = _latent_attention_flops(_numel(q) / C, sympy.Min(Tk, k), C, int(n.args[4]))
     S = _expr(q.shape[1])
     nbytes = _bytes(q) + _expr(q.shape[0]) * sympy.Min(Tk, S * k) * C * kv.element_size() + _bytes(val(n))
     return flops, nbytes

@@ -40,7 +40,7 @@ from torch import fx
 
 from dsc.fx_utils import call_nodes, finalize, is_call, mutated_inputs, refresh_meta, tag, val
 from dsc.match.contraction import contraction
-from dsc.match.ops import CONTRACTIONS, slice_bounds
+from dsc.match.ops import CONTRACTIONS, MASK_FILL_MAX, slice_bounds
 from dsc.registry import register_pass
 from dsc.verify import FP32_REASSOC
 
@@ -238,9 +238,6 @@ def canonical_layout(ep, declined: list) -> int:
     return n_changed
 
 
-MASK_MAX = -1e4  # fill values at or below this give probability 0 (exp underflows in fp32) either way
-
-
 def additive_masks(ep, declined: list) -> int:
     g, n_changed = ep.graph, 0
     for sm in [n for n in g.nodes if is_call(n, aten.softmax.int, aten._softmax.default)]:
@@ -257,8 +254,8 @@ def additive_masks(ep, declined: list) -> int:
             scores, cond, fill, keep_value = x.args[0], x.args[1], float(x.args[2]), False
         else:
             continue
-        if fill > MASK_MAX:
-            declined.append(f"{x.name}: fill value {fill:g} is not a mask (> {MASK_MAX:g})")
+        if fill > MASK_FILL_MAX:
+            declined.append(f"{x.name}: fill value {fill:g} is not a mask (> {MASK_FILL_MAX:g})")
             continue
         with g.inserting_before(x):
             args = (cond, 0.0, fill) if keep_value else (cond, fill, 0.0)

@@ -47,7 +47,7 @@ def export_entries(
 ) -> Program:
     """``tied_prefill``: the prefill's cache view is exactly the prompt (the reference model);
     otherwise it is any length >= max(prompt, ``spec.min_len``)."""
-    lo = max(spec.min_len, 2) if spec.min_len > 1 or not tied_prefill else 1
+    lo = 1 if tied_prefill and spec.min_len <= 1 else max(spec.min_len, 2)  # export refuses a free dim of min 1
     batch, seq = Dim("batch", min=1, max=max_batch), Dim("seq", min=1, max=max_len)
     new, ctx = Dim("new", min=1, max=max_len), Dim("ctx", min=lo, max=max_len)
     T0 = max(11, spec.min_len + 3)

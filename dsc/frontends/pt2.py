@@ -43,7 +43,7 @@ def load(spec: str, trust_pickle: bool) -> Program:
         raise DscError(
             f"{spec} is not a directory; the pt2 frontend takes a directory of prefill.pt2, decode.pt2, cache.json, config.json"
         )
-    cfg = ModelConfig.from_dict(_json(root / "config.json"))
+    cfg = ModelConfig.from_json(root / "config.json")
     cache = CacheSpec.from_description(_json(root / "cache.json"), str(root / "cache.json"))
     names = [n for n in ENTRY_INPUTS if (root / f"{n}.pt2").exists()]
     if "prefill" not in names or "decode" not in names:

@@ -16,7 +16,6 @@ meanings from the sizes the config gives). What HF's code implies for the runtim
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch import Tensor
 from dsc.cache import CacheSpec, CacheTensor
 from dsc.errors import DscError
 from dsc.frontends.export import export_entries
-from dsc.model.config import MODEL_TYPES, ModelConfig
+from dsc.model.config import ModelConfig
 from dsc.program import Program
 
 log = logging.getLogger(__name__)
@@ -47,29 +46,13 @@ def require_transformers():
     return transformers
 
 
-def read_config(path: Path) -> dict:
-    f = path / "config.json"
-    if not f.exists():
-        raise DscError(f"{path} has no config.json; the transformers frontend takes an HF checkpoint directory")
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise DscError(f"{f} is not valid JSON ({e})") from None
-    if d.get("model_type") not in MODEL_TYPES:
-        raise DscError(
-            f"{f} has model_type {d.get('model_type')!r}; the transformers frontend compiles "
-            f"{' and '.join(map(repr, MODEL_TYPES))} checkpoints"
-        )
-    return d
-
-
 def load_hf(path: str | Path, attn: str = "sdpa"):
-    """(HF model in eval mode, fp32; its config.json as a dict)."""
+    """(HF model in eval mode, fp32; dsc's reading of its config.json)."""
     transformers = require_transformers()
     path = Path(path)
     if not path.is_dir():
         raise DscError(f"{path} is not a directory; the transformers frontend takes an HF checkpoint directory")
-    raw = read_config(path)
+    cfg = ModelConfig.from_json(path / "config.json")  # a DeepSeek config, or a clear error before HF loads
     try:
         m = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, attn_implementation=attn,
@@ -77,7 +60,7 @@ def load_hf(path: str | Path, attn: str = "sdpa"):
         )  # fmt: skip
     except (OSError, ValueError, RuntimeError) as e:
         raise DscError(f"transformers could not load {path}: {e}") from None
-    return m.eval(), raw
+    return m.eval(), cfg
 
 
 class HFEntries(torch.nn.Module):
@@ -161,9 +144,8 @@ def cache_spec(hf, cfg: ModelConfig) -> tuple[CacheSpec, list[tuple[int, str]]]:
     return CacheSpec(tensors, min_len=min_len, shared_positions=True), layout
 
 
-def program_config(raw: dict, source: str) -> tuple[ModelConfig, list[str]]:
+def program_config(cfg: ModelConfig, source: str) -> tuple[ModelConfig, list[str]]:
     """dsc's view of the config (verification, the runtime, the report). HF builds no MTP module."""
-    cfg = ModelConfig.from_dict(raw)
     notes = []
     if cfg.num_nextn_predict_layers and "num_nextn_predict_layers" not in cfg.absent:
         notes.append(
@@ -178,8 +160,8 @@ def program_config(raw: dict, source: str) -> tuple[ModelConfig, list[str]]:
 
 def load(path: str | Path, attn: str = "sdpa"):
     """(HFEntries, CacheSpec, ModelConfig, notes): the eager model behind the Program interface."""
-    hf, raw = load_hf(path, attn)
-    cfg, notes = program_config(raw, str(path))
+    hf, cfg = load_hf(path, attn)
+    cfg, notes = program_config(cfg, str(path))
     spec, layout = cache_spec(hf, cfg)
     return HFEntries(hf, spec, layout).eval(), spec, cfg, notes
 

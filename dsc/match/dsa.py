@@ -23,10 +23,9 @@ from torch import fx
 
 from dsc.fx_utils import is_call, val
 from dsc.match.contraction import contraction
-from dsc.match.ops import RESHAPES, strip
+from dsc.match.ops import MASK_FILL_MAX, RESHAPES, strip
 
 aten = torch.ops.aten
-NEG_LIMIT = -1e4  # a fill at or below this is "minus infinity" (finfo.min, -inf, -1e9 ...)
 
 
 @dataclass
@@ -53,7 +52,7 @@ class DsaMask:
 
 
 def _neg(n) -> bool:
-    return isinstance(n, (int, float)) and n <= NEG_LIMIT
+    return isinstance(n, (int, float)) and n <= MASK_FILL_MAX
 
 
 ZEROS = (aten.zeros_like.default, aten.zeros.default, aten.new_zeros.default)

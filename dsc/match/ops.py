@@ -15,6 +15,8 @@ COPIES = CASTS | {aten.clone.default, aten.contiguous.default, aten.alias.defaul
 RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 SPLITS = frozenset({aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default})
 CONTRACTIONS = (aten.einsum.default, aten.matmul.default, aten.bmm.default)
+# a mask fill at or below this is minus infinity (finfo.min, -inf, -1e9 ...): exp underflows in fp32
+MASK_FILL_MAX = -1e4
 VIEWS = frozenset(VIEW_OPS)
 
 

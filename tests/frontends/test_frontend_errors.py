@@ -79,7 +79,7 @@ def test_transformers_frontend_on_other_models(capsys, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     fails(capsys, ["optimize", str(tmp_path / "m"), "--frontend", "transformers", "-o", str(tmp_path / "o")],
-          "model_type 'llama'", "'deepseek_v32' and 'deepseek_v3'")  # fmt: skip
+          "model_type is 'llama'", "'deepseek_v32' and 'deepseek_v3'")  # fmt: skip
     fails(
         capsys,
         ["optimize", str(tmp_path / "nope"), "--frontend", "transformers", "-o", str(tmp_path / "o")],
