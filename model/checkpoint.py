@@ -169,12 +169,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict]:
         ) from None
 
 
-def load_hf(path: str | Path) -> Checkpoint:
-    path = Path(path)
-    cfg = ModelConfig.from_json(path / "config.json")
+def read_hf_tensors(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """The tensors of an HF directory as stored (one ``model.safetensors``, or shards and their
+    index, checked against each other), with the single file's metadata."""
     index = path / INDEX_FILE
-    tensors: dict[str, Tensor] = {}
-    meta: dict = {}
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -184,19 +182,25 @@ def load_hf(path: str | Path) -> Checkpoint:
         absent = [s for s in shards if not (path / s).exists()]
         if absent:
             raise CheckpointError(f"{index} names shards that are not in {path}: {_fmt_keys(absent)}")
+        tensors: dict[str, Tensor] = {}
         for shard in shards:
-            part, _ = _read_safetensors(path / shard)
-            tensors.update(part)
+            tensors.update(_read_safetensors(path / shard)[0])
         listed, stored = set(weight_map), set(tensors)
         if listed != stored:
             raise CheckpointError(
                 f"{index} disagrees with the shards: listed but absent {_fmt_keys(sorted(listed - stored))}; "
                 f"stored but unlisted {_fmt_keys(sorted(stored - listed))}"
             )
-    elif (path / "model.safetensors").exists():
-        tensors, meta = _read_safetensors(path / "model.safetensors")
-    else:
-        raise CheckpointError(f"{path} has neither model.safetensors nor {INDEX_FILE}")
+        return tensors, {}
+    if (path / "model.safetensors").exists():
+        return _read_safetensors(path / "model.safetensors")
+    raise CheckpointError(f"{path} has neither model.safetensors nor {INDEX_FILE}")
+
+
+def load_hf(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    cfg = ModelConfig.from_json(path / "config.json")
+    tensors, meta = read_hf_tensors(path)
     cfg, tensors, notes = reconcile(cfg, tensors, str(path))
     validate_tensors(cfg, tensors, str(path))
     return Checkpoint(cfg, tensors, str(path), meta, notes)

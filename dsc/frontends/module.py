@@ -53,15 +53,10 @@ def import_class(target: str):
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from dsc.model.checkpoint import INDEX_FILE, _read_safetensors
+    from dsc.model.checkpoint import read_hf_tensors
 
     if path.is_dir():
-        if (path / "model.safetensors").exists():
-            return _read_safetensors(path / "model.safetensors")[0]
-        if (path / INDEX_FILE).exists():
-            shards = sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))
-            return {k: t for s in shards for k, t in _read_safetensors(path / s)[0].items()}
-        raise DscError(f"{path} has neither model.safetensors nor {INDEX_FILE}")
+        return read_hf_tensors(path)[0]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
