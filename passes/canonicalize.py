@@ -21,19 +21,13 @@ import torch
 from torch import fx
 
 from dsc.fx_utils import call_nodes, drop_unused_inputs, finalize, mutated_inputs, tag, val
+from dsc.match.ops import ASSERTS
 from dsc.registry import register_pass
 from dsc.verify import EXACT
 
 aten = torch.ops.aten
 NAME = "canonicalize"
 
-ASSERTS = {
-    aten._assert_tensor_metadata.default,
-    aten._assert_scalar.default,
-    aten.sym_constrain_range_for_size.default,
-    aten.sym_constrain_range.default,
-    aten._assert_async.msg,
-}
 CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 SHAPE_ONLY = RESHAPES | {aten.flatten.using_ints, aten.unflatten.int}

@@ -81,17 +81,41 @@ def _split(g: fx.Graph, x: fx.Node, at: int) -> tuple[fx.Node, fx.Node]:
     return (g.call_function(aten.slice.Tensor, (x, -1, 0, at)), g.call_function(aten.slice.Tensor, (x, -1, at, C)))
 
 
+def _rows(g: fx.Graph, m: DsaMask, q: fx.Node) -> fx.Node:
+    """The visibility limit as the (B, S) int64 tensor indexer_topk takes: the limit's size-1 dims
+    squeezed away, then broadcast over the batch and the queries it does not name (shared
+    positions, one position for all queries)."""
+    lim = m.limit
+    ones = [d for d, s in enumerate(val(lim).shape) if str(s) == "1"]
+    if ones:
+        lim = g.call_function(aten.squeeze.dims, (lim, ones))
+    if m.limit_dims != "bs":
+        if "b" not in m.limit_dims:
+            lim = g.call_function(aten.unsqueeze.default, (lim, 0))
+        if "s" not in m.limit_dims:
+            lim = g.call_function(aten.unsqueeze.default, (lim, -1))
+        size = [
+            g.call_function(aten.sym_size.int, (q, d)) if not isinstance(val(q).shape[d], int) else int(val(q).shape[d])
+            for d in (0, 1)
+        ]
+        lim = g.call_function(aten.expand.default, (lim, size))
+    if val(m.limit).dtype != torch.int64:
+        lim = g.call_function(aten._to_copy.default, (lim,), {"dtype": torch.int64})
+    return lim
+
+
 def rewrite(ep, site: fx.Node, m: DsaMask) -> bool:
     g, sc = ep.graph, m.scores
     q, kv, _, scale, dv = site.args[:5]
     C = int(val(kv).shape[-1])
-    if val(m.limit).ndim != 2 or int(val(q).shape[-1]) != C or not 0 < dv < C:
-        return False  # (S,) positions would need a batch broadcast; left dense
+    if int(val(q).shape[-1]) != C or not 0 < dv < C:
+        return False
     with g.inserting_before(site):
+        limit = _rows(g, m, q)
         qi, ki, wi = _as(g, sc.q, sc.q_dims, "bshd"), _as(g, sc.keys, sc.k_dims, "btd"), _as(g, sc.w, sc.w_dims, "bsh")
         if sc.scale != 1.0:
             wi = g.call_function(aten.mul.Tensor, (wi, sc.scale))
-        idx = tag(g.call_function(dsc_ops.indexer_topk.default, (qi, wi, ki, m.limit, m.k)), NAME)
+        idx = tag(g.call_function(dsc_ops.indexer_topk.default, (qi, wi, ki, limit, m.k)), NAME)
         q_abs, q_pe = _split(g, q, dv)
         latent, rope = _split(g, kv, dv)
         out = tag(g.call_function(dsc_ops.sparse_mla.default, (q_abs, q_pe, latent, rope, idx, scale)), NAME)

@@ -40,7 +40,7 @@ from torch import fx
 
 from dsc.fx_utils import call_nodes, finalize, is_call, mutated_inputs, refresh_meta, tag, val
 from dsc.match.contraction import contraction
-from dsc.match.ops import CONTRACTIONS, MASK_FILL_MAX, slice_bounds
+from dsc.match.ops import ASSERTS, CONTRACTIONS, MASK_FILL_MAX, slice_bounds
 from dsc.registry import register_pass
 from dsc.verify import FP32_REASSOC
 
@@ -68,6 +68,8 @@ def inline_grad_mode(ep, declined: list) -> int:
                     env[x] = args[len(env)]
                 elif x.op == "output":
                     outs = x.args[0]
+                elif x.target in ASSERTS and not x.users:
+                    continue  # canonicalize's rule, for the region it could not see into
                 else:
                     env[x] = g.node_copy(x, env.__getitem__)
         mapped = fx.node.map_arg(outs, env.__getitem__)

@@ -23,7 +23,7 @@ from torch import fx
 
 from dsc.fx_utils import is_call, val
 from dsc.match.contraction import contraction
-from dsc.match.ops import MASK_FILL_MAX, RESHAPES, strip
+from dsc.match.ops import COPIES, MASK_FILL_MAX, RESHAPES, same_value, squeezed_shape, strip
 
 aten = torch.ops.aten
 
@@ -47,7 +47,8 @@ class IndexScores:
 class DsaMask:
     scores: IndexScores
     k: int  # index_topk
-    limit: fx.Node  # (B, S) or broadcastable int positions: key t visible iff t <= limit
+    limit: fx.Node  # the query positions: key t visible iff t <= limit
+    limit_dims: str  # limit's dims that are not a literal 1, in order: "bs", "s", "b" or "" (one for all)
     nodes: set  # every node of the selection and the mask, for the caller's sole-use check
 
 
@@ -56,84 +57,157 @@ def _neg(n) -> bool:
 
 
 ZEROS = (aten.zeros_like.default, aten.zeros.default, aten.new_zeros.default)
+ONES = (aten.ones_like.default, aten.ones.default, aten.new_ones.default)
+NOT = (aten.bitwise_not.default, aten.logical_not.default)
+AND = (aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default)
+OR = (aten.__or__.Tensor, aten.bitwise_or.Tensor, aten.logical_or.default)
 
 
 def _last(n, dim) -> bool:
     return dim in (-1, val(n).ndim - 1)
 
 
-def allowed_of(mask: fx.Node) -> tuple[list[fx.Node], set] | None:
-    """An additive (0 / -inf) mask as the conjunction of its boolean terms (True = attend):
-    ``masked_fill(zeros, ~allowed, -inf)`` or ``where(allowed, 0, -inf)``."""
-    seen = {mask}
-    if is_call(mask, aten.masked_fill.Scalar) and _neg(mask.args[2]) and is_call(strip(mask.args[0]), *ZEROS):
-        seen.add(strip(mask.args[0]))
-        terms = _negated(mask.args[1], seen)
-        return (terms, seen) if terms is not None else None
-    if is_call(mask, aten.where.self, aten.where.Scalar) and mask.args[1] == 0 and _neg(mask.args[2]):
-        return _conjunction(mask.args[0], seen), seen
-    return None
+def _zero(x) -> bool:
+    """0 as a number, or a tensor of zeros (``zeros(())`` as transformers' masks write it)."""
+    return (isinstance(x, (int, float)) and x == 0) or is_call(x, *ZEROS)
 
 
-def _negated(n, seen) -> list | None:
-    """~n as a conjunction: n = ~a gives a's terms."""
+def _layout(n, seen: set):
+    """n under ops that only add, drop or broadcast size-1 dims: its value at every (b, s, t) is
+    the same (unsqueeze, squeeze, expand, select of a size-1 dim, a view of the same non-1 sizes)."""
+    while isinstance(n, fx.Node):
+        src = n.args[0] if n.args else None
+        if is_call(n, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+            pass
+        elif is_call(n, aten.expand.default):
+            pass
+        elif is_call(n, aten.select.int) and str(val(src).shape[n.args[1]]) == "1":
+            pass
+        elif is_call(n, *RESHAPES) and _sizes(squeezed_shape(val(n).shape)) == _sizes(squeezed_shape(val(src).shape)):
+            pass
+        else:
+            return n
+        seen.add(n)
+        n = src
+    return n
+
+
+def _sizes(shape) -> list[str]:
+    return [str(s) for s in shape]
+
+
+def _literals(n, positive: bool, seen: set) -> list[tuple[fx.Node, bool]]:
+    """A boolean as a conjunction of literals (node, polarity): ``a & b``, ``~(a | b)``, ``~~a``."""
+    n = _layout(n, seen)
     seen.add(n)
-    if is_call(n, aten.bitwise_not.default, aten.logical_not.default):
-        return _conjunction(n.args[0], seen)
+    if is_call(n, *NOT):
+        return _literals(n.args[0], not positive, seen)
+    if is_call(n, *(AND if positive else OR)):
+        return _literals(n.args[0], positive, seen) + _literals(n.args[1], positive, seen)
+    return [(n, positive)]
+
+
+def allowed_of(mask: fx.Node, seen: set | None = None) -> tuple[list[tuple[fx.Node, bool]], set] | None:
+    """An additive (0 / -inf) mask as a conjunction of boolean literals (True = attend):
+    ``masked_fill(zeros | mask, blocked, -inf)``, ``where(allowed, 0, -inf)``, or a sum of masks."""
+    seen = set() if seen is None else seen
+    mask = _layout(mask, seen)
+    seen.add(mask)
+    if is_call(mask, aten.masked_fill.Scalar) and _neg(mask.args[2]):
+        base = strip(mask.args[0])
+        if is_call(base, *ZEROS):
+            seen.add(base)
+            terms = []
+        else:
+            got = allowed_of(mask.args[0], seen)
+            if got is None:
+                return None
+            terms = got[0]
+        return terms + _literals(mask.args[1], False, seen), seen
+    if is_call(mask, aten.where.self, aten.where.Scalar, aten.where.ScalarOther) and _zero(mask.args[1]):
+        if _neg(mask.args[2]):
+            if isinstance(mask.args[1], fx.Node):
+                seen.add(mask.args[1])
+            return _literals(mask.args[0], True, seen), seen
+        return None
+    if is_call(mask, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in mask.args[:2]):
+        a, b = allowed_of(mask.args[0], seen), allowed_of(mask.args[1], seen)
+        return (a[0] + b[0], seen) if a is not None and b is not None else None
     return None
-
-
-def _conjunction(n, seen) -> list:
-    seen.add(n)
-    if is_call(n, aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default):
-        return _conjunction(n.args[0], seen) + _conjunction(n.args[1], seen)
-    return [n]
 
 
 def _key_positions(ar, T) -> bool:
-    """``arange(T)``, possibly with size-1 dims added in front (unsqueeze / view): the key index."""
+    """``arange(T)`` (``+ 0``), possibly with size-1 dims added in front: the key index."""
     while is_call(ar, aten.unsqueeze.default, *RESHAPES) and val(ar) is not None:
         if any(str(s) != "1" for s in val(ar).shape[:-1]):
             return False
+        ar = ar.args[0]
+    if is_call(ar, aten.add.Tensor, aten.sub.Tensor) and ar.args[1] == 0:
         ar = ar.args[0]
     v = val(ar)
     return is_call(ar, aten.arange.default) and v is not None and v.ndim == 1 and str(v.shape[0]) == str(T)
 
 
-def visibility(n: fx.Node, T) -> fx.Node | None:
-    """limit when n is ``arange(T) <= limit[..., None]`` (or ``limit[..., None] >= arange(T)``)."""
-    if is_call(n, aten.le.Tensor):
+def visibility(n: fx.Node, positive: bool, T) -> tuple[fx.Node, str] | None:
+    """(limit, its dims) when literal n is ``arange(T) <= limit`` (``limit >= arange(T)``, or the
+    negation of ``>`` / ``<``), limit an integer tensor whose last dim is 1 (or none): right-aligned
+    against the comparison, its dim -2 is the query and one dim before it may be the batch."""
+    le, ge = (aten.le.Tensor, aten.ge.Tensor) if positive else (aten.gt.Tensor, aten.lt.Tensor)
+    if is_call(n, le):
         ar, lim = n.args[:2]
-    elif is_call(n, aten.ge.Tensor):
+    elif is_call(n, ge):
         lim, ar = n.args[:2]
     else:
         return None
-    if not _key_positions(ar, T):
+    if not isinstance(lim, fx.Node) or not _key_positions(ar, T) or val(lim).dtype.is_floating_point:
         return None
-    if not (is_call(lim, aten.unsqueeze.default) and _last(lim, lim.args[1])):
+    shape = _sizes(val(lim).shape)
+    shape = ["1"] * (val(n).ndim - len(shape)) + shape
+    if not shape or shape[-1] != "1":
+        return None if shape else (lim, "")
+    dims = "s" if len(shape) > 1 and shape[-2] != "1" else ""
+    lead = [s for s in shape[:-2] if s != "1"]
+    if len(lead) > 1:
         return None
-    return lim.args[0]
+    return lim, "b" * len(lead) + dims
 
 
-def _marked(n: fx.Node, seen: set) -> fx.Node | None:
-    """idx when boolean n marks the keys idx names: ``scatter(zeros, -1, idx, True)`` (or in place on a
-    fresh buffer), optionally cut back to T, or ``any(idx[..., None] == arange(T), -2)``."""
+def _marked(n: fx.Node, positive: bool, seen: set) -> tuple[fx.Node, fx.Node] | None:
+    """(idx, the marking node) when literal n marks the keys idx names: ``scatter(zeros, -1, idx,
+    True)`` (or in place on a fresh buffer), optionally cut back to T, ``any(idx[..., None] ==
+    arange(T), -2)``; negated: ``scatter(ones, -1, idx, False)`` (True = blocked)."""
     seen.add(n)
+    top = n
     if is_call(n, aten.slice.Tensor):
         n = n.args[0]
         seen.add(n)
-    if is_call(n, aten.scatter.value, aten.scatter_.value) and n.args[3] is True and _last(n, n.args[1]):
-        if not is_call(strip(n.args[0]), *ZEROS):
+    fresh, flag = (ZEROS, True) if positive else (ONES, False)
+    if is_call(n, aten.scatter.value, aten.scatter_.value) and n.args[3] is flag and _last(n, n.args[1]):
+        if not is_call(strip(n.args[0]), *fresh):
             return None
         seen.add(strip(n.args[0]))
-        return n.args[2]
+        return n.args[2], top
+    if not positive:
+        return None
     if is_call(n, aten.any.dim) and n.args[1] in (-2, val(n.args[0]).ndim - 2) and is_call(n.args[0], aten.eq.Tensor):
         eq = n.args[0]
         a, b = eq.args[:2]
         idx, ar = (a, b) if is_call(a, aten.unsqueeze.default) else (b, a)
         if is_call(idx, aten.unsqueeze.default) and _last(idx, idx.args[1]) and _key_positions(ar, val(n).shape[-1]):
             seen |= {eq, idx}
-            return idx.args[0]
+            return idx.args[0], top
+    return None
+
+
+def _topk_k(k, T) -> int | None:
+    """k as an int: an int, or ``min(k, T)`` of the scores' own length T (the op's k > visible rule)."""
+    if isinstance(k, int):
+        return k
+    if isinstance(k, fx.Node) and k.target in (torch.sym_min, min) and len(k.args) == 2:
+        a, b = k.args
+        n, other = (a, b) if isinstance(a, int) else (b, a)
+        if isinstance(n, int) and isinstance(other, fx.Node) and str(val(other)) == str(T):
+            return n
     return None
 
 
@@ -162,25 +236,54 @@ def _ranked(idx: fx.Node, seen: set) -> tuple[fx.Node, int] | None:
         return None
     if is_call(idx, operator.getitem) and idx.args[1] == 1 and is_call(idx.args[0], aten.topk.default):
         tk = idx.args[0]
-        if (
-            (len(tk.args) < 3 or _last(tk.args[0], tk.args[2]))
-            and (len(tk.args) < 4 or tk.args[3])
-            and isinstance(tk.args[1], int)
-        ):
+        k = _topk_k(tk.args[1], val(tk.args[0]).shape[-1])
+        if (len(tk.args) < 3 or _last(tk.args[0], tk.args[2])) and (len(tk.args) < 4 or tk.args[3]) and k is not None:
             seen |= {tk, *tk.users}
-            return tk.args[0], tk.args[1]
+            if isinstance(tk.args[1], fx.Node):
+                seen.add(tk.args[1])
+            return tk.args[0], k
     return None
 
 
-def selection(n: fx.Node, seen: set) -> tuple[fx.Node, int, fx.Node | None] | None:
-    """(index scores, k, visibility limit seen in the scores' own masking) when boolean n marks the
-    top-k keys of one score tensor (``_marked`` of ``_ranked``), the scores optionally padded with k
-    -inf columns (``cat`` / ``pad``) and masked by visibility (``masked_fill(~vis)`` / ``where(vis)``)."""
-    idx = _marked(n, seen)
-    if idx is None:
+def _strip_casts(n, seen: set):
+    """An index tensor under its integer casts (int64 <-> int32 is exact for any sequence length)."""
+    while is_call(n, *COPIES):
+        seen.add(n)
+        n = n.args[0]
+    return n
+
+
+def _visible_scores(ranked: fx.Node, T, seen: set) -> tuple[fx.Node, list] | None:
+    """(x, limits) when ranked is x with the invisible keys set to -inf: ``masked_fill(x, ~vis, -inf)``,
+    ``where(vis, x, full_like(-inf))``, or ``x + mask`` with an additive visibility mask."""
+    if is_call(ranked, aten.masked_fill.Scalar) and _neg(ranked.args[2]):
+        seen.add(ranked)
+        return ranked.args[0], _literals(ranked.args[1], False, seen)
+    if is_call(ranked, aten.where.self, aten.where.ScalarOther):
+        other = ranked.args[2]
+        if _neg(other) or (is_call(other, aten.full_like.default) and _neg(other.args[1])):
+            seen.add(ranked)
+            if isinstance(other, fx.Node):
+                seen.add(other)
+            return ranked.args[1], _literals(ranked.args[0], True, seen)
+    if is_call(ranked, aten.add.Tensor):
+        for i in (0, 1):
+            got = allowed_of(ranked.args[1 - i], set()) if isinstance(ranked.args[1 - i], fx.Node) else None
+            if got is not None:
+                seen |= got[1] | {ranked}
+                return ranked.args[i], got[0]
+    return None
+
+
+def selection(n: fx.Node, positive: bool, seen: set) -> tuple[fx.Node, int, list, fx.Node] | None:
+    """(index scores, k, the visibility literals of the scores' own masking, the marking node) when
+    literal n marks the top-k keys of one score tensor (``_marked`` of ``_ranked``), the scores
+    optionally padded with k -inf columns (``cat`` / ``pad``) and masked by visibility."""
+    got = _marked(n, positive, seen)
+    if got is None:
         return None
-    seen |= {idx, strip(idx)}
-    got = _ranked(strip(idx), seen)
+    idx, marking = got
+    got = _ranked(_strip_casts(idx, seen), seen)
     if got is None:
         return None
     ranked, k = got
@@ -196,27 +299,13 @@ def selection(n: fx.Node, seen: set) -> tuple[fx.Node, int, fx.Node | None] | No
     ):
         seen.add(ranked)
         ranked = ranked.args[0]
-    limit = None
-    T = val(ranked).shape[-1]
-    if is_call(ranked, aten.masked_fill.Scalar) and _neg(ranked.args[2]):
-        blocked = ranked.args[1]
-        seen |= {ranked, blocked}
-        if is_call(blocked, aten.bitwise_not.default, aten.logical_not.default):
-            limit = visibility(blocked.args[0], T)
-        if limit is None:
+    lits = []
+    got = _visible_scores(ranked, val(ranked).shape[-1], seen)
+    if got is not None:
+        ranked, lits = got
+        if not lits:
             return None
-        ranked = ranked.args[0]
-    elif (
-        is_call(ranked, aten.where.self)
-        and is_call(ranked.args[2], aten.full_like.default)
-        and _neg(ranked.args[2].args[1])
-    ):
-        seen |= {ranked, ranked.args[2]}
-        limit = visibility(ranked.args[0], T)
-        if limit is None:
-            return None
-        ranked = ranked.args[1]
-    return ranked, k, limit
+    return ranked, k, lits, marking
 
 
 def index_scores(n: fx.Node) -> IndexScores | None:
@@ -255,7 +344,9 @@ def index_scores(n: fx.Node) -> IndexScores | None:
         names = {bs[0]: "b", bs[1]: "s", h: "h", d: "d", t[0]: "t"}
         dims = []
         for x_node, letters, need in ((inner.ops[qi], lq, "bshd"), (inner.ops[1 - qi], lk, "btd"), (w, lw, "bsh")):
-            got = _dims(x_node, letters if x_node is not w else "".join(to_inner.get(c, c) for c in lw), names, need)
+            if x_node is w:  # w's letters in the inner alphabet; its own size-1 dims get fresh names
+                letters = "".join(to_inner.get(c, c.upper()) for c in lw)
+            got = _dims(x_node, letters, names, need)
             if got is None:
                 break
             dims.append(got)
@@ -278,29 +369,53 @@ def _dims(x: fx.Node, letters: str, names: dict, need: str) -> str | None:
     return dims if set(need) <= set(dims) and len(set(dims)) == len(dims) else None
 
 
+def _same_limit(a: tuple, b: tuple) -> bool:
+    """Two visibility limits that are one tensor: the same node, or equal ops of the same inputs."""
+    x, y = a[0], b[0]
+    while is_call(x, aten.unsqueeze.default) and is_call(y, aten.unsqueeze.default) and x.args[1:] == y.args[1:]:
+        x, y = x.args[0], y.args[0]
+    return a[1] == b[1] and same_value(x, y)
+
+
 def dsa_mask(mask: fx.Node) -> DsaMask | None:
     """The DSA structure of an additive attention mask (B, S, T), or None."""
     got = allowed_of(mask)
     if got is None:
         return None
     terms, seen = got
+    shape = _sizes(val(mask).shape)
     T = val(mask).shape[-1]
     sel, limits = None, []
-    for term in terms:
-        lim = visibility(term, T)
+    for term, positive in terms:
+        lim = visibility(term, positive, T)
         if lim is not None:
             limits.append(lim)
             continue
-        s = selection(term, seen)
+        s = selection(term, positive, seen)
         if s is None or sel is not None:
             return None  # a term that is neither, or two selections
         sel = s
     if sel is None:
         return None
-    ranked, k, lim = sel
-    if lim is not None:
+    ranked, k, lits, marking = sel
+    for term, positive in lits:
+        lim = visibility(term, positive, val(ranked).shape[-1])
+        if lim is None:
+            return None  # the scores masked by something other than visibility
         limits.append(lim)
-    if not limits or any(x is not limits[0] for x in limits):
+    if not limits or any(not _same_limit(x, limits[0]) for x in limits):
         return None  # visibility must be stated, and once
+    if squeezed_shape(_sizes(val(marking).shape)) != squeezed_shape(shape):
+        return None  # the selection must be one per (batch row, query) of the mask
+    lim, dims = limits[0]
+    sizes = dict(zip("bs", shape[-3:-1])) if len(shape) >= 3 else {"s": shape[-2]} if len(shape) == 2 else {}
+    lim_sizes = squeezed_shape(_sizes(val(lim).shape))
+    if any(sizes.get(d) != s for d, s in zip(dims, lim_sizes)):
+        return None
     scores = index_scores(ranked)
-    return None if scores is None else DsaMask(scores, k, limits[0], seen)
+    if scores is None:
+        return None
+    while ranked is not scores.node:  # the reshapes index_scores looked through
+        seen.add(ranked)
+        ranked = ranked.args[0]
+    return DsaMask(scores, k, lim, dims, seen)

@@ -9,6 +9,14 @@ from dsc.fx_utils import VIEW_OPS, is_call, val
 
 aten = torch.ops.aten
 
+# nodes that check, never compute: dropped where nothing reads them
+ASSERTS = frozenset({
+    aten._assert_tensor_metadata.default,
+    aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+    aten.sym_constrain_range.default,
+    aten._assert_async.msg,
+})  # fmt: skip
 CASTS = frozenset({aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout})
 # ops whose output holds the same values as their input (a copy, a cast in fp32 graphs, an alias)
 COPIES = CASTS | {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default}

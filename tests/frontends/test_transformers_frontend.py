@@ -37,6 +37,9 @@ def test_optimize_then_generate_equals_hf_generate(kind, tmp_path, capsys):
     assert report["frontend"] == "transformers" and report["verified"]
     absorb = next(p for p in report["passes"] if p["name"] == "absorb_mla")
     assert absorb["matches"] == 2 * m.config.num_hidden_layers  # every layer, in prefill and in decode
+    if kind == "v32":  # and every layer's attention reads only its selected latents
+        fuse = next(p for p in report["passes"] if p["name"] == "fuse_dsa")
+        assert fuse["matches"] == 2 * m.config.num_hidden_layers, fuse
     assert report["after"]["entries"] == ["decode", "prefill"]
 
     ids = ",".join(map(str, PROMPT))

@@ -1,0 +1,52 @@
+"""fuse_dsa on Hugging Face transformers' DeepseekV32ForCausalLM, exported as HF runs it over a
+StaticCache (a decode step, and a prefill chunk at a non-zero start), with its SDPA (boolean mask)
+and eager (additive finfo.min mask) attention: every layer reads only its selected latents and the
+graph still gives HF's own logits.
+
+HF writes the selection its own way: ``topk(masked_fill(scores, ~causal, -inf), min(index_topk,
+T))`` cast to int32, scattered as *blocked* keys (``ones.scatter(idx, False)``) into a 4-D mask
+whose causal part compares ``arange(T)`` with shared query positions ``start + arange(S)``."""
+
+import pytest
+import torch
+
+from dsc.program import CacheSpec, Program
+from tests.passes.helpers import apply, ops
+from tests.passes.hf_models import export_case, hf_model
+from tests.tolerances import TOL
+
+SPARSE, TOPK = "dsc.sparse_mla.default", "dsc.indexer_topk.default"
+CASES = [(a, c) for a in ("sdpa", "eager") for c in ("decode", "chunk")]
+
+
+@pytest.mark.parametrize("attn,case", CASES, ids=["-".join(c) for c in CASES])
+def test_fires_once_per_layer_and_matches_hf(attn, case):
+    m = hf_model("v32", attn, index_n_heads=8)  # 8 index heads: no exactly tied index scores
+    ep, inputs = export_case(m, case)
+    program = Program({"forward": ep}, CacheSpec([]), config=None)
+    for name in ("canonicalize", "normalize", "absorb_mla"):
+        program, _, _ = apply(name, program)
+    out, matches, stats = apply("fuse_dsa", program)
+    layers = m.config.num_hidden_layers
+    assert matches == layers, stats
+    h = ops(out)
+    assert h.get(SPARSE, 0) == layers and h.get(TOPK, 0) == layers
+    assert "dsc.mla_decode.default" not in h and "aten.scatter.value" not in h  # (the router keeps its topk)
+    for batch, seed in ((2, 1), (1, 2)):
+        args = inputs(batch, seed)
+        with torch.no_grad():
+            want = _hf(m, case, args)
+            got = out.module("forward")(*_fresh(args))
+        torch.testing.assert_close(got, want, **TOL["fp32_rewrite"])
+    _, again, _ = apply("fuse_dsa", out)
+    assert again == 0
+
+
+def _fresh(args):
+    return tuple([t.clone() for t in a] if isinstance(a, list) else a.clone() for a in args)
+
+
+def _hf(m, case, args):
+    from tests.passes.hf_models import StaticStep
+
+    return StaticStep(m)(*_fresh(args))
