@@ -177,7 +177,9 @@ def cmd_generate(args) -> int:
     else:
         prompts = [_token_ids(p, backend.config.vocab_size) for p in args.prompt_tokens]
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, not args.ignore_eos)
-    res = generate(backend, prompts, params)
+    if args.prefill_chunk is not None and args.prefill_chunk < 0:
+        raise DscError(f"--prefill-chunk must be >= 0 (0: the whole prompt in one call), got {args.prefill_chunk}")
+    res = generate(backend, prompts, params, -1 if args.prefill_chunk is None else args.prefill_chunk)
     texts = [tok.decode(t) if tok else None for t in res.tokens]
     if args.json:
         if len(texts) == 1:
@@ -389,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a prompt as comma-separated token ids (models without a byte-level vocabulary); repeat for a batch",
     )  # fmt: skip
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the EOS token")
+    p.add_argument(
+        "--prefill-chunk", type=int, metavar="N",
+        help="prefill longer prompts as N-token chunks (default: a Program's prefill_chunk, the prompt length its "
+        "prefill form was chosen for; 0: the whole prompt in one call)",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")

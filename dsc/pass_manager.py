@@ -21,7 +21,7 @@ from pathlib import Path
 import dsc.passes  # noqa: F401  (each pass file registers itself)
 from dsc.errors import DscError
 from dsc.fx_utils import listing, node_count, op_histogram
-from dsc.machine import Machine
+from dsc.machine import H200, Machine
 from dsc.program import Program
 from dsc.registry import REGISTRY, PassInfo, register_pass  # noqa: F401  (re-exported)
 from dsc.verify import Numerics, Tolerance, compare, make_scenario, run_scenario
@@ -202,4 +202,6 @@ def run_pipeline(
         if changed:
             work.provenance.setdefault("passes", []).append(info.name)
             program = work
+    if any(r.changed for r in records) and "prefill" in program.entries:
+        program.prefill_chunk = (machine or H200).context  # what the forms were chosen for
     return program, records

@@ -53,6 +53,9 @@ class Program:
     cache: CacheSpec
     config: ModelConfig
     provenance: dict[str, Any] = field(default_factory=dict)
+    # the prompt length the prefill entry's form was chosen for (the cost model's context): the runtime
+    # prefills a longer prompt in chunks of this length, the rest as decode extends (``runtime.prefill``)
+    prefill_chunk: int | None = None
     _modules: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False, compare=False)
 
     # ---- running --------------------------------------------------------------------------------
@@ -106,7 +109,9 @@ class Program:
     def clone(self) -> Program:
         """New graphs and signatures, the same weight tensors: what a pass may edit freely."""
         entries = {name: clone_entry(ep) for name, ep in self.entries.items()}
-        return Program(entries, copy.deepcopy(self.cache), self.config, copy.deepcopy(self.provenance))
+        return Program(
+            entries, copy.deepcopy(self.cache), self.config, copy.deepcopy(self.provenance), self.prefill_chunk
+        )
 
     # ---- saving ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -144,6 +149,7 @@ class Program:
             "cache": self.cache.to_dict(),
             "entries": entries,
             "provenance": self.provenance,
+            "prefill_chunk": self.prefill_chunk,
         }
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
@@ -194,6 +200,7 @@ class Program:
             CacheSpec.from_dict(manifest["cache"]),
             ModelConfig.from_dict(manifest["config"]),
             manifest.get("provenance", {}),
+            manifest.get("prefill_chunk"),
         )
 
 

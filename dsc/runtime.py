@@ -82,7 +82,39 @@ def sample_next(logits: Tensor, p: SamplingParams, gen: torch.Generator) -> Tens
 
 
 @torch.no_grad()
-def generate(backend, prompts: list[list[int]], params: SamplingParams) -> Generation:
+def prefill(
+    backend, tokens: Tensor, caches: list[Tensor], lens: Tensor | None = None, chunk: int | None = -1
+) -> Tensor:
+    """Each row's logits at its last prompt position (B, V), the prompt's keys written into ``caches``
+    (allocated to at least the prompt's length). A prompt longer than ``chunk`` tokens (default: the
+    backend's ``prefill_chunk``, the length its prefill form was chosen for; None or 0: never) runs
+    as a prefill of ``chunk`` tokens, then decode extends of up to ``chunk`` tokens at their
+    positions: no call sees more queries than its form was chosen for, and a long prompt's
+    per-call memory stays that of a ``chunk``-token one."""
+    B, P = tokens.shape
+    lens = torch.full((B,), P) if lens is None else lens
+    if chunk == -1:
+        chunk = getattr(backend, "prefill_chunk", None)
+    if not chunk or P <= chunk:
+        logits, _ = backend.prefill(tokens, backend.cache.window(caches, P))
+        return logits[torch.arange(B), lens - 1]
+    rows, last = torch.arange(B), None
+    for start in range(0, P, chunk):
+        end = min(start + chunk, P)
+        window = backend.cache.window(caches, end)
+        if start == 0:
+            logits, _ = backend.prefill(tokens[:, :end], window)
+        else:
+            pos = torch.arange(start, end).repeat(B, 1)
+            logits, _ = backend.decode(tokens[:, start:end], pos, window)
+        got = logits[rows, (lens - 1 - start).clamp(0, end - start - 1)]
+        here = (lens - 1 >= start) & (lens - 1 < end)  # rows whose last prompt token is in this chunk
+        last = got if last is None else torch.where(here[:, None], got, last)
+    return last
+
+
+def generate(backend, prompts: list[list[int]], params: SamplingParams, chunk: int | None = -1) -> Generation:
+    """``chunk``: see ``prefill``."""
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise DscError("every prompt needs at least one token")
@@ -111,8 +143,7 @@ def generate(backend, prompts: list[list[int]], params: SamplingParams) -> Gener
     gen = torch.Generator().manual_seed(params.seed)
 
     t0 = time.perf_counter()
-    logits, _ = backend.prefill(tokens, backend.cache.window(caches, P))
-    last = logits[torch.arange(B), lens - 1]  # (B, V): each row's own last position
+    last = prefill(backend, tokens, caches, lens, chunk)
     t_prefill = time.perf_counter() - t0
 
     out: list[list[int]] = [[] for _ in range(B)]

@@ -43,6 +43,7 @@ def test_save_load_runs_identically(tiny_optimized, tmp_path):
         "weights.safetensors",
     ]
     back = Program.load(tmp_path / "p")
+    assert back.prefill_chunk == program.prefill_chunk == 4096
     sc = make_scenario(program.config, seed=1)
     a, b = run_scenario(program, sc), run_scenario(back, sc)
     for k in a:

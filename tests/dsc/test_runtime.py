@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dsc.errors import DscError
-from dsc.runtime import EagerBackend, SamplingParams, generate, sample_next
+from dsc.runtime import EagerBackend, SamplingParams, generate, prefill, sample_next
+from tests.tolerances import TOL
 
 
 def test_greedy_same_on_eager_and_program(tiny, tiny_optimized):
@@ -22,6 +23,29 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny):
     batched = generate(EagerBackend(tiny), prompts, p).tokens
     single = [generate(EagerBackend(tiny), [q], p).tokens[0] for q in prompts]
     assert batched == single
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 29])
+def test_chunked_prefill_equals_one_call(tiny, tiny_optimized, chunk):
+    """A prompt prefilled as chunks (a prefill, then decode extends) leaves the caches and the rows'
+    last logits of one prefill call, rows of different lengths ending in different chunks; eager
+    and compiled, chunk sizes that do and do not divide the prompt, chunks past index_topk."""
+    program, _ = tiny_optimized
+    assert program.prefill_chunk == 4096  # the H200 context the forms were chosen for
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (3, 45), generator=g)
+    lens = torch.tensor([45, 12, 30])
+    for backend in (EagerBackend(tiny), program):
+        whole = backend.cache.allocate(3, 50)
+        want = prefill(backend, tokens, whole, lens, chunk=0)
+        parts = backend.cache.allocate(3, 50)
+        got = prefill(backend, tokens, parts, lens, chunk=chunk)
+        torch.testing.assert_close(got, want, **TOL["fp32_rewrite"])
+        for a, b in zip(parts, whole):
+            torch.testing.assert_close(a, b, **TOL["fp32_rewrite"])
+    p = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    prompts = [tokens[i, : lens[i]].tolist() for i in range(3)]
+    assert generate(program, prompts, p, chunk=chunk).tokens == generate(program, prompts, p, chunk=0).tokens
 
 
 def test_sampling_is_seeded_and_respects_top_p(tiny):
