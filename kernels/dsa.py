@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from dsc.kernels.mla_decode import HAVE_TRITON, mla_decode_triton
-from dsc.kernels.triton_utils import warn_no_triton
+from dsc.kernels.triton_utils import tl, triton, warn_no_triton
 from torch import Tensor
 
 NEG_INF = float("-inf")
@@ -87,6 +87,86 @@ def indexer_topk(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: int) -
 @indexer_topk.register_fake
 def _(q, w, keys, limit, topk):
     return limit.new_empty((*limit.shape, topk), dtype=torch.int64)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _index_scores_kernel(
+        Q, W, K, LIM, OUT, T, H, S,
+        stride_qr, stride_qh, stride_wr, stride_kb, stride_kt, stride_or,
+        D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):  # fmt: skip
+        """One query row against a block of keys: I = Σ_h w_h · ReLU(q_h · k_t) in fp32, -inf past
+        the row's limit; the per-head (H, BLOCK_T) products never leave registers."""
+        row = tl.program_id(0)  # b * S + s over the rows of this call
+        tb = tl.program_id(1)
+        b = row // S
+        offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        t_ok, d_ok = offs_t < T, offs_d < D
+        k = tl.load(
+            K + b * stride_kb + offs_t[:, None] * stride_kt + offs_d[None, :],
+            mask=t_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BLOCK_T, BLOCK_D)
+        acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + offs_h
+            h_ok = hh < H
+            q = tl.load(
+                Q + row * stride_qr + hh[:, None] * stride_qh + offs_d[None, :],
+                mask=h_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)  # (BLOCK_H, BLOCK_D)
+            w = tl.load(W + row * stride_wr + hh, mask=h_ok, other=0.0).to(tl.float32)
+            qk = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)  # (BLOCK_H, BLOCK_T)
+            acc += tl.sum(qk * w[:, None], axis=0)
+        lim = tl.load(LIM + row)
+        acc = tl.where(offs_t <= lim, acc, float("-inf"))
+        tl.store(OUT + row * stride_or + offs_t, acc, mask=t_ok)
+
+
+def indexer_topk_triton(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: int) -> Tensor:
+    """Blocks of query rows: the Triton kernel scores a block against the whole index-key cache in
+    one pass (no per-head scores in memory, only the block's (rows, T) fp32 index scores), then the
+    exact selection of ``_select`` keeps (rows, topk) indices. Memory O(rows · T + S · topk)."""
+    assert HAVE_TRITON, "triton is not installed (pip install 'dsc[gpu]')"
+    B, S, H, D = q.shape
+    T = keys.shape[1]
+    assert keys.shape == (B, T, D) and w.shape == (B, S, H) and limit.shape == (B, S), (
+        f"q {tuple(q.shape)} w {tuple(w.shape)} keys {tuple(keys.shape)} limit {tuple(limit.shape)}"
+    )
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    rows = max(1, min(S, ROW_BLOCK_VALUES // max(1, T)))
+    out = torch.empty(B, S, topk, dtype=torch.int64, device=q.device)
+    BLOCK_H = max(16, min(64, triton.next_power_of_2(H)))
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_T = 64
+    for s0 in range(0, S, rows):
+        qs = q[:, s0 : s0 + rows].contiguous()
+        n = qs.shape[1]
+        q2, w2 = qs.view(B * n, H, D), w[:, s0 : s0 + rows].contiguous().view(B * n, H)
+        lim = limit[:, s0 : s0 + rows].contiguous().view(B * n)
+        scores = torch.empty(B * n, T, dtype=torch.float32, device=q.device)
+        grid = (B * n, triton.cdiv(T, BLOCK_T))
+        _index_scores_kernel[grid](
+            q2, w2, keys, lim, scores, T, H, n,
+            q2.stride(0), q2.stride(1), w2.stride(0), keys.stride(0), keys.stride(1), scores.stride(0),
+            D=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T,
+        )  # fmt: skip
+        out[:, s0 : s0 + n] = _select(scores, topk).view(B, n, topk)
+    return out
+
+
+@indexer_topk.register_kernel("cuda")
+def _(q, w, keys, limit, topk):
+    if not HAVE_TRITON:
+        warn_no_triton("indexer_topk")
+        return indexer_topk_ref(q, w, keys, limit, topk)
+    return indexer_topk_triton(q, w, keys, limit, topk)
 
 
 def sparse_mla_ref(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:

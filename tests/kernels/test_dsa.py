@@ -111,7 +111,7 @@ TRITON_CHECK = """
 import torch
 from dsc.kernels import dsa
 from dsc.kernels.mla_decode import mla_decode_triton
-from tests.kernels.test_dsa import _mla_inputs, _random_indices
+from tests.kernels.test_dsa import _as_sets, _indexer_inputs, _mla_inputs, _random_indices
 for B, S, H, dc, dr, T, K in [(1, 1, 4, 16, 8, 40, 12), (2, 3, 3, 16, 8, 33, 20)]:
     q_abs, q_pe, c, r = _mla_inputs(B, S, H, dc, dr, T)
     cache = torch.cat((c, r), -1)
@@ -123,11 +123,23 @@ for B, S, H, dc, dr, T, K in [(1, 1, 4, 16, 8, 40, 12), (2, 3, 3, 16, 8, 33, 20)
     got = mla_decode_triton(torch.cat((q_abs, q_pe), -1), kv, None, 0.3, dc, indices=idx)
     ref = dsa.sparse_mla_ref(q_abs, q_pe, c, r, idx, 0.3)
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-3), (got - ref).abs().max()
+# the indexer: head counts and feature sizes off the block sizes, T off the key block, topk > visible,
+# ties, a block per query row; the selected sets are the reference's
+for (B, S, H, D, T, k), ties in [((1, 1, 4, 16, 70, 8), False), ((2, 5, 3, 20, 37, 8), True),
+                                 ((2, 4, 2, 8, 10, 16), False), ((1, 7, 65, 16, 7, 3), True)]:
+    q, w, keys, limit = _indexer_inputs(B, S, H, D, T, ties=ties)
+    big = torch.zeros(B, T + 5, D)
+    big[:, :T] = keys
+    want = _as_sets(dsa.indexer_topk_ref(q, w, keys, limit, k))
+    assert _as_sets(dsa.indexer_topk_triton(q, w, big[:, :T], limit, k)) == want, (B, S, H, D, T, k)
+    dsa.ROW_BLOCK_VALUES = T  # one query row per block
+    assert _as_sets(dsa.indexer_topk_triton(q, w, keys, limit, k)) == want
+    dsa.ROW_BLOCK_VALUES = 1 << 24
 print("ok")
 """
 
 
-def test_sparse_mla_triton_path_in_interpreter():
+def test_triton_kernels_in_interpreter():
     pytest.importorskip("triton")
     r = subprocess.run(
         [sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600,
