@@ -177,7 +177,7 @@ def run_pipeline(
             after_out = run_scenario(work, scenario)
             if work.cache != program.cache:  # a new cache layout: compare outputs, not cache tensors
                 after_out = {k: v for k, v in after_out.items() if not k.startswith("cache.")}
-            numerics, violations = compare(before_out, after_out, info.tolerance)
+            numerics, violations = compare(before_out, after_out, ctx.tolerance or info.tolerance)
             if violations:
                 where = dump_dir or Path(tempfile.mkdtemp(prefix="dsc-dump-"))
                 dump_pass(where, i, info.name, program, work)
@@ -187,7 +187,7 @@ def run_pipeline(
             dump_pass(dump_dir, i, info.name, program, work)
         records.append(
             PassRecord(
-                info.name, changed, matches, stats, info.tolerance, numerics, seconds,
+                info.name, changed, matches, stats, ctx.tolerance or info.tolerance, numerics, seconds,
                 {k: node_count(ep) for k, ep in program.entries.items()},
                 {k: node_count(ep) for k, ep in work.entries.items()},
                 {k: op_histogram(ep) for k, ep in program.entries.items()},

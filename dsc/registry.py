@@ -50,3 +50,6 @@ class PassContext:
     pass_name: str
     options: dict[str, Any] = field(default_factory=dict)
     machine: Machine = H200  # what cost choices are made for (``dsc optimize --target``)
+    # a pass whose options change its numerics (e.g. fuse_dsa's FP8 index cache) states the contract
+    # it then keeps here; verification holds it to this instead of its registered tolerance
+    tolerance: Any = None

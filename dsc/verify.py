@@ -39,6 +39,10 @@ TOLERANCES = {
     "fp32_reassoc": Tolerance(atol=2e-5, rtol=1e-4, min_top1=1.0, min_sqnr_db=80.0),
     # a rewrite that changes the contraction order over long sums (absorption, fusion)
     "fp32_rewrite": Tolerance(atol=1e-4, rtol=1e-3, min_top1=0.95, min_sqnr_db=60.0),
+    # DSA over an FP8 index-key cache: a key whose score is near the k-th can swap in or out of the
+    # selection, and a query that attends to another token moves its logits by O(1); the contract is
+    # the distribution's (top-1, SQNR), with the elementwise bound that of a changed selection
+    "fp8_index_cache": Tolerance(atol=2.0, rtol=0.5, min_top1=0.9, min_sqnr_db=20.0),
 }
 EXACT = TOLERANCES["exact"]
 FP32_REASSOC = TOLERANCES["fp32_rewrite"]

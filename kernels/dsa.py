@@ -13,6 +13,8 @@ keeps only (rows, topk) indices; sparse attention gathers a block's selected lat
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from dsc.kernels.mla_decode import HAVE_TRITON, mla_decode_triton
 from dsc.kernels.triton_utils import tl, triton, warn_no_triton
@@ -39,6 +41,53 @@ def indexer_topk_ref(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: in
     vals, order = padded.sort(dim=-1, descending=True, stable=True)
     vals, order = vals[..., :topk], order[..., :topk]
     return torch.where((vals > NEG_INF) & (order < T), order, -1)
+
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def hadamard(d: int, dtype=torch.float32) -> Tensor:
+    """The orthonormal Sylvester Walsh-Hadamard matrix of order d (a power of two): H Hᵀ = I, so
+    (q H)·(k H) = q·k. The indexer rotates q and k by it before FP8 to spread outliers (spec §5.3)."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power-of-two order, got {d}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h / d**0.5).to(dtype)
+
+
+def quantize_index_keys(k: Tensor, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+    """Index keys (..., D), already rotated -> (e4m3 values (..., D), fp32 scale (..., 1)): one scale
+    per token, amax / 448 (rounded up to a power of two with ``ue8m0``), amax at least 1e-4 so an
+    all-zero key gets a finite scale (spec §5.3 / §7.3)."""
+    s = k.float().abs().amax(-1, keepdim=True).clamp_min(1e-4) / FP8_MAX
+    if ue8m0:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    return (k.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+
+
+def fp8_index_topk_ref(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: int, ue8m0: bool = False) -> Tensor:
+    """The selection of an FP8 index-key cache (spec §5.3, §7.4): q and the keys rotated by the
+    Hadamard matrix, the keys stored as e4m3 with a per-token scale, scored in fp32 on their dequantised values."""
+    h = hadamard(keys.shape[-1])
+    k8, s = quantize_index_keys(keys.float() @ h, ue8m0)
+    return indexer_topk_ref(q.float() @ h, w, k8.float() * s, limit, topk)
+
+
+_observers: list = []
+
+
+@contextmanager
+def observe_indexer(fn):
+    """Calls ``fn(q, w, keys, limit, topk, indices)`` after every CPU ``dsc::indexer_topk`` while
+    active: how a pass measures its selections on real activations (e.g. fuse_dsa's FP8 index
+    cache recall on the verification inputs) without changing the graph."""
+    _observers.append(fn)
+    try:
+        yield
+    finally:
+        _observers.remove(fn)
 
 
 def _select(scores: Tensor, topk: int) -> Tensor:
@@ -81,7 +130,10 @@ def indexer_topk_cpu(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: in
 def indexer_topk(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: int) -> Tensor:
     """q (B, S, H, D) index queries, w (B, S, H) head weights (scales folded in), keys (B, T, D) the
     index-key cache, limit (B, S) the last visible key of each query -> (B, S, topk) int64."""
-    return indexer_topk_cpu(q, w, keys, limit, topk)
+    out = indexer_topk_cpu(q, w, keys, limit, topk)
+    for fn in _observers:
+        fn(q, w, keys, limit, topk, out)
+    return out
 
 
 @indexer_topk.register_fake

@@ -21,10 +21,15 @@ same selection, the attention summed in another order: fp32 re-association.
 from __future__ import annotations
 
 import torch
+from dsc.kernels.dsa import FP8_MAX, hadamard
 from torch import fx
 
-from dsc.fx_utils import finalize, is_call, refresh_meta, tag, val
+from dsc.cache import CacheTensor, cache_inputs, retype_cache_input
+from dsc.errors import DscError
+from dsc.fx_utils import add_constant_input, finalize, is_call, refresh_meta, tag, val
+from dsc.match.cache import cache_write
 from dsc.match.dsa import DsaMask, dsa_mask
+from dsc.match.ops import COPIES, RESHAPES
 from dsc.program import clone_entry
 from dsc.registry import register_pass
 from dsc.verify import TOLERANCES
@@ -32,6 +37,8 @@ from dsc.verify import TOLERANCES
 aten = torch.ops.aten
 dsc_ops = torch.ops.dsc
 NAME = "fuse_dsa"
+INDEX_CACHE = ("keep", "fp8", "fp8_ue8m0")  # option index_cache: the index-key cache's format
+SCALE_BYTES = 4  # one fp32 scale after the D e4m3 values: 132 B/token/layer at D = 128 (spec §7.4)
 
 
 def _sites(ep) -> list[tuple[fx.Node, DsaMask]]:
@@ -136,10 +143,14 @@ def transform(ep) -> int:
 @register_pass(
     NAME, order=30, purpose="DSA: the indexer's top-k feeds attention over the selected latents only",
     tolerance=TOLERANCES["fp32_rewrite"], requires=("canonicalize", "normalize", "absorb_mla"),
+    options={"index_cache": INDEX_CACHE},
 )  # fmt: skip
 def fuse_dsa(program, ctx):
     from dsc.cost import entry_cost
 
+    index_cache = ctx.options["index_cache"]
+    if index_cache not in INDEX_CACHE:
+        raise DscError(f"fuse_dsa.index_cache must be one of {', '.join(INDEX_CACHE)}, got {index_cache!r}")
     stats: dict = {"entries": {}}
     total = 0
     for entry, ep in list(program.entries.items()):
@@ -165,7 +176,184 @@ def fuse_dsa(program, ctx):
             stats["entries"][entry] = {"sites": n, "form": "sparse", "why": why, "topk": sites[0][1].k}
         else:
             stats["entries"][entry] = {"sites": 0, "form": "dense", "why": why + "; the dense form is cheaper"}
+    if total and index_cache != "keep":
+        ue8m0 = index_cache == "fp8_ue8m0"
+        recall = index_recall(program, ue8m0)
+        stats["index_cache"] = {**fp8_index_cache(program, ue8m0), "recall_vs_fp32": recall}
+        ctx.tolerance = TOLERANCES["fp8_index_cache"]
     return total, stats
+
+
+# ---- the FP8 index-key cache (option index_cache=fp8 | fp8_ue8m0) --------------------------------
+
+
+LAYOUT = (aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, *COPIES, *RESHAPES)
+
+
+def _to_indexer(n: fx.Node) -> fx.Node | None:
+    """The ``indexer_topk`` whose keys n is, through a chain of layout ops each read once (the
+    transposes and casts of a cache read, ``_as``'s one-operand einsum), else None."""
+    while True:
+        users = list(n.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if is_call(u, dsc_ops.indexer_topk.default):
+            return u if u.args[2] is n and u.args[0] is not n else None
+        if not (is_call(u, *LAYOUT) or (is_call(u, aten.einsum.default) and len(u.args[1]) == 1)):
+            return None
+        n = u
+
+
+def _from_cache(n: fx.Node):
+    """The cache write under a chain of layout ops, else None."""
+    while cache_write(n) is None:
+        if is_call(n, *LAYOUT):
+            n = n.args[0]
+        elif is_call(n, aten.einsum.default) and len(n.args[1]) == 1:
+            n = n.args[1][0]
+        else:
+            return None
+    return cache_write(n)
+
+
+def _index_cache_writes(ep) -> dict[fx.Node, fx.Node]:
+    """{cache input: its write} for the index-key caches an ``indexer_topk`` of this entry reads."""
+    out = {}
+    for n in ep.graph.nodes:
+        if is_call(n, dsc_ops.indexer_topk.default):
+            w = _from_cache(n.args[2])
+            if w is not None and w.time_dim == 1:
+                out[w.cache] = w.node
+    return out
+
+
+def _quantize(g: fx.Graph, v: fx.Node, had: fx.Node, ue8m0: bool) -> fx.Node:
+    """New index keys (B, S, D) -> packed (B, S, D + 4) uint8: e4m3 of (v H) / s, then s's bytes
+    (``dsc.kernels.dsa.quantize_index_keys``, in ATen ops)."""
+    call = g.call_function
+    r = call(aten.matmul.default, (call(aten._to_copy.default, (v,), {"dtype": torch.float32}), had))
+    s = call(
+        aten.div.Tensor,
+        (
+            call(aten.clamp_min.default, (call(aten.amax.default, (call(aten.abs.default, (r,)), [-1], True)), 1e-4)),
+            FP8_MAX,
+        ),
+    )
+    if ue8m0:
+        s = call(aten.exp2.default, (call(aten.ceil.default, (call(aten.log2.default, (s,)),)),))
+    q8 = call(
+        aten._to_copy.default,
+        (call(aten.clamp.default, (call(aten.div.Tensor, (r, s)), -FP8_MAX, FP8_MAX)),),
+        {"dtype": torch.float8_e4m3fn},
+    )
+    parts = [call(aten.view.dtype, (q8, torch.uint8)), call(aten.view.dtype, (s, torch.uint8))]
+    return call(aten.cat.default, (parts, -1))  # fmt: skip
+
+
+def _dequantize(g: fx.Graph, packed: fx.Node, D: int) -> fx.Node:
+    """Packed (B, T, D + 4) uint8 -> the rotated keys (B, T, D) fp32: e4m3 values times their scale."""
+    call = g.call_function
+    vals = call(aten.view.dtype, (call(aten.slice.Tensor, (packed, -1, 0, D)), torch.float8_e4m3fn))
+    scale = call(aten.view.dtype, (call(aten.slice.Tensor, (packed, -1, D, D + SCALE_BYTES)), torch.float32))
+    return call(aten.mul.Tensor, (call(aten._to_copy.default, (vals,), {"dtype": torch.float32}), scale))
+
+
+def fp8_index_cache(program, ue8m0: bool) -> dict:
+    """Every index-key cache an ``indexer_topk`` reads becomes FP8 in every entry: the write stores
+    the Hadamard-rotated key as D e4m3 values and one fp32 scale; the sparse indexer reads the
+    dequantised rotated keys with its queries rotated too (q H · k H = q · k), and any other reader
+    (a dense entry's index scores) reads them rotated back (· Hᵀ)."""
+    n = len(program.cache.tensors)
+    if not n:
+        return {"format": "keep", "why": "the Program declares no cache (CacheSpec) to change"}
+    chosen = set()  # cache indices (counted from the end, like the cache inputs)
+    for ep in program.entries.values():
+        phs = cache_inputs(ep)
+        chosen |= {phs.index(ph) - len(phs) for ph in _index_cache_writes(ep)}
+    if not chosen:
+        return {"format": "keep", "why": "no sparse indexer reads an index-key cache written in place"}
+    D = program.cache.tensors[n + min(chosen)].tail[-1]
+    try:
+        had_t = hadamard(D)
+    except ValueError:
+        raise DscError(
+            f"fuse_dsa.index_cache=fp8 rotates the index keys by a Hadamard matrix, which needs a power-of-two "
+            f"index_head_dim; this model's is {D}. Use fuse_dsa.index_cache=keep."
+        ) from None
+    for ep in program.entries.values():
+        phs = cache_inputs(ep)
+        targets = [phs[i] for i in sorted(chosen) if -i <= len(phs)]
+        if not targets:
+            continue
+        had = add_constant_input(ep, f"dsc_hadamard_{D}", had_t, kind="constant")
+        g = ep.graph
+        for ph in targets:
+            writes = [u for u in ph.users if cache_write(u) is not None]
+            readers = [u for u in ph.users if u not in writes and not is_call(u, aten.sym_size.int)]
+            if len(writes) > 1 or readers:
+                raise DscError(f"fuse_dsa.index_cache=fp8: cache input {ph.name} is read before it is written")
+            retype_cache_input(ep, ph, [D + SCALE_BYTES], dtype=torch.uint8)
+            if not writes:
+                continue
+            w = writes[0]
+            with g.inserting_before(w):
+                w.args = (w.args[0], w.args[1], _quantize(g, w.args[2], had, ue8m0), *w.args[3:])
+            for u in [u for u in w.users if u.op != "output"]:  # (the output returns the cache itself)
+                with g.inserting_before(u):
+                    keys = _dequantize(g, w, D)
+                    topk = u if is_call(u, dsc_ops.indexer_topk.default) and u.args[2] is w else _to_indexer(u)
+                    if topk is not None:  # the sparse indexer: rotated keys, rotated queries
+                        u.replace_input_with(w, keys)
+                        with g.inserting_before(topk):
+                            q = g.call_function(aten.matmul.default, (topk.args[0], had))
+                        topk.args = (q, *topk.args[1:])
+                    else:  # any other reader: the keys rotated back
+                        back = g.call_function(aten.matmul.default, (keys, g.call_function(aten.t.default, (had,))))
+                        u.replace_input_with(w, back)
+        refresh_meta(ep)
+        finalize(ep)
+    meaning = f"index keys, FP8: {D} e4m3 values of the Hadamard-rotated key, then its fp32 scale"
+    old_bytes = program.cache.tensors[n + min(chosen)].bytes_per_token
+    for i in chosen:
+        old = program.cache.tensors[n + i]
+        program.cache.replace(
+            n + i, CacheTensor(old.name, [D + SCALE_BYTES], "uint8", meaning, old.layer, old.time_dim)
+        )
+    return {
+        "format": "fp8_ue8m0" if ue8m0 else "fp8",
+        "caches": len(chosen),
+        "bytes_per_token_per_layer": {"before": old_bytes, "after": D + SCALE_BYTES},
+    }
+
+
+def index_recall(program, ue8m0: bool, seed: int = 0) -> dict:
+    """Top-k recall of the FP8 index keys against the fp32 indexer on the verification inputs: every
+    sparse indexer call of ``program`` (still fp32) also selects over its keys quantised as the
+    FP8 cache stores them; recall = |FP8 ∩ fp32| / |fp32| over the queries that see more than k keys
+    (the others select everything either way)."""
+    from dsc.kernels.dsa import fp8_index_topk_ref, observe_indexer
+
+    from dsc.verify import make_scenario, run_scenario
+
+    hit = total = rows = 0
+
+    def probe(q, w, keys, limit, topk, idx):
+        nonlocal hit, total, rows
+        past = (limit + 1) > topk  # queries whose selection is a real choice
+        if not past.any():
+            return
+        got = fp8_index_topk_ref(q, w, keys, limit, topk, ue8m0)
+        a, b = idx[past], got[past]  # (R, k): fp32 and FP8 selections, all slots valid
+        hit += int((a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).sum())
+        total += a.numel()
+        rows += a.shape[0]
+
+    with observe_indexer(probe):
+        run_scenario(program.clone(), make_scenario(program.config, seed))  # (a clone: its modules die with it)
+    if not rows:
+        return {"queries": 0, "recall": None, "why": "no query of the verification inputs sees more than top-k keys"}
+    return {"queries": rows, "recall": round(hit / total, 4)}
 
 
 def _why_none(ep) -> str:

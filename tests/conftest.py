@@ -30,3 +30,16 @@ def tiny_optimized(tiny_program):
     from dsc.pass_manager import run_pipeline, select_passes
 
     return run_pipeline(tiny_program, select_passes())
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes on 2 cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -146,3 +146,26 @@ def test_triton_kernels_in_interpreter():
         env=dict(os.environ, TRITON_INTERPRET="1"), cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )  # fmt: skip
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_hadamard_and_the_fp8_index_quantiser():
+    h = dsa.hadamard(128)
+    torch.testing.assert_close(h @ h.T, torch.eye(128), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="power-of-two"):
+        dsa.hadamard(96)
+    k = torch.randn(3, 50, 128)
+    k[0, 0] = 0  # an all-zero key: a finite scale, zeros back
+    k[1, 1] *= 1e3  # an outlier token
+    for ue8m0 in (False, True):
+        k8, s = dsa.quantize_index_keys(k, ue8m0)
+        assert k8.dtype == torch.float8_e4m3fn and s.shape == (3, 50, 1) and torch.isfinite(s).all()
+        back = k8.float() * s
+        assert torch.equal(back[0, 0], torch.zeros(128))
+        assert ((back - k).abs() <= k.abs().amax(-1, keepdim=True) / 16 + 1e-6).all()  # within e4m3 precision
+    # the FP8 selection keeps most of the fp32 one (tie-free random inputs, D = 128)
+    q, w, keys, limit = _indexer_inputs(2, 6, 8, 128, 400, seed=3)
+    a = dsa.indexer_topk_ref(q, w, keys, limit, 64)
+    b = dsa.fp8_index_topk_ref(q, w, keys, limit, 64)
+    past = (limit + 1) > 64
+    hit = (a[past].unsqueeze(-1) == b[past].unsqueeze(-2)).any(-1).float().mean()
+    assert hit > 0.9, hit

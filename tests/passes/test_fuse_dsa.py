@@ -120,3 +120,97 @@ def test_spec_written_dsa_modules(cls):
         call[3] = torch.randn(call[3].shape, generator=g)
         a1, a2 = [a.clone() for a in call], [a.clone() for a in call]
         torch.testing.assert_close(out.module("forward")(*a2), m(*a1), **TOL["fp32_rewrite"])
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_ue8m0"])
+def test_fp8_index_cache(tiny_program, tiny_cfg, fmt):
+    """index_cache=fp8: every index-key cache holds D e4m3 values of the Hadamard-rotated key and
+    one fp32 scale (D + 4 bytes a token), verified under the fp8_index_cache tolerance, with the
+    top-k recall against the fp32 indexer on the verification inputs in the record."""
+    from dsc.kernels.dsa import hadamard, quantize_index_keys
+
+    from dsc.pass_manager import run_pipeline, select_passes
+    from dsc.verify import TOLERANCES
+
+    passes = select_passes(["fuse_dsa"])
+    fp32, _ = run_pipeline(tiny_program, passes)
+    out, records = run_pipeline(tiny_program, passes, options={"fuse_dsa": {"index_cache": fmt}})  # verified
+    rec = records[-1]
+    assert rec.tolerance == TOLERANCES["fp8_index_cache"]
+    ic = rec.stats["index_cache"]
+    D = tiny_cfg.index_head_dim
+    L = tiny_cfg.num_hidden_layers + tiny_cfg.num_nextn_predict_layers
+    assert ic["format"] == fmt and ic["caches"] == L
+    assert ic["bytes_per_token_per_layer"] == {"before": 4 * D, "after": D + 4}
+    assert ic["recall_vs_fp32"]["queries"] > 0 and 0.8 <= ic["recall_vs_fp32"]["recall"] <= 1.0
+    idx = [i for i, t in enumerate(out.cache.tensors) if t.dtype == "uint8"]
+    assert len(idx) == L and all(out.cache.tensors[i].tail == [D + 4] for i in idx)
+    # the bytes are the reference quantiser's: layer 0's keys (computed before any selection) after a prefill
+    toks = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(5))
+    c32, c8 = fp32.cache.allocate(2, 30), out.cache.allocate(2, 30)
+    with torch.no_grad():
+        fp32.prefill(toks, c32)
+        out.prefill(toks, c8)
+    i0 = idx[0]
+    k8, s = quantize_index_keys(c32[i0] @ hadamard(D), ue8m0=fmt == "fp8_ue8m0")
+    got = c8[i0]
+    torch.testing.assert_close(got[..., D:].contiguous().view(torch.float32), s, rtol=1e-6, atol=0)
+    same = got[..., :D].contiguous().view(torch.float8_e4m3fn).float() == k8.float()
+    assert same.float().mean() > 0.999  # (a matmul rounding may move a value across an e4m3 rounding boundary)
+    if fmt == "fp8_ue8m0":
+        assert torch.equal(s, torch.exp2(torch.log2(s).round()))  # powers of two
+    # generation runs and stays close to the fp32 indexer's
+    from dsc.runtime import SamplingParams, generate
+
+    p = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    assert len(generate(out, [[256, 5, 6, 7]], p).tokens[0]) == 8
+
+
+def test_fp8_index_cache_option_is_checked(tiny_program):
+    from dsc.errors import DscError
+
+    with pytest.raises(DscError, match="index_cache must be one of"):
+        apply("fuse_dsa", _absorbed(tiny_program), {"index_cache": "int4"})
+
+
+class _PerHeadSelection(DSA_ZOO[0]):
+    """Not DSA: each attention head keeps the top-k of its own index head's ReLU scores, so the
+    heads attend to different sets (DSA shares one set across all heads)."""
+
+    def _index_mask(self, iq, w, index_cache, visible):  # -> additive (B, S, H, T)
+        B, S = iq.shape[:2]
+        T, k = index_cache.shape[1], self.index_topk
+        score = torch.nn.functional.relu(torch.einsum("bshd,btd->bsht", iq, index_cache)) * w[..., None]
+        vis = visible[:, :, None, :]
+        score = score.masked_fill(~vis, float("-inf"))
+        idx = score.topk(min(k, T), dim=-1).indices
+        keep = torch.zeros(B, S, self.n_heads, T, dtype=torch.bool).scatter_(-1, idx, True) & vis
+        return torch.zeros(B, S, self.n_heads, T).masked_fill(~keep, float("-inf"))
+
+    def _attend(self, q, latent_cache, mask):
+        H, dn, dc = self.n_heads, self.dn, self.kv_lora_rank
+        c_kv, k_pe = latent_cache[..., :dc], latent_cache[..., dc:]
+        kvb = torch.einsum("btc,oc->bto", c_kv, self.wkv_b.weight).unflatten(-1, (H, dn + self.dv))
+        k = torch.cat((kvb[..., :dn], k_pe[:, :, None, :].expand(-1, -1, H, -1)), dim=-1)
+        scores = torch.einsum("bshd,bthd->bsht", q, k) * self.softmax_scale + mask
+        return self.wo(torch.einsum("bsht,bthd->bshd", scores.softmax(-1), kvb[..., dn:]).flatten(2))
+
+
+@torch.no_grad()
+def test_per_head_selections_stay_dense():
+    torch.manual_seed(0)
+    m = _PerHeadSelection().eval()
+    assert m.n_heads == m.index_n_heads
+    args = m.example_inputs(2, 3, 9, 4)
+    B, S, T = Dim("batch", max=16), Dim("seq", max=32), Dim("ctx", min=5, max=64)
+    ep = torch.export.export(
+        m, tuple(a.clone() for a in args), dynamic_shapes=({0: B, 1: S}, {0: B, 1: S}, {0: B, 1: T}, {0: B, 1: T})
+    )
+    program = _absorbed(Program({"forward": ep}, CacheSpec([]), config=None))
+    out, matches, _ = apply("fuse_dsa", program)
+    assert matches == 0 and SPARSE not in ops(out)
+    call = list(m.example_inputs(1, 1, 20, 17))
+    call[2], call[3] = torch.randn(call[2].shape), torch.randn(call[3].shape)
+    torch.testing.assert_close(
+        out.module("forward")(*[a.clone() for a in call]), m(*[a.clone() for a in call]), **TOL["fp32_rewrite"]
+    )
