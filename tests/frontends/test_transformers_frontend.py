@@ -56,7 +56,8 @@ def test_optimize_then_generate_equals_hf_generate(kind, tmp_path, capsys):
 
 def test_fp8_index_cache_on_hf_code(tmp_path, capsys):
     """fuse_dsa.index_cache=fp8 on transformers' V3.2: its index keys (read through HF's transposes
-    and casts) become FP8 in every entry, verified, and the Program generates."""
+    and casts) become FP8 in every entry, verified, and the Program generates (the reference
+    model's test checks the bytes and the UE8M0 scales)."""
     saved_hf("v32", tmp_path / "hf")
     out = tmp_path / "out"
     args = ["optimize", str(tmp_path / "hf"), "--frontend", "transformers", "-o", str(out), "--json"]

@@ -122,7 +122,7 @@ def test_spec_written_dsa_modules(cls):
         torch.testing.assert_close(out.module("forward")(*a2), m(*a1), **TOL["fp32_rewrite"])
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "fp8_ue8m0"])
+@pytest.mark.parametrize("fmt", ["fp8_ue8m0"])  # (fp8 with fp32 scales: the transformers frontend's test)
 def test_fp8_index_cache(tiny_program, tiny_cfg, fmt):
     """index_cache=fp8: every index-key cache holds D e4m3 values of the Hadamard-rotated key and
     one fp32 scale (D + 4 bytes a token), verified under the fp8_index_cache tolerance, with the
