@@ -80,12 +80,14 @@ def cmd_info(args) -> int:
 
 # ---- passes -------------------------------------------------------------------------------------
 def cmd_passes(args) -> int:
-    from dsc.pass_manager import registry
+    from dsc.pass_manager import Text, registry
 
     reg = registry()
     if args.json:
         print(json.dumps([{"name": p.name, "order": p.order, "default": p.default, "purpose": p.purpose,
-                           "tolerance": p.tolerance.to_dict(), "options": p.options} for p in reg.values()],
+                           "tolerance": p.tolerance.to_dict(),
+                           "options": {k: "text" if isinstance(v, Text) else v for k, v in p.options.items()}}
+                          for p in reg.values()],
                          indent=2))  # fmt: skip
         return 0
     t = Table(title="dsc passes (default pipeline in this order)")
@@ -97,7 +99,7 @@ def cmd_passes(args) -> int:
             p.name,
             "yes" if p.default else "no",
             p.purpose,
-            "\n".join(f"{k}={'|'.join(v)}" for k, v in p.options.items()),
+            "\n".join(f"{k}={'TEXT' if isinstance(v, Text) else '|'.join(v)}" for k, v in p.options.items()),
             f"{p.tolerance.atol:g} / {p.tolerance.rtol:g}",
         )
     out.print(t)
@@ -107,6 +109,29 @@ def cmd_passes(args) -> int:
 # ---- optimize -----------------------------------------------------------------------------------
 def _split(v: str | None) -> list[str] | None:
     return [s.strip() for s in v.split(",") if s.strip()] if v else None
+
+
+def _fp8_flags(args) -> tuple[list[str] | None, list[str]]:
+    """--fp8 / --fp8-include / --fp8-exclude as the pipeline and lower_fp8's options."""
+    from dsc.pass_manager import registry, select_passes
+
+    passes, options = _split(args.passes), list(args.pass_option or [])
+    if args.fp8:
+        names = passes or [p.name for p in select_passes(None, _split(args.disable_pass))]
+        if "lower_fp8" not in names:
+            order = registry()["lower_fp8"].order
+            at = next((i for i, n in enumerate(names) if registry()[n].order > order), len(names))
+            names.insert(at, "lower_fp8")
+        passes = names
+        options.append(f"lower_fp8.mode={args.fp8}")
+    for flag, key in ((args.fp8_include, "include"), (args.fp8_exclude, "exclude")):
+        if flag:
+            if "lower_fp8" not in (passes or []):
+                raise DscError(
+                    "--fp8-include / --fp8-exclude configure lower_fp8: add --fp8 (or lower_fp8 to --passes)"
+                )
+            options.append(f"lower_fp8.{key}={flag}")
+    return passes, options
 
 
 def cmd_optimize(args) -> int:
@@ -121,10 +146,11 @@ def cmd_optimize(args) -> int:
         if not args.json:
             console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/] {kind:>6}: {msg}", highlight=False)
 
+    passes, options = _fp8_flags(args)
     with console.status("optimizing...", spinner="dots"):
         result = optimize(
-            args.model, _split(args.passes), _split(args.disable_pass), verify=not args.no_verify,
-            trust_pickle=args.trust_pickle, on_event=on_event, options=args.pass_option, machine=machine,
+            args.model, passes, _split(args.disable_pass), verify=not args.no_verify,
+            trust_pickle=args.trust_pickle, on_event=on_event, options=options, machine=machine,
             dump_dir=Path(args.dump_dir) if args.dump_dir else None, frontend=args.frontend,
         )  # fmt: skip
         on_event("stage", f"writing {args.output}")
@@ -341,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pass-option", action="append", metavar="PASS.OPTION=VALUE",
         help="a pass's option, e.g. absorb_mla.products=always (repeatable; `dsc passes` lists them)",
     )  # fmt: skip
+    p.add_argument(
+        "--fp8", choices=("w8a8", "w8a16"), nargs="?", const="w8a8",
+        help="add lower_fp8 to the pipeline: FP8 e4m3 matmuls, W8A8 as deployed (default) or weights only",
+    )  # fmt: skip
+    p.add_argument("--fp8-include", metavar="PATTERNS", help="module paths to lower to FP8 besides the default policy")
+    p.add_argument("--fp8-exclude", metavar="PATTERNS", help="module paths to keep in high precision (e.g. '*.mlp.*')")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check after each pass")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")

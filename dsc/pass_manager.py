@@ -23,7 +23,7 @@ from dsc.errors import DscError
 from dsc.fx_utils import listing, node_count, op_histogram
 from dsc.machine import H200, Machine
 from dsc.program import Program
-from dsc.registry import REGISTRY, PassInfo, register_pass  # noqa: F401  (re-exported)
+from dsc.registry import REGISTRY, PassInfo, Text, register_pass  # noqa: F401  (re-exported)
 from dsc.verify import Numerics, Tolerance, compare, make_scenario, run_scenario
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def parse_pass_options(items: list[str] | None) -> dict[str, dict[str, str]]:
         if allowed is None:
             known = ", ".join(reg[name].options) or "none"
             raise DscError(f"pass option {item!r}: {name} has no option {option!r} (its options: {known})")
-        if value not in allowed:
+        if not isinstance(allowed, Text) and value not in allowed:
             raise DscError(f"pass option {item!r}: {option} must be one of {', '.join(allowed)}")
         out.setdefault(name, {})[option] = value
     return out

@@ -28,6 +28,12 @@ class PassInfo:
         return PassContext(self.name, opts, machine or H200)
 
 
+class Text(tuple):
+    """A free-text option (e.g. comma-separated patterns), default empty: ``options={"include": TEXT}``."""
+
+
+TEXT = Text(("",))
+
 REGISTRY: dict[str, PassInfo] = {}
 
 

@@ -5,7 +5,7 @@
 """
 
 import torch
-from dsc.kernels import add_rms_norm, dsa, mla_decode, moe  # noqa: F401  (registers the ops)
+from dsc.kernels import add_rms_norm, dsa, fp8, mla_decode, moe  # noqa: F401  (registers the ops)
 
 DECOMPOSITIONS = {
     torch.ops.dsc.add_rms_norm.default: add_rms_norm.add_rms_norm_ref,
@@ -13,6 +13,8 @@ DECOMPOSITIONS = {
     torch.ops.dsc.moe_experts.default: moe.moe_experts_ref,
     torch.ops.dsc.indexer_topk.default: dsa.indexer_topk_ref,
     torch.ops.dsc.sparse_mla.default: dsa.sparse_mla_ref,
+    torch.ops.dsc.act_quant.default: fp8.act_quant_ref,
+    torch.ops.dsc.fp8_linear.default: fp8.fp8_linear_ref,
 }
 
 

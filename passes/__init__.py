@@ -1,4 +1,4 @@
 """Graph passes, one per file; importing this package registers them all with the pass manager
 (``mla_products`` is part of absorb_mla, not a pass)."""
 
-from dsc.passes import absorb_mla, canonicalize, fuse_add_rms_norm, fuse_dsa, normalize  # noqa: F401
+from dsc.passes import absorb_mla, canonicalize, fuse_add_rms_norm, fuse_dsa, lower_fp8, normalize  # noqa: F401

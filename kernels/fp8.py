@@ -1,0 +1,102 @@
+"""FP8 matmuls as DeepSeek deploys them (spec §7): ``dsc::act_quant`` (activations per token in
+groups of 128) and ``dsc::fp8_linear`` (e4m3 weights with one fp32 scale per 128x128 block).
+
+    act_quant:  s[m, g] = max(|x[m, 128g : 128g + 128]|, 1e-4) / 448   (a power of two, rounded up, with ue8m0)
+                xq[m, k] = e4m3(clamp(x[m, k] / s[m, k // 128], ±448))
+    fp8_linear: y[m, n] = Σ_kb (Σ_{k in kb} xq[m, k] · wq[n, k]) · s[m, kb] · ws[n // 128, kb]  (+ bias)
+                — each 128-wide K block's partial product in fp32, scaled, accumulated in fp32 (W8A8);
+                y = x · (wq ⊙ ws)ᵀ with the activations in high precision (W8A16, ``x_scale`` None)
+
+Ragged edges: a last K group shorter than 128 has its own scale; weight blocks past the edge are
+padded as the checkpoint format says (``dsc.model.fp8``). The references are the specification and
+the decompositions the exporters lower with; the CPU implementations compute the same sums with one
+fp32 matmul over the dequantised operands (the block scales factor out of each K block exactly in
+real arithmetic: fp32 re-association).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+BLOCK = 128
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def _groups(x: Tensor, block: int) -> tuple[Tensor, int]:
+    """x (..., K) zero-padded to (..., G, block), G = ceil(K / block)."""
+    K = x.shape[-1]
+    G = math.ceil(K / block)
+    if G * block != K:
+        x = torch.nn.functional.pad(x, (0, G * block - K))
+    return x.unflatten(-1, (G, block)), K
+
+
+def act_quant_ref(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+    """x (..., K) -> (e4m3 (..., K), fp32 scales (..., ceil(K / block)))."""
+    g, K = _groups(x.float(), block)
+    s = g.abs().amax(-1).clamp_min(1e-4) / FP8_MAX
+    if ue8m0:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    q = (g / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.flatten(-2)[..., :K], s
+
+
+def _expand_w_scale(w_scale: Tensor, N: int, K: int, block: int = BLOCK) -> Tensor:
+    """(ceil(N / block), ceil(K / block)) -> (N, K): each weight's block scale."""
+    return w_scale.float().repeat_interleave(block, 0)[:N].repeat_interleave(block, 1)[:, :K]
+
+
+def _expand_x_scale(x_scale: Tensor, K: int, block: int = BLOCK) -> Tensor:
+    return x_scale.float().repeat_interleave(block, -1)[..., :K]
+
+
+def fp8_linear_ref(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The specification: per 128-wide K block, the fp32 product of the e4m3 operands times both
+    scales, summed over the blocks in fp32. With ``x_scale`` None, x is the high-precision
+    activation and only the weight is FP8 (W8A16). Returns fp32 (..., N)."""
+    N, K = w.shape
+    if x_scale is None:
+        y = x.float() @ (w.float() * _expand_w_scale(w_scale, N, K)).T
+    else:
+        xg, _ = _groups(x.float(), BLOCK)  # (..., G, 128)
+        wg, _ = _groups(w.float(), BLOCK)  # (N, G, 128)
+        partial = torch.einsum("...gk,ngk->...gn", xg, wg)  # each K block's fp32 product
+        ws = w_scale.float().repeat_interleave(BLOCK, 0)[:N].T  # (G, N)
+        y = (partial * x_scale.float().unsqueeze(-1) * ws).sum(-2)
+    return y + bias.float() if bias is not None else y
+
+
+@torch.library.custom_op("dsc::act_quant", mutates_args=())
+def act_quant(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+    """Activations (..., K) -> (e4m3 (..., K), fp32 scales (..., ceil(K / block)))."""
+    return act_quant_ref(x, block, ue8m0)
+
+
+@act_quant.register_fake
+def _(x, block=BLOCK, ue8m0=False):
+    G = math.ceil(x.shape[-1] / block)
+    return x.new_empty(x.shape, dtype=FP8), x.new_empty((*x.shape[:-1], G), dtype=torch.float32)
+
+
+def fp8_linear_cpu(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    N, K = w.shape
+    wf = w.float().mul_(_expand_w_scale(w_scale, N, K))
+    xf = x.float() if x_scale is None else x.float().mul_(_expand_x_scale(x_scale, K))
+    y = xf @ wf.T
+    return y.add_(bias.float()) if bias is not None else y
+
+
+@torch.library.custom_op("dsc::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) e4m3 with ``x_scale`` (..., ceil(K/128)) from ``act_quant`` (W8A8), or a high-precision
+    x with ``x_scale`` None (W8A16); w (N, K) e4m3, w_scale (ceil(N/128), ceil(K/128)) -> fp32 (..., N)."""
+    return fp8_linear_cpu(x, x_scale, w, w_scale, bias)
+
+
+@fp8_linear.register_fake
+def _(x, x_scale, w, w_scale, bias=None):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)

@@ -1,0 +1,164 @@
+"""lower_fp8: matmuls on constant weights become FP8 e4m3 with 128x128 weight blocks (spec §7).
+
+    linear(x, W, b)  ->  fp8_linear(*act_quant(x, 128), W_e4m3, W_scale, b)      (mode=w8a8, as deployed)
+                     ->  fp8_linear(x, None, W_e4m3, W_scale, b)                  (mode=w8a16: weights only)
+
+A weight is a parameter of the Program read by a ``linear`` of the normal form (``normalize`` makes
+every ``einsum('...c,oc->...o')`` a linear). Policy (spec §7.5): embeddings, ``lm_head``, the MoE
+router gate, the indexer's ``weights_proj`` and the MTP ``eh_proj`` / shared head stay in high
+precision by default; ``include`` / ``exclude`` take comma-separated module-path patterns (fnmatch,
+e.g. ``*.mlp.*``) that override it, and a pattern that matches no matmul is an error. Each matmul is
+in the record with its decision and the reason. Weights are quantised per 128x128 block (edge
+blocks padded, ``dsc.model.fp8.block_quant``; an all-zero block gets the floor scale, never NaN);
+NaN / Inf weights are an error naming the tensor.
+
+Not lowered yet, and said so in the record: weights read other than by a linear (``absorb_mla``'s
+W_UK / W_UV slices in einsums, the experts inside ``dsc::moe_experts``); a checkpoint's own FP8
+bytes are re-quantised from their exact dequantisation rather than reused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+
+import torch
+from dsc.model.fp8 import block_quant
+from torch import fx
+
+from dsc.errors import DscError
+from dsc.fx_utils import add_constant_input, constant_of, drop_unused_inputs, finalize, is_call, refresh_meta, tag
+from dsc.registry import TEXT, register_pass
+from dsc.verify import TOLERANCES
+
+aten = torch.ops.aten
+dsc_ops = torch.ops.dsc
+NAME = "lower_fp8"
+MODES = ("w8a8", "w8a16")
+SCALES = ("fp32", "ue8m0")
+# spec §7.5: what DeepSeek's checkpoints keep in high precision (module paths, HF names)
+KEEP = (
+    "*embed_tokens",
+    "lm_head",
+    "*.lm_head",
+    "*.mlp.gate",
+    "*.indexer.weights_proj",
+    "*eh_proj",
+    "*shared_head.head",
+)
+
+
+def _patterns(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def module_path(target: str) -> str:
+    """A weight's module path: its state-dict name without ``.weight`` and the entry wrapper's ``m.``."""
+    path = target.removesuffix(".weight")
+    return path[2:] if path.startswith("m.") else path
+
+
+def _weight_of(ep, n: fx.Node) -> tuple[str, torch.Tensor] | None:
+    """(state-dict name, tensor) when linear n's weight is a parameter placeholder."""
+    w = n.args[1]
+    t = constant_of(ep, w)
+    if t is None or t.ndim != 2:
+        return None
+    spec = next(s for s in ep.graph_signature.input_specs if s.arg.name == w.name)
+    return spec.target, t
+
+
+def decide(path: str, include: list[str], exclude: list[str]) -> tuple[bool, str]:
+    hit = next((p for p in exclude if fnmatch.fnmatchcase(path, p)), None)
+    if hit:
+        return False, f"excluded by {hit!r}"
+    hit = next((p for p in include if fnmatch.fnmatchcase(path, p)), None)
+    if hit:
+        return True, f"included by {hit!r}"
+    keep = next((p for p in KEEP if fnmatch.fnmatchcase(path, p)), None)
+    if keep:
+        return False, f"high precision by default (spec §7.5: {keep})"
+    return True, "a constant-weight matmul"
+
+
+@register_pass(
+    NAME, order=40, purpose="FP8 e4m3 matmuls: 128x128 weight blocks, 1x128 activation groups",
+    tolerance=TOLERANCES["fp8_w8a8"], default=False, requires=("canonicalize", "normalize"),
+    options={"mode": MODES, "scales": SCALES, "include": TEXT, "exclude": TEXT},
+)  # fmt: skip
+def lower_fp8(program, ctx):
+    o = ctx.options
+    for key, allowed in (("mode", MODES), ("scales", SCALES)):
+        if o[key] not in allowed:
+            raise DscError(f"lower_fp8.{key} must be one of {', '.join(allowed)}, got {o[key]!r}")
+    include, exclude = _patterns(o["include"]), _patterns(o["exclude"])
+    ue8m0, w8a8 = o["scales"] == "ue8m0", o["mode"] == "w8a8"
+    if not w8a8:
+        ctx.tolerance = TOLERANCES["fp8_w8a16"]
+    quantised: dict[str, tuple] = {}  # one FP8 copy of each weight, shared by every entry
+    bytes_before: dict[str, int] = {}
+    matmuls: dict[str, dict] = {}
+    used = set()
+    total = 0
+    for entry, ep in program.entries.items():
+        sites = []
+        for n in ep.graph.nodes:
+            if not is_call(n, aten.linear.default):
+                continue
+            got = _weight_of(ep, n)
+            if got is None:
+                matmuls.setdefault(f"{entry}:{n.name}", {"decision": "kept", "reason": "the weight is not a parameter"})
+                continue
+            target, w = got
+            path = module_path(target)
+            lower, why = decide(path, include, exclude)
+            used |= {p for p in include + exclude if fnmatch.fnmatchcase(path, p)}
+            matmuls[path] = {"shape": list(w.shape), "decision": "fp8" if lower else "kept", "reason": why}
+            if lower:
+                sites.append((n, target, w))
+        inputs: dict[str, tuple] = {}  # this entry's placeholders of the FP8 weights
+        for n, target, w in sites:
+            if target not in quantised:
+                if not torch.isfinite(w).all():
+                    raise DscError(
+                        f"lower_fp8: weight {module_path(target)} holds NaN or Inf values; fix the checkpoint"
+                    )
+                quantised[target] = block_quant(w.detach(), ue8m0=ue8m0)
+                bytes_before[target] = w.numel() * w.element_size()
+            if target not in inputs:
+                wq, ws = quantised[target]
+                inputs[target] = (
+                    add_constant_input(ep, f"{target}_fp8", wq),
+                    add_constant_input(ep, f"{target}_fp8_scale", ws),
+                )
+            wq_n, ws_n = inputs[target]
+            g = ep.graph
+            x, bias = n.args[0], n.args[2] if len(n.args) > 2 else None
+            with g.inserting_before(n):
+                if w8a8:
+                    aq = tag(g.call_function(dsc_ops.act_quant.default, (x, 128, ue8m0)), NAME)
+                    xq, xs = (g.call_function(operator.getitem, (aq, i)) for i in (0, 1))
+                else:
+                    xq, xs = x, None
+                y = tag(g.call_function(dsc_ops.fp8_linear.default, (xq, xs, wq_n, ws_n, bias)), NAME)
+            n.replace_all_uses_with(y)
+            g.erase_node(n)
+            total += 1
+        if sites:
+            drop_unused_inputs(ep)
+            refresh_meta(ep)
+            finalize(ep)
+    unused = [p for p in include + exclude if p not in used]
+    if unused:
+        raise DscError(
+            f"lower_fp8: pattern(s) {', '.join(map(repr, unused))} match no matmul; module paths look like "
+            f"{', '.join(sorted(matmuls)[:3])}"
+        )
+    before, after = sum(bytes_before.values()), sum(q.numel() + 4 * s.numel() for q, s in quantised.values())
+    stats = {
+        "mode": o["mode"], "scales": o["scales"], "matmuls": matmuls,
+        "weights": {"lowered": len(quantised), "bytes_before": before, "bytes_after": after},
+        "not_lowered_yet": "weights read as slices in einsums (absorb_mla's W_UK / W_UV) and the MoE experts "
+        "inside dsc::moe_experts stay in high precision",
+    }  # fmt: skip
+    return total, stats

@@ -1,0 +1,131 @@
+"""lower_fp8: every constant-weight linear outside the spec §7.5 policy becomes dsc::fp8_linear on
+e4m3 weights (W8A8 with dsc::act_quant, or W8A16), verified, with each matmul's decision in the record."""
+
+import json
+
+import pytest
+import torch
+from dsc.model.fp8 import block_dequant
+
+from dsc.cli import main
+from dsc.errors import DscError
+from dsc.pass_manager import run_pipeline, select_passes
+from dsc.program import Program
+from dsc.verify import TOLERANCES
+from tests.passes.helpers import apply, ops
+
+FP8_LINEAR, ACT_QUANT = "dsc.fp8_linear.default", "dsc.act_quant.default"
+KEPT = {"lm_head", "model.layers.1.mlp.gate", "model.layers.2.mlp.gate"}
+
+
+def _normal(program):
+    for name in ("canonicalize", "normalize"):
+        program, _, _ = apply(name, program)
+    return program
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_reference_model(tiny_program, tiny_cfg, mode, tmp_path):
+    out, records = run_pipeline(tiny_program, select_passes(["lower_fp8"]), options={"lower_fp8": {"mode": mode}})
+    rec = records[-1]  # verified under the mode's tolerance
+    assert rec.tolerance == TOLERANCES[f"fp8_{mode}"] and rec.numerics.sqnr_db > 20
+    mm = rec.stats["matmuls"]
+    kept = {k for k, v in mm.items() if v["decision"] == "kept"}
+    assert {k for k in kept if "indexer.weights_proj" not in k} >= KEPT
+    assert all("spec §7.5" in mm[k]["reason"] for k in KEPT)
+    lowered = {k for k, v in mm.items() if v["decision"] == "fp8"}
+    assert "model.layers.0.self_attn.q_a_proj" in lowered and "model.layers.0.mlp.down_proj" in lowered
+    for entry in out.entries:
+        h = ops(out, entry)
+        assert h.get(FP8_LINEAR, 0) > 0 and (
+            h.get(ACT_QUANT, 0) == h[FP8_LINEAR] if mode == "w8a8" else ACT_QUANT not in h
+        )
+    w = rec.stats["weights"]
+    assert w["lowered"] == len(lowered) and w["bytes_after"] < w["bytes_before"] / 3.5
+    # the e4m3 weights dequantise to the fp32 ones within e4m3's precision, and the original is gone
+    weights = out.weights()
+    name = "m.model.layers.0.self_attn.q_a_proj.weight"
+    assert name not in weights and weights[name + "_fp8"].dtype == torch.float8_e4m3fn
+    orig = tiny_program.weights()[name]
+    back = block_dequant(weights[name + "_fp8"], weights[name + "_fp8_scale"])
+    assert (back - orig).abs().max() <= orig.abs().max() / 16
+    # save -> load -> the same numbers
+    out.save(tmp_path / "p")
+    again = Program.load(tmp_path / "p")
+    toks = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        a, _ = out.prefill(toks, out.cache.allocate(1, 9))
+        b, _ = again.prefill(toks, again.cache.allocate(1, 9))
+    assert torch.equal(a, b)
+
+
+def test_include_exclude_and_bad_inputs(tiny_program):
+    base = _normal(tiny_program)
+    out, _, stats = apply("lower_fp8", base, {"include": "lm_head", "exclude": "*.mlp.*,*.indexer.*"})
+    mm = stats["matmuls"]
+    assert mm["lm_head"]["decision"] == "fp8" and "included by 'lm_head'" in mm["lm_head"]["reason"]
+    assert all(v["decision"] == "kept" for k, v in mm.items() if ".mlp." in k or ".indexer." in k)
+    with pytest.raises(DscError, match="match no matmul"):
+        apply("lower_fp8", base, {"exclude": "*.no_such_module"})
+    with pytest.raises(DscError, match="mode must be one of"):
+        apply("lower_fp8", base, {"mode": "w4a16"})
+    name = "m.model.layers.0.self_attn.o_proj.weight"
+    w = base.weights()[name].detach().clone()
+    w[0, 0] = float("nan")
+    with pytest.raises(DscError, match="o_proj holds NaN"):
+        apply("lower_fp8", _with_weight(base, name, w))
+
+
+def _with_weight(program, name, tensor):
+    """A clone whose weight ``name`` is ``tensor`` (new tensors: the fixture's stay as they are)."""
+    out = program.clone()
+    for ep in out.entries.values():
+        if name in ep.state_dict:
+            ep.state_dict[name] = torch.nn.Parameter(tensor, requires_grad=False)
+    return out
+
+
+def test_all_zero_blocks_get_a_finite_scale(tiny_program):
+    base = _normal(tiny_program)
+    name = "m.model.layers.0.self_attn.o_proj.weight"
+    out, _, _ = apply("lower_fp8", _with_weight(base, name, torch.zeros_like(base.weights()[name])))
+    s = out.weights()[name + "_fp8_scale"]
+    assert torch.isfinite(s).all() and (s > 0).all()
+
+
+def test_cli_fp8_flags(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["optimize", "tiny", "-o", str(out), "--fp8", "--fp8-exclude", "*.mlp.*", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    rec = next(p for p in report["passes"] if p["name"] == "lower_fp8")
+    assert rec["matches"] > 0 and rec["stats"]["mode"] == "w8a8"
+    assert all(v["decision"] == "kept" for k, v in rec["stats"]["matmuls"].items() if ".mlp." in k)
+    assert [p["name"] for p in report["passes"]][-2:] == ["lower_fp8", "fuse_add_rms_norm"]
+    assert main(["optimize", "tiny", "-o", str(tmp_path / "o2"), "--fp8-include", "lm_head"]) == 2
+    assert "add --fp8" in capsys.readouterr().err
+
+
+def test_transformers_deepseek_v32_code():
+    """HF's own modeling code: its projections lowered, lm_head / router / weights_proj kept, and the
+    logits within FP8's contract of HF's."""
+    pytest.importorskip("transformers")
+    from dsc.program import CacheSpec
+    from tests.passes.hf_models import StaticStep, export_case, hf_model
+
+    m = hf_model("v32", "sdpa")
+    ep, inputs = export_case(m, "decode")
+    program = _normal(Program({"forward": ep}, CacheSpec([]), config=None))
+    out, matches, stats = apply("lower_fp8", program)
+    mm = stats["matmuls"]
+    assert (
+        mm["lm_head"]["decision"] == "kept"
+        and mm["model.layers.0.self_attn.indexer.weights_proj"]["decision"] == "kept"
+    )
+    assert mm["model.layers.0.self_attn.q_b_proj"]["decision"] == "fp8" and matches >= 8 * m.config.num_hidden_layers
+    args = inputs(2, 1)
+    fresh = lambda: tuple([t.clone() for t in a] if isinstance(a, list) else a.clone() for a in args)  # noqa: E731
+    with torch.no_grad():
+        want, got = StaticStep(m)(*fresh()), out.module("forward")(*fresh())
+    sqnr = 10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum())
+    assert sqnr > TOLERANCES["fp8_w8a8"].min_sqnr_db, sqnr
