@@ -56,6 +56,9 @@ class Program:
     # the prompt length the prefill entry's form was chosen for (the cost model's context): the runtime
     # prefills a longer prompt in chunks of this length, the rest as decode extends (``runtime.prefill``)
     prefill_chunk: int | None = None
+    # a checkpoint's own FP8 weights by checkpoint name: (e4m3, weight_scale_inv), for lower_fp8 to use
+    # bit for bit; in memory only (a saved Program holds whatever the passes made of them)
+    fp8_source: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False, compare=False)
     _modules: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False, compare=False)
 
     # ---- running --------------------------------------------------------------------------------
@@ -110,8 +113,9 @@ class Program:
         """New graphs and signatures, the same weight tensors: what a pass may edit freely."""
         entries = {name: clone_entry(ep) for name, ep in self.entries.items()}
         return Program(
-            entries, copy.deepcopy(self.cache), self.config, copy.deepcopy(self.provenance), self.prefill_chunk
-        )
+            entries, copy.deepcopy(self.cache), self.config, copy.deepcopy(self.provenance), self.prefill_chunk,
+            self.fp8_source,
+        )  # fmt: skip
 
     # ---- saving ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -10,11 +10,12 @@ precision by default; ``include`` / ``exclude`` take comma-separated module-path
 e.g. ``*.mlp.*``) that override it, and a pattern that matches no matmul is an error. Each matmul is
 in the record with its decision and the reason. Weights are quantised per 128x128 block (edge
 blocks padded, ``dsc.model.fp8.block_quant``; an all-zero block gets the floor scale, never NaN);
-NaN / Inf weights are an error naming the tensor.
+NaN / Inf weights are an error naming the tensor. A weight loaded from an FP8 checkpoint (e4m3 with
+``weight_scale_inv``) keeps the checkpoint's bytes and scales as they are, when the Program still
+holds exactly their dequantisation.
 
 Not lowered yet, and said so in the record: weights read other than by a linear (``absorb_mla``'s
-W_UK / W_UV slices in einsums, the experts inside ``dsc::moe_experts``); a checkpoint's own FP8
-bytes are re-quantised from their exact dequantisation rather than reused.
+W_UK / W_UV slices in einsums, the experts inside ``dsc::moe_experts``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import fnmatch
 import operator
 
 import torch
-from dsc.model.fp8 import block_quant
+from dsc.model.fp8 import block_dequant, block_quant
 from torch import fx
 
 from dsc.errors import DscError
@@ -81,6 +82,17 @@ def decide(path: str, include: list[str], exclude: list[str]) -> tuple[bool, str
     return True, "a constant-weight matmul"
 
 
+def _fp8_weight(program, target: str, w: torch.Tensor, ue8m0: bool) -> tuple[tuple, bool]:
+    """(e4m3, scale) for weight ``target``: the checkpoint's own, when the Program still holds exactly
+    their dequantisation (bit for bit, no requantising), else ``w`` quantised per 128x128 block."""
+    own = program.fp8_source.get(module_path(target) + ".weight")
+    if own is not None:
+        wq, s = own
+        if tuple(wq.shape) == tuple(w.shape) and torch.equal(block_dequant(wq, s), w.detach().float()):
+            return (wq, s.float()), True
+    return block_quant(w.detach(), ue8m0=ue8m0), False
+
+
 @register_pass(
     NAME, order=40, purpose="FP8 e4m3 matmuls: 128x128 weight blocks, 1x128 activation groups",
     tolerance=TOLERANCES["fp8_w8a8"], default=False, requires=("canonicalize", "normalize"),
@@ -99,7 +111,7 @@ def lower_fp8(program, ctx):
     bytes_before: dict[str, int] = {}
     matmuls: dict[str, dict] = {}
     used = set()
-    total = 0
+    total = n_reused = 0
     for entry, ep in program.entries.items():
         sites = []
         for n in ep.graph.nodes:
@@ -123,8 +135,11 @@ def lower_fp8(program, ctx):
                     raise DscError(
                         f"lower_fp8: weight {module_path(target)} holds NaN or Inf values; fix the checkpoint"
                     )
-                quantised[target] = block_quant(w.detach(), ue8m0=ue8m0)
+                quantised[target], reused = _fp8_weight(program, target, w, ue8m0)
                 bytes_before[target] = w.numel() * w.element_size()
+                if reused:
+                    matmuls[module_path(target)]["reason"] += "; the checkpoint's own FP8 bytes and scales"
+                    n_reused += 1
             if target not in inputs:
                 wq, ws = quantised[target]
                 inputs[target] = (
@@ -157,7 +172,7 @@ def lower_fp8(program, ctx):
     before, after = sum(bytes_before.values()), sum(q.numel() + 4 * s.numel() for q, s in quantised.values())
     stats = {
         "mode": o["mode"], "scales": o["scales"], "matmuls": matmuls,
-        "weights": {"lowered": len(quantised), "bytes_before": before, "bytes_after": after},
+        "weights": {"lowered": len(quantised), "from_checkpoint": n_reused, "bytes_before": before, "bytes_after": after},
         "not_lowered_yet": "weights read as slices in einsums (absorb_mla's W_UK / W_UV) and the MoE experts "
         "inside dsc::moe_experts stay in high precision",
     }  # fmt: skip

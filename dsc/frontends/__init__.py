@@ -26,6 +26,11 @@ from dsc.program import Program
 FRONTENDS = ("reference", "transformers", "module", "pt2")
 
 
+def _with_fp8_source(program: Program, ckpt) -> Program:
+    program.fp8_source = ckpt.fp8_weights  # lower_fp8 reuses these bytes as they are
+    return program
+
+
 @dataclass
 class Loaded:
     """A model as its frontend loaded it. ``model`` is None for ``pt2`` (only the exported graphs exist)."""
@@ -83,7 +88,7 @@ def load(spec: str | None, frontend: str | None = None, trust_pickle: bool = Fal
             reference.cache_spec_of(model),
             model.config,
             list(ckpt.notes),
-            lambda: reference.capture(model, source=source),
+            lambda: _with_fp8_source(reference.capture(model, source=source), ckpt),
         )
     if name == "transformers":
         from dsc.frontends import transformers

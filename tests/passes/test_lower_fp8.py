@@ -129,3 +129,34 @@ def test_transformers_deepseek_v32_code():
         want, got = StaticStep(m)(*fresh()), out.module("forward")(*fresh())
     sqnr = 10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum())
     assert sqnr > TOLERANCES["fp8_w8a8"].min_sqnr_db, sqnr
+
+
+def test_an_fp8_checkpoint_keeps_its_bytes(tiny, tmp_path, capsys):
+    """An FP8 HF checkpoint (e4m3 + weight_scale_inv, ragged edges at tiny's sizes) through
+    `dsc optimize --fp8`: the lowered weights are the checkpoint's bytes and scales, bit for bit,
+    through save and load."""
+    from dsc.model.checkpoint import Checkpoint, checkpoint_from_model, save_hf
+    from dsc.model.fp8 import block_quant
+
+    ckpt = checkpoint_from_model(tiny)
+    keep = ("embed_tokens", "lm_head", "shared_head.head", "mlp.gate.weight", "weights_proj", "eh_proj")
+    tensors = {}
+    for k, t in ckpt.tensors.items():
+        if t.ndim == 2 and not any(s in k for s in keep):
+            tensors[k], tensors[k + "_scale_inv"] = block_quant(
+                t, ue8m0=True
+            )  # max |q| < 448: requantising would differ
+        else:
+            tensors[k] = t
+    cfg = ckpt.config
+    cfg.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    save_hf(Checkpoint(cfg, tensors), tmp_path / "m")
+    assert main(["optimize", str(tmp_path / "m"), "-o", str(tmp_path / "out"), "--fp8", "--json"]) == 0
+    rec = next(p for p in json.loads(capsys.readouterr().out)["passes"] if p["name"] == "lower_fp8")
+    assert rec["stats"]["weights"]["from_checkpoint"] == rec["stats"]["weights"]["lowered"] > 10
+    weights = Program.load(tmp_path / "out").weights()
+    for name in ("model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                 "model.layers.1.mlp.shared_experts.up_proj.weight"):  # fmt: skip
+        got = weights[f"m.{name}_fp8"]
+        assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), tensors[name].view(torch.uint8))
+        assert torch.equal(weights[f"m.{name}_fp8_scale"], tensors[name + "_scale_inv"])
