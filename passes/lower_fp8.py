@@ -21,6 +21,7 @@ W_UK / W_UV slices in einsums, the experts inside ``dsc::moe_experts``).
 from __future__ import annotations
 
 import fnmatch
+import math
 import operator
 
 import torch
@@ -29,8 +30,9 @@ from torch import fx
 
 from dsc.errors import DscError
 from dsc.fx_utils import add_constant_input, constant_of, drop_unused_inputs, finalize, is_call, refresh_meta, tag
+from dsc.program import logits_hidden
 from dsc.registry import TEXT, register_pass
-from dsc.verify import TOLERANCES
+from dsc.verify import TOLERANCES, make_scenario, run_scenario
 
 aten = torch.ops.aten
 dsc_ops = torch.ops.dsc
@@ -112,6 +114,8 @@ def lower_fp8(program, ctx):
     matmuls: dict[str, dict] = {}
     used = set()
     total = n_reused = 0
+    originals: dict[str, tuple] = {}  # state-dict name -> (fp32 weight, bias node name) for the SQNR probe
+    summary = None
     for entry, ep in program.entries.items():
         sites = []
         for n in ep.graph.nodes:
@@ -137,6 +141,7 @@ def lower_fp8(program, ctx):
                     )
                 quantised[target], reused = _fp8_weight(program, target, w, ue8m0)
                 bytes_before[target] = w.numel() * w.element_size()
+                originals[target] = w.detach()
                 if reused:
                     matmuls[module_path(target)]["reason"] += "; the checkpoint's own FP8 bytes and scales"
                     n_reused += 1
@@ -156,6 +161,7 @@ def lower_fp8(program, ctx):
                 else:
                     xq, xs = x, None
                 y = tag(g.call_function(dsc_ops.fp8_linear.default, (xq, xs, wq_n, ws_n, bias)), NAME)
+                y.meta["fp8_of"] = (target, x)  # the weight and the high-precision input, for matmul_sqnr
             n.replace_all_uses_with(y)
             g.erase_node(n)
             total += 1
@@ -170,10 +176,86 @@ def lower_fp8(program, ctx):
             f"{', '.join(sorted(matmuls)[:3])}"
         )
     before, after = sum(bytes_before.values()), sum(q.numel() + 4 * s.numel() for q, s in quantised.values())
+    if total:
+        sqnr = matmul_sqnr(program, {t: orig for t, orig in originals.items()})
+        for path, db in sqnr.items():
+            matmuls[path]["sqnr_db"] = db
+        if sqnr:
+            vals = sorted(sqnr.values())
+            summary = {
+                "matmuls": len(vals),
+                "min": vals[0],
+                "median": vals[len(vals) // 2],
+                "worst": min(sqnr, key=sqnr.get),
+            }
     stats = {
         "mode": o["mode"], "scales": o["scales"], "matmuls": matmuls,
         "weights": {"lowered": len(quantised), "from_checkpoint": n_reused, "bytes_before": before, "bytes_after": after},
+        "sqnr_db": summary,
         "not_lowered_yet": "weights read as slices in einsums (absorb_mla's W_UK / W_UV) and the MoE experts "
         "inside dsc::moe_experts stay in high precision",
     }  # fmt: skip
     return total, stats
+
+
+class _Probe(fx.Interpreter):
+    """Runs a lifted entry graph; at each lowered matmul, the output SQNR (dB) of the FP8 result
+    against the high-precision product of the same input with the original weight."""
+
+    def __init__(self, gm, originals, acc):
+        super().__init__(gm, garbage_collect_values=False)  # (a matmul's input outlives its act_quant)
+        self.originals, self.acc = originals, acc
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        got = n.meta.get("fp8_of")
+        if got is not None and n.target is dsc_ops.fp8_linear.default:
+            target, x = got
+            bias = self.env[n.args[4]] if isinstance(n.args[4], fx.Node) else None
+            ref = torch.nn.functional.linear(self.env[x].float(), self.originals[target].float(), bias)
+            sig, noise = self.acc.setdefault(target, [0.0, 0.0])
+            self.acc[target] = [
+                sig + ref.double().pow(2).sum().item(),
+                noise + (out - ref).double().pow(2).sum().item(),
+            ]
+        return out
+
+
+class _ProbedProgram:
+    """A Program whose entries run through ``_Probe`` (what ``run_scenario`` needs of a Program)."""
+
+    def __init__(self, program, originals, acc):
+        self.p, self.originals, self.acc = program, originals, acc
+        self.cache, self.config, self.entries = program.cache, program.config, program.entries
+
+    def _call(self, entry, *user):
+        ep = self.p.entries[entry]
+        flat, it = [], iter(torch.utils._pytree.tree_leaves(user))
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind.name == "USER_INPUT":
+                flat.append(next(it))
+            else:  # parameters, buffers (non-persistent ones live with the constants), constants
+                flat.append(ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target])
+        outs = _Probe(ep.graph_module, self.originals, self.acc).run(*flat)
+        kinds = [s.kind.name for s in ep.graph_signature.output_specs]
+        user_outs = [o for o, k in zip(outs, kinds) if k == "USER_OUTPUT"]
+        return user_outs[0] if len(user_outs) == 1 else tuple(user_outs)
+
+    def prefill(self, tokens, caches):
+        return logits_hidden(self._call("prefill", tokens, caches))
+
+    def decode(self, tokens, positions, caches):
+        return logits_hidden(self._call("decode", tokens, positions, caches))
+
+    def mtp(self, hidden, tokens, positions, caches):
+        return self._call("mtp", hidden, tokens, positions, caches)
+
+
+def matmul_sqnr(program, originals: dict[str, torch.Tensor], seed: int = 0) -> dict[str, float]:
+    """Per lowered matmul (module path): output SQNR in dB over the verification inputs (one
+    prefill, decode steps, S > 1 extends), each FP8 product against the original weight's."""
+    if program.config is None or not {"prefill", "decode"} <= set(program.entries):
+        return {}
+    acc: dict[str, list] = {}
+    run_scenario(_ProbedProgram(program, originals, acc), make_scenario(program.config, seed))
+    return {module_path(t): round(10 * math.log10(s / n), 2) if n > 0 else float("inf") for t, (s, n) in acc.items()}

@@ -13,6 +13,7 @@ from dsc.pass_manager import run_pipeline, select_passes
 from dsc.program import Program
 from dsc.verify import TOLERANCES
 from tests.passes.helpers import apply, ops
+from tests.tolerances import SQNR_DB
 
 FP8_LINEAR, ACT_QUANT = "dsc.fp8_linear.default", "dsc.act_quant.default"
 KEPT = {"lm_head", "model.layers.1.mlp.gate", "model.layers.2.mlp.gate"}
@@ -40,6 +41,10 @@ def test_reference_model(tiny_program, tiny_cfg, mode, tmp_path):
         assert h.get(FP8_LINEAR, 0) > 0 and (
             h.get(ACT_QUANT, 0) == h[FP8_LINEAR] if mode == "w8a8" else ACT_QUANT not in h
         )
+    # every lowered matmul's output SQNR on the verification inputs, against its fp32 product
+    floor = SQNR_DB["fp8_weight_dequant"]
+    assert all(mm[k]["sqnr_db"] >= floor for k in lowered), {k: mm[k]["sqnr_db"] for k in lowered}
+    assert rec.stats["sqnr_db"]["matmuls"] == len(lowered) and rec.stats["sqnr_db"]["min"] >= floor
     w = rec.stats["weights"]
     assert w["lowered"] == len(lowered) and w["bytes_after"] < w["bytes_before"] / 3.5
     # the e4m3 weights dequantise to the fp32 ones within e4m3's precision, and the original is gone
@@ -93,17 +98,9 @@ def test_all_zero_blocks_get_a_finite_scale(tiny_program):
     assert torch.isfinite(s).all() and (s > 0).all()
 
 
-def test_cli_fp8_flags(tmp_path, capsys):
-    out = tmp_path / "out"
-    args = ["optimize", "tiny", "-o", str(out), "--fp8", "--fp8-exclude", "*.mlp.*", "--json"]
-    assert main(args) == 0
-    report = json.loads(capsys.readouterr().out)
-    rec = next(p for p in report["passes"] if p["name"] == "lower_fp8")
-    assert rec["matches"] > 0 and rec["stats"]["mode"] == "w8a8"
-    assert all(v["decision"] == "kept" for k, v in rec["stats"]["matmuls"].items() if ".mlp." in k)
-    assert [p["name"] for p in report["passes"]][-2:] == ["lower_fp8", "fuse_add_rms_norm"]
-    assert main(["optimize", "tiny", "-o", str(tmp_path / "o2"), "--fp8-include", "lm_head"]) == 2
-    assert "add --fp8" in capsys.readouterr().err
+def test_fp8_flags_need_the_pass(tmp_path, capsys):
+    assert main(["optimize", "tiny", "-o", str(tmp_path / "o"), "--fp8-include", "lm_head"]) == 2
+    assert "add --fp8" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_transformers_deepseek_v32_code():
@@ -133,8 +130,8 @@ def test_transformers_deepseek_v32_code():
 
 def test_an_fp8_checkpoint_keeps_its_bytes(tiny, tmp_path, capsys):
     """An FP8 HF checkpoint (e4m3 + weight_scale_inv, ragged edges at tiny's sizes) through
-    `dsc optimize --fp8`: the lowered weights are the checkpoint's bytes and scales, bit for bit,
-    through save and load."""
+    `dsc optimize --fp8 --fp8-exclude ...`: the lowered weights are the checkpoint's bytes and
+    scales, bit for bit, through save and load."""
     from dsc.model.checkpoint import Checkpoint, checkpoint_from_model, save_hf
     from dsc.model.fp8 import block_quant
 
@@ -151,9 +148,14 @@ def test_an_fp8_checkpoint_keeps_its_bytes(tiny, tmp_path, capsys):
     cfg = ckpt.config
     cfg.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     save_hf(Checkpoint(cfg, tensors), tmp_path / "m")
-    assert main(["optimize", str(tmp_path / "m"), "-o", str(tmp_path / "out"), "--fp8", "--json"]) == 0
-    rec = next(p for p in json.loads(capsys.readouterr().out)["passes"] if p["name"] == "lower_fp8")
+    args = ["optimize", str(tmp_path / "m"), "-o", str(tmp_path / "out"), "--fp8", "--fp8-exclude", "*.indexer.*"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in report["passes"]][-2:] == ["lower_fp8", "fuse_add_rms_norm"]  # in pipeline order
+    rec = next(p for p in report["passes"] if p["name"] == "lower_fp8")
+    assert rec["stats"]["mode"] == "w8a8" and rec["matches"] > 0
     assert rec["stats"]["weights"]["from_checkpoint"] == rec["stats"]["weights"]["lowered"] > 10
+    assert all(v["decision"] == "kept" for k, v in rec["stats"]["matmuls"].items() if ".indexer." in k)
     weights = Program.load(tmp_path / "out").weights()
     for name in ("model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.mlp.down_proj.weight",
                  "model.layers.1.mlp.shared_experts.up_proj.weight"):  # fmt: skip
