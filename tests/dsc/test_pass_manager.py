@@ -55,7 +55,7 @@ def test_selection_and_records(tiny_program):
     assert [p.name for p in select_passes(disable=["absorb_mla"])] == ["canonicalize", "normalize", "fuse_add_rms_norm"]
     with pytest.raises(
         DscError,
-        match="unknown pass 'nope'; available passes: canonicalize, normalize, absorb_mla, fuse_dsa, fuse_add_rms_norm",
+        match="unknown pass 'nope'; available passes: canonicalize, normalize, absorb_mla, fuse_dsa, lower_fp8, fuse_add_rms_norm",
     ):
         select_passes(["nope"])
     program, records = run_pipeline(tiny_program, select_passes())

@@ -9,7 +9,7 @@ from dsc.frontends.export import _Decode, _Prefill
 from tests.tolerances import TOL
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("name", ["tiny", pytest.param("small", marks=pytest.mark.slow)])  # small: --run-slow
 def test_export_reproduces_eager(name, tiny):
     m = tiny if name == "tiny" else DeepseekV32ForCausalLM(preset(name)).init_weights(0).eval()
     B, S, T = Dim("batch", max=64), Dim("seq", max=4096), Dim("ctx", max=8192)

@@ -349,7 +349,7 @@ def _long_compare(model, program_a, program_b, prompt=20, steps=32):
     return worst
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("name", ["tiny", pytest.param("small", marks=pytest.mark.slow)])  # small: --run-slow
 def test_reference_model(name, tiny_program):
     cfg = preset(name)
     base = tiny_program if name == "tiny" else capture(DeepseekV32ForCausalLM(cfg).init_weights(0).eval())
