@@ -103,3 +103,22 @@ def export_case(m, case: str):
         return ids, torch.arange(start, start + n).expand(batch, n).contiguous(), step.caches(batch, T, g)
 
     return ep, inputs
+
+
+def fresh(args):
+    """A copy of an entry's inputs (the caches are written in place)."""
+    return tuple([t.clone() for t in a] if isinstance(a, list) else a.clone() for a in args)
+
+
+def hf_output(m, case: str, args):
+    """HF's own eager forward on the same inputs (through the same cache hand-over for cached cases)."""
+    mod = Forward(m) if case == "forward" else StaticStep(m)
+    return mod(*fresh(args))
+
+
+@torch.no_grad()
+def assert_matches_hf(m, case: str, inputs, module, **tol) -> None:
+    """``module`` (a rewritten graph) gives HF's output on fresh inputs of batch 2 and 1."""
+    for batch, seed in ((2, 1), (1, 2)):
+        args = inputs(batch, seed)
+        torch.testing.assert_close(module(*fresh(args)), hf_output(m, case, args), **tol)

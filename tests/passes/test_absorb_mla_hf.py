@@ -2,11 +2,10 @@
 it: it fires exactly once per layer and the rewritten graph equals HF's own output."""
 
 import pytest
-import torch
 
 from dsc.program import CacheSpec, Program
 from tests.passes.helpers import apply, ops
-from tests.passes.hf_models import export_case, hf_model
+from tests.passes.hf_models import assert_matches_hf, export_case, hf_model
 from tests.tolerances import TOL
 
 MLA_OP = "dsc.mla_decode.default"
@@ -26,21 +25,4 @@ def test_fires_once_per_layer_and_matches_hf(kind, attn, case):
     h = ops(out)
     assert h.get(MLA_OP, 0) == layers
     assert "aten.softmax.int" not in h and "aten.scaled_dot_product_attention.default" not in h
-    for batch, seed in ((2, 1), (1, 2)):
-        args = inputs(batch, seed)
-        with torch.no_grad():
-            want = _hf(m, case, args)
-            got = out.module("forward")(*_fresh(args))
-        torch.testing.assert_close(got, want, **TOL["fp32_rewrite"])
-
-
-def _fresh(args):
-    return tuple([t.clone() for t in a] if isinstance(a, list) else a.clone() for a in args)
-
-
-def _hf(m, case, args):
-    """HF's own eager forward on the same inputs (through the same cache hand-over for cached cases)."""
-    from tests.passes.hf_models import Forward, StaticStep
-
-    mod = Forward(m) if case == "forward" else StaticStep(m)
-    return mod(*_fresh(args))
+    assert_matches_hf(m, case, inputs, out.module("forward"), **TOL["fp32_rewrite"])

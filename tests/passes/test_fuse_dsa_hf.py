@@ -8,11 +8,10 @@ T))`` cast to int32, scattered as *blocked* keys (``ones.scatter(idx, False)``) 
 whose causal part compares ``arange(T)`` with shared query positions ``start + arange(S)``."""
 
 import pytest
-import torch
 
 from dsc.program import CacheSpec, Program
 from tests.passes.helpers import apply, ops
-from tests.passes.hf_models import export_case, hf_model
+from tests.passes.hf_models import assert_matches_hf, export_case, hf_model
 from tests.tolerances import TOL
 
 SPARSE, TOPK = "dsc.sparse_mla.default", "dsc.indexer_topk.default"
@@ -32,21 +31,6 @@ def test_fires_once_per_layer_and_matches_hf(attn, case):
     h = ops(out)
     assert h.get(SPARSE, 0) == layers and h.get(TOPK, 0) == layers
     assert "dsc.mla_decode.default" not in h and "aten.scatter.value" not in h  # (the router keeps its topk)
-    for batch, seed in ((2, 1), (1, 2)):
-        args = inputs(batch, seed)
-        with torch.no_grad():
-            want = _hf(m, case, args)
-            got = out.module("forward")(*_fresh(args))
-        torch.testing.assert_close(got, want, **TOL["fp32_rewrite"])
+    assert_matches_hf(m, case, inputs, out.module("forward"), **TOL["fp32_rewrite"])
     _, again, _ = apply("fuse_dsa", out)
     assert again == 0
-
-
-def _fresh(args):
-    return tuple([t.clone() for t in a] if isinstance(a, list) else a.clone() for a in args)
-
-
-def _hf(m, case, args):
-    from tests.passes.hf_models import StaticStep
-
-    return StaticStep(m)(*_fresh(args))

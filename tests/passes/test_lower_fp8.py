@@ -126,7 +126,7 @@ def test_transformers_deepseek_v32_code():
     logits within FP8's contract of HF's."""
     pytest.importorskip("transformers")
     from dsc.program import CacheSpec
-    from tests.passes.hf_models import StaticStep, export_case, hf_model
+    from tests.passes.hf_models import export_case, fresh, hf_model, hf_output
 
     m = hf_model("v32", "sdpa")
     ep, inputs = export_case(m, "decode")
@@ -139,9 +139,8 @@ def test_transformers_deepseek_v32_code():
     )
     assert mm["model.layers.0.self_attn.q_b_proj"]["decision"] == "fp8" and matches >= 8 * m.config.num_hidden_layers
     args = inputs(2, 1)
-    fresh = lambda: tuple([t.clone() for t in a] if isinstance(a, list) else a.clone() for a in args)  # noqa: E731
     with torch.no_grad():
-        want, got = StaticStep(m)(*fresh()), out.module("forward")(*fresh())
+        want, got = hf_output(m, "decode", args), out.module("forward")(*fresh(args))
     sqnr = 10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum())
     assert sqnr > TOLERANCES["fp8_w8a8"].min_sqnr_db, sqnr
 
