@@ -1,7 +1,8 @@
 """dsc custom ops (``dsc::*``): each file holds the reference, the registration and the implementations.
 
-``DECOMPOSITIONS`` maps every op to its reference, written in standard ATen ops: what an exporter
-(ONNX, AOTInductor) lowers a Program with, ``ep.run_decompositions(DECOMPOSITIONS)``.
+``DECOMPOSITIONS`` maps every op to its reference (for ``fp8_linear``, the reference's dequantised-product
+form), written in standard ATen ops: what an exporter (ONNX, AOTInductor) lowers a Program with,
+``ep.run_decompositions(DECOMPOSITIONS)``.
 """
 
 import torch
@@ -14,7 +15,7 @@ DECOMPOSITIONS = {
     torch.ops.dsc.indexer_topk.default: dsa.indexer_topk_ref,
     torch.ops.dsc.sparse_mla.default: dsa.sparse_mla_ref,
     torch.ops.dsc.act_quant.default: fp8.act_quant_ref,
-    torch.ops.dsc.fp8_linear.default: fp8.fp8_linear_ref,
+    torch.ops.dsc.fp8_linear.default: fp8.fp8_linear_decomposed,
 }
 
 

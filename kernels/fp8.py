@@ -9,9 +9,9 @@ groups of 128) and ``dsc::fp8_linear`` (e4m3 weights with one fp32 scale per 128
 
 Ragged edges: a last K group shorter than 128 has its own scale; weight blocks past the edge are
 padded as the checkpoint format says (``dsc.model.fp8``). The references are the specification and
-the decompositions the exporters lower with; the CPU implementations compute the same sums with one
-fp32 matmul over the dequantised operands (the block scales factor out of each K block exactly in
-real arithmetic: fp32 re-association).
+``fp8_linear_decomposed`` — one fp32 matmul over the dequantised operands (the block scales factor
+out of each K block exactly in real arithmetic: fp32 re-association) — is both the CPU path and
+what the exporters lower ``fp8_linear`` with.
 """
 
 from __future__ import annotations
@@ -70,6 +70,17 @@ def fp8_linear_ref(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor
     return y + bias.float() if bias is not None else y
 
 
+def fp8_linear_decomposed(
+    x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """The exporters' ATen form: one matmul of the dequantised operands (the block scales factor out
+    of each K block), so a long prompt never materialises the per-block partial products."""
+    N, K = w.shape
+    xf = x.float() if x_scale is None else x.float() * _expand_x_scale(x_scale, K)
+    y = xf @ (w.float() * _expand_w_scale(w_scale, N, K)).T
+    return y + bias.float() if bias is not None else y
+
+
 @torch.library.custom_op("dsc::act_quant", mutates_args=())
 def act_quant(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
     """Activations (..., K) -> (e4m3 (..., K), fp32 scales (..., ceil(K / block)))."""
@@ -82,19 +93,11 @@ def _(x, block=BLOCK, ue8m0=False):
     return x.new_empty(x.shape, dtype=FP8), x.new_empty((*x.shape[:-1], G), dtype=torch.float32)
 
 
-def fp8_linear_cpu(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    N, K = w.shape
-    wf = w.float().mul_(_expand_w_scale(w_scale, N, K))
-    xf = x.float() if x_scale is None else x.float().mul_(_expand_x_scale(x_scale, K))
-    y = xf @ wf.T
-    return y.add_(bias.float()) if bias is not None else y
-
-
 @torch.library.custom_op("dsc::fp8_linear", mutates_args=())
 def fp8_linear(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., K) e4m3 with ``x_scale`` (..., ceil(K/128)) from ``act_quant`` (W8A8), or a high-precision
     x with ``x_scale`` None (W8A16); w (N, K) e4m3, w_scale (ceil(N/128), ceil(K/128)) -> fp32 (..., N)."""
-    return fp8_linear_cpu(x, x_scale, w, w_scale, bias)
+    return fp8_linear_decomposed(x, x_scale, w, w_scale, bias)  # the CPU path, for now (see the README)
 
 
 @fp8_linear.register_fake
