@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsc.errors import DscError
 from dsc.machine import H200, Machine
 from dsc.verify import Tolerance
 
@@ -24,6 +25,12 @@ class PassInfo:
 
     def context(self, options: dict[str, str] | None = None, machine: Machine | None = None) -> PassContext:
         """The pass's context: its options' defaults overridden by ``options``, the target machine."""
+        for k, v in (options or {}).items():  # every caller's options checked here, once
+            allowed = self.options.get(k)
+            if allowed is None:
+                raise DscError(f"{self.name} has no option {k!r} (its options: {', '.join(self.options) or 'none'})")
+            if not isinstance(allowed, Text) and v not in allowed:
+                raise DscError(f"{self.name}.{k} must be one of {', '.join(allowed)}, got {v!r}")
         opts = {k: v[0] for k, v in self.options.items()} | dict(options or {})
         return PassContext(self.name, opts, machine or H200)
 

@@ -149,8 +149,6 @@ def fuse_dsa(program, ctx):
     from dsc.cost import entry_cost
 
     index_cache = ctx.options["index_cache"]
-    if index_cache not in INDEX_CACHE:
-        raise DscError(f"fuse_dsa.index_cache must be one of {', '.join(INDEX_CACHE)}, got {index_cache!r}")
     stats: dict = {"entries": {}}
     total = 0
     for entry, ep in list(program.entries.items()):

@@ -102,19 +102,15 @@ def _fp8_weight(program, target: str, w: torch.Tensor, ue8m0: bool) -> tuple[tup
 )  # fmt: skip
 def lower_fp8(program, ctx):
     o = ctx.options
-    for key, allowed in (("mode", MODES), ("scales", SCALES)):
-        if o[key] not in allowed:
-            raise DscError(f"lower_fp8.{key} must be one of {', '.join(allowed)}, got {o[key]!r}")
     include, exclude = _patterns(o["include"]), _patterns(o["exclude"])
     ue8m0, w8a8 = o["scales"] == "ue8m0", o["mode"] == "w8a8"
     if not w8a8:
         ctx.tolerance = TOLERANCES["fp8_w8a16"]
     quantised: dict[str, tuple] = {}  # one FP8 copy of each weight, shared by every entry
-    bytes_before: dict[str, int] = {}
     matmuls: dict[str, dict] = {}
     used = set()
     total = n_reused = 0
-    originals: dict[str, tuple] = {}  # state-dict name -> (fp32 weight, bias node name) for the SQNR probe
+    originals: dict[str, torch.Tensor] = {}  # state-dict name -> the high-precision weight
     summary = None
     for entry, ep in program.entries.items():
         sites = []
@@ -140,7 +136,6 @@ def lower_fp8(program, ctx):
                         f"lower_fp8: weight {module_path(target)} holds NaN or Inf values; fix the checkpoint"
                     )
                 quantised[target], reused = _fp8_weight(program, target, w, ue8m0)
-                bytes_before[target] = w.numel() * w.element_size()
                 originals[target] = w.detach()
                 if reused:
                     matmuls[module_path(target)]["reason"] += "; the checkpoint's own FP8 bytes and scales"
@@ -175,9 +170,10 @@ def lower_fp8(program, ctx):
             f"lower_fp8: pattern(s) {', '.join(map(repr, unused))} match no matmul; module paths look like "
             f"{', '.join(sorted(matmuls)[:3])}"
         )
-    before, after = sum(bytes_before.values()), sum(q.numel() + 4 * s.numel() for q, s in quantised.values())
+    before = sum(w.numel() * w.element_size() for w in originals.values())
+    after = sum(q.numel() + 4 * s.numel() for q, s in quantised.values())
     if total:
-        sqnr = matmul_sqnr(program, {t: orig for t, orig in originals.items()})
+        sqnr = matmul_sqnr(program, originals)
         for path, db in sqnr.items():
             matmuls[path]["sqnr_db"] = db
         if sqnr:
