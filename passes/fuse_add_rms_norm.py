@@ -18,76 +18,18 @@ import operator
 import torch
 from torch import fx
 
-from dsc.fx_utils import call_nodes, finalize, tag, val
+from dsc.fx_utils import finalize, is_call, tag, val
+from dsc.match.norm import rms_norms
+from dsc.match.ops import CASTS
 from dsc.registry import register_pass
 from dsc.verify import FP32_REASSOC
 
 aten = torch.ops.aten
 NAME = "fuse_add_rms_norm"
-CASTS = {aten.to.dtype, aten._to_copy.default}
-
-
-def _only_user(n: fx.Node) -> fx.Node | None:
-    return next(iter(n.users)) if len(n.users) == 1 else None
 
 
 def _strip_cast(n):
-    return n.args[0] if isinstance(n, fx.Node) and n.op == "call_function" and n.target in CASTS else n
-
-
-def _is_last_dim(dims, ndim) -> bool:
-    return isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] in (-1, ndim - 1)
-
-
-def _other(n: fx.Node, x) -> object | None:
-    a, b = n.args[:2]
-    return b if a is x else a if b is x else None
-
-
-def match_rms_norm(r: fx.Node):
-    """From an rsqrt node: (s, weight, eps, nodes, out) for w ⊙ s·rsqrt(mean(s²)+eps), else None."""
-    add_eps = r.args[0]
-    if not (
-        isinstance(add_eps, fx.Node)
-        and add_eps.target is aten.add.Tensor
-        or getattr(add_eps, "target", None) is aten.add.Scalar
-    ):
-        return None
-    mean, eps = add_eps.args[:2]
-    if isinstance(eps, fx.Node):
-        mean, eps = eps, mean
-    if not isinstance(eps, float) or not isinstance(mean, fx.Node) or mean.target is not aten.mean.dim:
-        return None
-    sq = mean.args[0]
-    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
-    if not keepdim or not isinstance(sq, fx.Node):
-        return None
-    if sq.target is aten.pow.Tensor_Scalar and sq.args[1] == 2:
-        s = sq.args[0]
-    elif sq.target is aten.mul.Tensor and sq.args[0] is sq.args[1]:
-        s = sq.args[0]
-    else:
-        return None
-    if val(s) is None or not _is_last_dim(mean.args[1], val(s).ndim):
-        return None
-    norm = _only_user(r)
-    if norm is None or norm.target is not aten.mul.Tensor or _other(norm, r) is not s:
-        return None
-    scaled = _only_user(norm)
-    if scaled is None or scaled.target is not aten.mul.Tensor:
-        return None
-    w = _other(scaled, norm)
-    D = val(s).shape[-1]
-    if val(w) is None or val(w).ndim != 1 or val(w).shape[0] != D:
-        return None
-    out = scaled
-    cast_back = _only_user(scaled)
-    if cast_back is not None and cast_back.target in CASTS:
-        out = cast_back
-    inner = [sq, mean, add_eps, r, norm, scaled]
-    if any(len(n.users) != 1 for n in inner[:-1]) or (out is not scaled and len(scaled.users) != 1):
-        return None
-    return s, w, eps, inner + ([out] if out is not scaled else []), out
+    return n.args[0] if is_call(n, *CASTS) else n
 
 
 def _residual_add(s: fx.Node):
@@ -104,18 +46,9 @@ def _residual_add(s: fx.Node):
 
 
 def fuse(gm: fx.GraphModule) -> int:
-    sites = []
-    for r in call_nodes(gm, aten.rsqrt.default):
-        m = match_rms_norm(r)
-        if m is not None:
-            sites.append(("composite", m))
-    for n in call_nodes(gm, aten.rms_norm.default):
-        w = n.args[2] if len(n.args) > 2 else None
-        eps = n.args[3] if len(n.args) > 3 else None
-        if isinstance(w, fx.Node) and isinstance(eps, float) and len(n.args[1]) == 1:
-            sites.append(("rms_norm", (n.args[0], w, eps, [n], n)))
     count = 0
-    for _, (s, w, eps, _nodes, out) in sites:
+    for norm in rms_norms(gm.graph):
+        s, w, eps, _nodes, out = norm.x, norm.weight, norm.eps, norm.nodes, norm.out
         res = _residual_add(s)
         if res is None:
             continue
