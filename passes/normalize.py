@@ -12,7 +12,7 @@ candidate for safety, the reason under ``declined``):
 - ``cache_writes``: ``index_copy_(cache, d, pos, v)`` -> ``index_put_(cache, [None]*d + [pos], v)``;
   ``cache[.., a:b] = v`` (``copy_`` into a slice of a cache input) -> ``index_put_`` at ``arange(a, b)``;
   every later reader of the cache reads the (latest) write's output (the same memory);
-- ``layout``: ``movedim`` -> ``permute``; ``repeat_interleave`` along a size-1 dim -> ``expand``;
+- ``layout``: ``movedim``, ``x.T``, ``x.mT`` (``numpy_T``, ``mT``, real ``mH``) -> ``permute``; ``repeat_interleave`` along a size-1 dim -> ``expand``;
 - ``masks``: a softmax over ``where(keep, s, c)`` or ``masked_fill(s, drop, c)`` (c a scalar) -> a
   softmax over ``s + where(keep, 0, c)``: the additive mask the attention matchers read (the kept
   scores are the same; the dropped ones get probability 0 either way, for c <= -1e4);
@@ -222,6 +222,11 @@ def canonical_layout(ep, declined: list) -> int:
             src, dst = [d % nd for d in src], [d % nd for d in dst]
             rest = iter(d for d in range(nd) if d not in src)
             perm = [src[dst.index(i)] if i in dst else next(rest) for i in range(nd)]
+            with g.inserting_before(n):
+                new = tag(g.call_function(aten.permute.default, (n.args[0], perm)), NAME)
+        elif is_call(n, aten.numpy_T.default, aten.mT.default, aten.mH.default) and not val(n).is_complex():
+            nd = val(n).ndim  # x.T reverses every dim; x.mT / x.mH (real) swap the last two
+            perm = list(range(nd))[::-1] if n.target is aten.numpy_T.default else [*range(nd - 2), nd - 1, nd - 2]
             with g.inserting_before(n):
                 new = tag(g.call_function(aten.permute.default, (n.args[0], perm)), NAME)
         elif is_call(n, aten.repeat_interleave.self_int) and len(n.args) > 2 and n.args[2] is not None:

@@ -116,17 +116,25 @@ def test_cache_writes_become_index_put():
 
 
 class Layout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 5))
+
     def forward(self, x, k):
-        return x.movedim(2, 1) + k.unsqueeze(1).repeat_interleave(3, dim=1)
+        y = x.movedim(2, 1) + k.unsqueeze(1).repeat_interleave(3, dim=1)
+        return y @ self.w.T + (y.mT * 2).mT.sum(-1, keepdim=True)
 
 
 def test_layout():
     x, k = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 5)
-    out, stats = _run(Layout(), x, k)
-    assert stats["layout"] == 2
+    mod = Layout()
+    out, stats = _run(mod, x, k)
+    assert stats["layout"] == 5  # movedim, repeat_interleave, W.T, two mT
     h = ops(out)
-    assert "aten.movedim.int" not in h and "aten.repeat_interleave.self_int" not in h
-    _same(Layout(), out, x, k)
+    assert not {"aten.movedim.int", "aten.repeat_interleave.self_int", "aten.numpy_T.default", "aten.mT.default"} & set(
+        h
+    )
+    _same(mod, out, x, k)
 
 
 class Masks(nn.Module):
