@@ -137,6 +137,7 @@ def _fp8_flags(args) -> tuple[list[str] | None, list[str]]:
 def cmd_optimize(args) -> int:
     from dsc.machine import target
     from dsc.optimize import check_output_dir, optimize, write_output
+    from dsc.report import node_changes
 
     check_output_dir(args.output, args.force, [args.model])
     machine = target(args.target)
@@ -168,7 +169,7 @@ def cmd_optimize(args) -> int:
         n = r.numerics
         t.add_row(
             r.name, str(r.matches) if r.changed else "0 (unchanged)",
-            "\n".join(f"{e} {r.nodes_before[e]}→{r.nodes_after[e]}" for e in r.nodes_before),
+            "\n".join(node_changes(r.nodes_before, r.nodes_after)),
             f"{n.max_abs_err:.1e}" if n else "-", f"{n.top1_agreement:.3f}" if n else "-",
             ("exact" if n.sqnr_db == float("inf") else f"{n.sqnr_db:.1f}") if n else "-", f"{r.seconds:.1f}",
         )  # fmt: skip
@@ -205,7 +206,11 @@ def cmd_generate(args) -> int:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, not args.ignore_eos)
     if args.prefill_chunk is not None and args.prefill_chunk < 0:
         raise DscError(f"--prefill-chunk must be >= 0 (0: the whole prompt in one call), got {args.prefill_chunk}")
-    res = generate(backend, prompts, params, -1 if args.prefill_chunk is None else args.prefill_chunk)
+    if args.speculative < 0:
+        raise DscError(
+            f"--speculative takes the number of drafted tokens per step (>= 1; 0: off), got {args.speculative}"
+        )
+    res = generate(backend, prompts, params, -1 if args.prefill_chunk is None else args.prefill_chunk, args.speculative)
     texts = [tok.decode(t) if tok else None for t in res.tokens]
     if args.json:
         if len(texts) == 1:
@@ -216,9 +221,13 @@ def cmd_generate(args) -> int:
         return 0
     for p, x, t in zip(args.prompt or args.prompt_tokens, texts, res.tokens):
         print(p + x if tok else f"{p} -> {','.join(map(str, t))}")
-    console.print(
-        f"{res.stats['new_tokens']} tokens, {res.stats['ms_per_step']} ms/step, {res.stats['tokens_per_s']} tok/s"
-    )
+    st = res.stats
+    spec = (
+        f", {st['tokens_per_step']} tokens/verify step, acceptance {st['acceptance_rate']:.2f} "
+        f"(per position {', '.join(f'{x:.2f}' for x in st['acceptance_per_position'])})"
+        if "speculative" in st else ""
+    )  # fmt: skip
+    console.print(f"{st['new_tokens']} tokens, {st['ms_per_step']} ms/step, {st['tokens_per_s']} tok/s{spec}")
     return 0
 
 
@@ -269,8 +278,8 @@ def cmd_diff(args) -> int:
     def row(label, x, y, unit=""):
         t.add_row(label, human(x, unit), human(y, unit), f"{x / y:.2f}x" if x and y else "-")
 
-    for e in bf["nodes"]:
-        row(f"nodes in {e}", bf["nodes"][e], af["nodes"].get(e, 0))
+    for e in list(bf["nodes"]) + [e for e in af["nodes"] if e not in bf["nodes"]]:
+        row(f"nodes in {e}", bf["nodes"].get(e, 0), af["nodes"].get(e, 0))
     row("parameter bytes", bf["param_bytes"], af["param_bytes"], "B")
     row("KV cache bytes / token", bf["cache_bytes_per_token"], af["cache_bytes_per_token"], "B")
     ctx = bf["context_len"]
@@ -429,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
         "prefill form was chosen for; 0: the whole prompt in one call)",
     )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    p.add_argument(
+        "--speculative", type=int, default=0, metavar="N",
+        help="speculative decoding: the MTP module drafts N tokens per step, the main model verifies them in one "
+        "call (a Program made by draft_mtp, or the reference model); the same output as without (default 0: off)",
+    )  # fmt: skip
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

@@ -141,6 +141,20 @@ def sync_outputs(ep: ExportedProgram) -> None:
             spec.arg.name = v.name
 
 
+def set_user_outputs(ep: ExportedProgram, nodes: list[fx.Node]) -> None:
+    """The entry returns ``tuple(nodes)`` (its in-place cache writes stay as they are)."""
+    from torch.export.graph_signature import OutputKind, OutputSpec
+
+    out = next(n for n in reversed(ep.graph.nodes) if n.op == "output")
+    specs = ep.graph_signature.output_specs
+    values = torch.utils._pytree.tree_leaves(out.args[0])
+    keep = [(v, s) for v, s in zip(values, specs) if s.kind != OutputKind.USER_OUTPUT]
+    out.args = (tuple([v for v, _ in keep] + list(nodes)),)
+    specs[:] = [s for _, s in keep] + [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(n.name), None) for n in nodes]
+    sig = ep.module_call_graph[0].signature
+    sig.out_spec = torch.utils._pytree.tree_structure(tuple(range(len(nodes))))
+
+
 def finalize(ep: ExportedProgram) -> None:
     """Dead-code elimination (side-effecting ops stay), signature sync, lint, recompile."""
     sync_outputs(ep)

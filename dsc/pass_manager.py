@@ -192,7 +192,8 @@ def run_pipeline(
                 {k: op_histogram(ep) for k, ep in work.entries.items()},
                 (program.param_bytes(), work.param_bytes()),
                 (program.cache.bytes_per_token(), work.cache.bytes_per_token()),
-                {k: (listing(program.entries[k]), listing(ep)) for k, ep in work.entries.items()} if changed else {},
+                {k: (listing(program.entries[k]) if k in program.entries else '', listing(ep)) for k, ep in work.entries.items()}
+                if changed else {},
                 ctx.options,
             )
         )  # fmt: skip

@@ -44,6 +44,8 @@ ENTRY_INPUTS = {
     "prefill": ["tokens", "caches"],
     "decode": ["tokens", "positions", "caches"],
     "mtp": ["hidden", "tokens", "positions", "caches"],
+    "draft": ["hidden", "tokens", "positions", "caches"],
+    "verify": ["tokens", "positions", "caches"],
 }
 
 
@@ -96,6 +98,14 @@ class Program:
 
     def mtp(self, hidden: Tensor, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> Tensor:
         return self.module("mtp")(hidden, tokens, positions, caches)
+
+    def draft(self, hidden: Tensor, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(logits of t_{i+2}, the MTP hidden state the next draft takes) from h_i and t_{i+1} (``draft_mtp``)."""
+        return logits_hidden(self.module("draft")(hidden, tokens, positions, caches))
+
+    def verify(self, tokens: Tensor, positions: Tensor, caches: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The main model over 1 + n new tokens: (logits, final hidden) at every position (``draft_mtp``)."""
+        return logits_hidden(self.module("verify")(tokens, positions, caches))
 
     # ---- size -------------------------------------------------------------------------------------
     def weights(self) -> dict[str, Tensor]:

@@ -120,6 +120,12 @@ def diff_html(before: str, after: str, context: int = 3) -> tuple[str, int, int]
     return "".join(out), added, removed
 
 
+def node_changes(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    """Per entry "name before→after"; an entry a pass made reads "(new)→n", one it removed "n→(gone)"."""
+    names = list(before) + [e for e in after if e not in before]
+    return [f"{e} {before.get(e, '(new)')}→{after.get(e, '(gone)')}" for e in names]
+
+
 def _ratio(b: float, a: float) -> str:
     if not b or not a:
         return ""
@@ -211,9 +217,10 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
     h.append("</div>")
 
     h.append("<h2>Before and after</h2><table><tr><th></th><th>before</th><th>after</th><th>before/after</th></tr>")
-    for entry in b["nodes"]:
+    for entry in list(b["nodes"]) + [e for e in a["nodes"] if e not in b["nodes"]]:
+        nb, na = b["nodes"].get(entry), a["nodes"].get(entry)
         h.append(
-            f"<tr><td>nodes in <code>{entry}</code></td><td>{b['nodes'][entry]}</td><td>{a['nodes'].get(entry, '-')}</td><td>{_ratio(b['nodes'][entry], a['nodes'].get(entry, 0))}</td></tr>"
+            f"<tr><td>nodes in <code>{entry}</code></td><td>{'-' if nb is None else nb}</td><td>{'-' if na is None else na}</td><td>{_ratio(nb or 0, na or 0)}</td></tr>"
         )
     rows = [
         ("parameter bytes", "param_bytes"), ("KV cache bytes per token", "cache_bytes_per_token"),
@@ -257,7 +264,7 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
                  "<th>max abs err</th><th>max rel err</th><th>top-1</th><th>SQNR</th><th>tolerance</th><th>s</th></tr>")  # fmt: skip
         for i, p in enumerate(passes, 1):
             n = p.get("numerics") or {}
-            nodes = ", ".join(f"{e} {p['nodes_before'][e]}→{p['nodes_after'][e]}" for e in p["nodes_before"])
+            nodes = ", ".join(node_changes(p["nodes_before"], p["nodes_after"]))
             tol = p["tolerance"]
             h.append(
                 f"<tr><td>{i}</td><td><a href='#pass-{p['name']}'>{p['name']}</a></td><td>{'yes' if p['changed'] else '<span class=muted>no</span>'}</td>"
@@ -283,18 +290,16 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
                     h.append(_stats_table(k, v))
                 elif isinstance(v, dict) and v:
                     h.append(_facts_table(k, v))
-            ops = sorted(set().union(*[set(p["ops_before"][e]) | set(p["ops_after"][e]) for e in p["ops_before"]]))
-            delta = []
-            for op in ops:
-                d = {e: p["ops_after"][e].get(op, 0) - p["ops_before"][e].get(op, 0) for e in p["ops_before"]}
-                if any(d.values()):
-                    delta.append((op, d))
+            ob, oa = p["ops_before"], p["ops_after"]
+            entries = list(ob) + [e for e in oa if e not in ob]  # a pass may add or remove entries
+            ops = sorted(set().union(*[set(ob.get(e, {})) | set(oa.get(e, {})) for e in entries]))
+            delta = [op for op in ops if any(oa.get(e, {}).get(op, 0) != ob.get(e, {}).get(op, 0) for e in entries)]
             if delta:
-                entries = list(p["ops_before"])
                 h.append("<table><tr><th>op</th>" + "".join(f"<th>{e} before → after</th>" for e in entries) + "</tr>")
-                for op, _ in delta:
+                for op in delta:
                     cells = "".join(
-                        f"<td>{p['ops_before'][e].get(op, 0)} → {p['ops_after'][e].get(op, 0)}</td>" for e in entries
+                        f"<td>{ob[e].get(op, 0) if e in ob else '-'} → {oa[e].get(op, 0) if e in oa else '-'}</td>"
+                        for e in entries
                     )
                     h.append(f"<tr><td><code>{html.escape(op)}</code></td>{cells}</tr>")
                 h.append("</table>")

@@ -42,6 +42,16 @@ class EagerBackend:
     def mtp(self, hidden, tokens, positions, caches):
         return self.model.mtp(hidden, tokens, positions, caches)
 
+    def draft(self, hidden, tokens, positions, caches):
+        if not callable(getattr(self.model, "draft", None)) or not self.config.num_nextn_predict_layers:
+            raise DscError(
+                "this model has no MTP draft: speculative decoding needs an MTP module (num_nextn_predict_layers)"
+            )
+        return logits_hidden(self.model.draft(hidden, tokens, positions, caches))
+
+    def verify(self, tokens, positions, caches):
+        return self.decode(tokens, positions, caches)
+
 
 @dataclass
 class SamplingParams:
@@ -66,27 +76,40 @@ class Generation:
     stats: dict = field(default_factory=dict)
 
 
-def sample_next(logits: Tensor, p: SamplingParams, gen: torch.Generator) -> Tensor:
-    """logits (B, V) -> tokens (B,). Greedy at temperature 0, else nucleus sampling via the
-    exponential-race trick argmax(probs / Exp(1)) (spec §2), which draws exactly from ``probs``."""
-    if p.temperature == 0:
-        return logits.argmax(-1)
+def probs_of(logits: Tensor, p: SamplingParams) -> Tensor:
+    """The distribution sampling draws from (temperature > 0): softmax(logits / T), cut to the
+    smallest prefix of the sorted probabilities reaching ``top_p`` and renormalised."""
     probs = (logits.float() / p.temperature).softmax(-1)
     if p.top_p < 1:
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: Tensor, gen: torch.Generator) -> Tensor:
+    """One token per row of ``probs`` (.., V) by the exponential-race trick argmax(probs / Exp(1))
+    (spec §2), which draws exactly from ``probs``."""
     noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
     return (probs / noise).argmax(-1)
 
 
+def sample_next(logits: Tensor, p: SamplingParams, gen: torch.Generator) -> Tensor:
+    """logits (B, V) -> tokens (B,). Greedy at temperature 0, else a draw from ``probs_of``."""
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    return draw(probs_of(logits, p), gen)
+
+
 @torch.no_grad()
 def prefill(
-    backend, tokens: Tensor, caches: list[Tensor], lens: Tensor | None = None, chunk: int | None = -1
-) -> Tensor:
+    backend, tokens: Tensor, caches: list[Tensor], lens: Tensor | None = None, chunk: int | None = -1,
+    hidden: bool = False,
+):  # fmt: skip
     """Each row's logits at its last prompt position (B, V), the prompt's keys written into ``caches``
-    (allocated to at least the prompt's length). A prompt longer than ``chunk`` tokens (default: the
+    (allocated to at least the prompt's length); with ``hidden``, also the final hidden state at
+    every prompt position (B, P, D). A prompt longer than ``chunk`` tokens (default: the
     backend's ``prefill_chunk``, the length its prefill form was chosen for; None or 0: never) runs
     as a prefill of ``chunk`` tokens, then decode extends of up to ``chunk`` tokens at their
     positions: no call sees more queries than its form was chosen for, and a long prompt's
@@ -95,26 +118,28 @@ def prefill(
     lens = torch.full((B,), P) if lens is None else lens
     if chunk == -1:
         chunk = getattr(backend, "prefill_chunk", None)
-    if not chunk or P <= chunk:
-        logits, _ = backend.prefill(tokens, backend.cache.window(caches, P))
-        return logits[torch.arange(B), lens - 1]
-    rows, last = torch.arange(B), None
-    for start in range(0, P, chunk):
-        end = min(start + chunk, P)
+    rows, last, states = torch.arange(B), None, []
+    for start in range(0, P, chunk or P):
+        end = min(start + (chunk or P), P)
         window = backend.cache.window(caches, end)
         if start == 0:
-            logits, _ = backend.prefill(tokens[:, :end], window)
+            logits, h = backend.prefill(tokens[:, :end], window)
         else:
             pos = torch.arange(start, end).repeat(B, 1)
-            logits, _ = backend.decode(tokens[:, start:end], pos, window)
+            logits, h = backend.decode(tokens[:, start:end], pos, window)
+        if hidden:
+            if h is None:
+                raise DscError("this model's prefill returns no hidden state, which speculative decoding needs")
+            states.append(h)
         got = logits[rows, (lens - 1 - start).clamp(0, end - start - 1)]
         here = (lens - 1 >= start) & (lens - 1 < end)  # rows whose last prompt token is in this chunk
         last = got if last is None else torch.where(here[:, None], got, last)
-    return last
+    return (last, torch.cat(states, 1)) if hidden else last
 
 
-def generate(backend, prompts: list[list[int]], params: SamplingParams, chunk: int | None = -1) -> Generation:
-    """``chunk``: see ``prefill``."""
+def _validated(backend, prompts: list[list[int]], params: SamplingParams, extra: int = 0):
+    """(lens, the padded prompt (B, P), caches for P + max_new_tokens + ``extra`` positions within
+    the model's limit): the checks every generation makes before any work."""
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise DscError("every prompt needs at least one token")
@@ -134,12 +159,31 @@ def generate(backend, prompts: list[list[int]], params: SamplingParams, chunk: i
             f"prompt ({P}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
             f"max_position_embeddings ({cfg.max_position_embeddings})"
         )
-    caches = backend.cache.allocate(B, total)
+    vocab = getattr(cfg, "vocab_size", None)
+    bad = [t for p in prompts for t in p if not 0 <= t < (vocab or t + 1)]
+    if bad:
+        raise DscError(f"prompt token ids must be in [0, {vocab}) (the model's vocabulary); got {bad[:5]}")
+    caches = backend.cache.allocate(B, min(total + extra, cfg.max_position_embeddings))
     tokens = torch.zeros(B, P, dtype=torch.long)
     if hasattr(backend, "check_inputs"):
         backend.check_inputs(tokens, caches)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
+    return lens, tokens, caches
+
+
+def generate(
+    backend, prompts: list[list[int]], params: SamplingParams, chunk: int | None = -1, speculative: int = 0
+) -> Generation:
+    """``chunk``: see ``prefill``. ``speculative`` n > 0: MTP drafts n tokens per step and the main
+    model verifies them in one call (``dsc.speculative``): the same greedy tokens, the same
+    sampling distribution."""
+    if speculative:
+        from dsc.speculative import speculative_generate
+
+        return speculative_generate(backend, prompts, params, speculative, chunk)
+    lens, tokens, caches = _validated(backend, prompts, params)
+    cfg, B = backend.config, len(prompts)
     gen = torch.Generator().manual_seed(params.seed)
 
     t0 = time.perf_counter()

@@ -94,22 +94,38 @@ def make_scenario(config, seed: int = 0, batch: int = 2) -> Scenario:
 
 @torch.no_grad()
 def run_scenario(program, scenario: Scenario) -> dict[str, Tensor]:
-    """Named outputs: logits of the prefill and each step, then the final cache contents."""
+    """Named outputs: logits of the prefill and each step, then the final cache contents. With
+    ``draft`` / ``verify`` entries (``draft_mtp``) the draft runs where ``mtp`` would (same key), a
+    chained draft step runs on a copy of the caches, and every S > 1 step runs through verify too."""
+    entries = getattr(program, "entries", {})
     caches = program.cache.allocate(scenario.batch, scenario.total_len)
-    P = scenario.prompt.shape[1]
+    P, B = scenario.prompt.shape[1], scenario.batch
     out = {}
     logits, hidden = program.prefill(scenario.prompt, program.cache.window(caches, P))
     out["prefill.logits"] = logits.clone()
-    if "mtp" in getattr(program, "entries", {"mtp": None}) and program.config.num_nextn_predict_layers:
+    if hidden is not None and "draft" in entries:
+        out["prefill.hidden"] = hidden.clone()
+    if ("mtp" in entries or "draft" in entries) and program.config.num_nextn_predict_layers:
         # the draft module over the prompt: h_i with t_{i+1}, positions 0..P-2
-        pos = torch.arange(P - 1).expand(scenario.batch, P - 1)
-        out["mtp.logits"] = program.mtp(
-            hidden[:, :-1], scenario.prompt[:, 1:], pos, program.cache.window(caches, P - 1)
-        ).clone()
+        pos = torch.arange(P - 1).expand(B, P - 1)
+        args = (hidden[:, :-1], scenario.prompt[:, 1:], pos, program.cache.window(caches, P - 1))
+        if "draft" in entries:
+            mtp_logits, mtp_hidden = program.draft(*args)
+            chained = [c.clone() for c in program.cache.window(caches, P)]  # the next draft from its own state
+            out["draft.chained.logits"] = program.draft(
+                mtp_hidden[:, -1:], mtp_logits[:, -1:].argmax(-1), torch.full((B, 1), P - 1), chained
+            )[0].clone()
+        else:
+            mtp_logits = program.mtp(*args)
+        out["mtp.logits"] = mtp_logits.clone()
     for i, (toks, pos) in enumerate(scenario.steps):
         T = int(pos.max()) + 1
         logits, _ = program.decode(toks, pos, program.cache.window(caches, T))
         out[f"decode[{i}](S={toks.shape[1]}).logits"] = logits.clone()
+        if "verify" in entries and toks.shape[1] > 1:  # the same positions again: the same cache writes
+            logits, hidden = program.verify(toks, pos, program.cache.window(caches, T))
+            out[f"verify[{i}](S={toks.shape[1]}).logits"] = logits.clone()
+            out[f"verify[{i}](S={toks.shape[1]}).hidden"] = hidden.clone()
     for spec, c in zip(program.cache.tensors, caches):
         out[f"cache.{spec.name}"] = c
     return out

@@ -295,12 +295,13 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = _linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.shared_head = SharedHead(cfg)
 
-    def predict(self, hidden, next_tokens, cos, sin, positions, visible, caches) -> Tensor:
-        """hidden (B, S, D): main model's final (post-norm) states; next_tokens (B, S): t_{i+1}. -> logits of t_{i+2}."""
+    def predict(self, hidden, next_tokens, cos, sin, positions, visible, caches) -> tuple[Tensor, Tensor]:
+        """hidden (B, S, D): main model's final (post-norm) states; next_tokens (B, S): t_{i+1}.
+        -> (logits of t_{i+2}, the normed state the head reads: what a chained draft takes as hidden)."""
         e = self.enorm(self.embed_tokens(next_tokens))
         h = self.eh_proj(torch.cat((e, self.hnorm(hidden)), dim=-1))  # embedding first (spec §11.10)
-        h = super().forward(h, cos, sin, positions, visible, caches)
-        return self.shared_head.head(self.shared_head.norm(h))
+        h = self.shared_head.norm(super().forward(h, cos, sin, positions, visible, caches))
+        return self.shared_head.head(h), h
 
 
 class DeepseekV32Model(nn.Module):
@@ -381,6 +382,12 @@ class DeepseekV32ForCausalLM(nn.Module):
         self, hidden: Tensor, next_tokens: Tensor, positions: Tensor, caches: list[Tensor], depth: int = 0
     ) -> Tensor:
         """MTP logits for position i from the main hidden state h_i and the token t_{i+1}."""
+        return self.draft(hidden, next_tokens, positions, caches, depth)[0]
+
+    def draft(
+        self, hidden: Tensor, next_tokens: Tensor, positions: Tensor, caches: list[Tensor], depth: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """(MTP logits, MTP hidden state) at position i: a speculative draft from h_i and t_{i+1}."""
         layer = self.config.num_hidden_layers + depth
         cos, sin = self._rope_at(positions)
         visible = self._visible(positions, caches[0].shape[1])

@@ -246,6 +246,12 @@ class _ProbedProgram:
     def mtp(self, hidden, tokens, positions, caches):
         return self._call("mtp", hidden, tokens, positions, caches)
 
+    def draft(self, hidden, tokens, positions, caches):
+        return logits_hidden(self._call("draft", hidden, tokens, positions, caches))
+
+    def verify(self, tokens, positions, caches):
+        return logits_hidden(self._call("verify", tokens, positions, caches))
+
 
 def matmul_sqnr(program, originals: dict[str, torch.Tensor], seed: int = 0) -> dict[str, float]:
     """Per lowered matmul (module path): output SQNR in dB over the verification inputs (one
