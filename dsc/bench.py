@@ -7,7 +7,9 @@ step of one new token at context T: the cache is filled with random values, so n
 tokens is needed), ``prefill`` (a prompt of P tokens) and ``attention`` (one MLA layer's decode
 attention at context T in four forms, the model's sizes: per-head K/V cache, a latent cache
 re-decompressed every step, the absorbed form in plain torch, and ``dsc::mla_decode``; checked to
-agree before they are timed). Each point: warm-up calls, then repeated timed calls; the median is
+agree before they are timed) and ``speculative`` (greedy generation of ``generate`` tokens from a
+code prompt, plain and with n MTP drafts per step, for eager and the Programs with a draft: the
+same tokens, checked; tokens/s, tokens per verify step and acceptance per position). Each point: warm-up calls, then repeated timed calls; the median is
 reported, and every variant's ratio to ``eager`` (to ``per_head`` for attention).
 
 Memory: the process's resident set is sampled every few ms while a variant runs; "peak" is the
@@ -34,7 +36,9 @@ from dsc.runtime import EagerBackend, prefill
 
 log = logging.getLogger(__name__)
 VARIANTS = ("eager", "compile", "dsc")
-SCENARIOS = ("decode", "prefill", "attention")
+SCENARIOS = ("decode", "prefill", "attention", "speculative")
+# a prompt for the speculative scenario on byte-level models (the demo model writes Python)
+CODE_PROMPT = b"import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        "
 ATTENTION_FORMS = ("per_head", "redecompress", "absorbed_torch", "mla_decode")
 
 
@@ -49,10 +53,14 @@ class BenchConfig:
     repeat: int = 5
     budget_s: float = 20.0  # per point: fewer repeats when a call is slow
     threads: int = 0
+    generate: int = 256  # speculative: greedy tokens generated per timed call
+    drafts: tuple[int, ...] = (0, 1, 2, 3)  # speculative: drafted tokens per step (0: plain decoding)
 
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
-        return cls(**({"model": "tiny", "contexts": (256, 768), "prompts": (128, 512), "warmup": 1, "repeat": 3} | kw))
+        quick = {"model": "tiny", "contexts": (256, 768), "prompts": (128, 512), "warmup": 1, "repeat": 3,
+                 "generate": 48, "drafts": (0, 2)}  # fmt: skip
+        return cls(**(quick | kw))
 
 
 class _RssSampler:
@@ -219,6 +227,9 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
         return cost_cache[key].at(n)[1]
 
     for scenario in cfg.scenarios:
+        if scenario == "speculative":
+            res.points += speculative_points(cfg, mcfg, variants, on_event)
+            continue
         sizes = cfg.prompts if scenario == "prefill" else cfg.contexts
         for n in sizes:
             if n + 1 > limit:
@@ -274,6 +285,68 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
                     f"  peak +{point['peak_rss_mb']:.0f} MB",
                 )
     return res
+
+
+def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -> list[dict]:
+    """Greedy generation of ``cfg.generate`` tokens, plain (n = 0) and with n drafts per step, for
+    each variant that can draft; every n must give the plain tokens (else the run stops)."""
+    from dsc.errors import DscError
+    from dsc.runtime import SamplingParams, generate
+
+    if not mcfg.num_nextn_predict_layers:
+        on_event("skip", "speculative: the model has no MTP module to draft with")
+        return []
+    if mcfg.vocab_size >= 256:
+        prompt = list(CODE_PROMPT)
+    else:
+        prompt = torch.randint(0, mcfg.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_new_tokens=cfg.generate, stop_at_eos=False)
+    points, eager_plain = [], None
+    for name, backend in variants.items():
+        if name == "compile":  # its draft would be eager code beside compiled verify calls: not a variant of its own
+            on_event("skip", "speculative compile: the compiled reference has no compiled draft")
+            continue
+        if isinstance(getattr(backend, "entries", None), dict) and "draft" not in backend.entries:
+            on_event("skip", f"speculative {name}: no draft entry")
+            continue
+        plain = None
+        for n in cfg.drafts:
+            gc.collect()
+            runs = []
+            with _RssSampler() as mem:
+                for _ in range(cfg.warmup):
+                    generate(backend, [prompt], params, speculative=n)
+                for _ in range(max(cfg.repeat // 2, 1)):  # a call is hundreds of steps: fewer repeats
+                    t = time.perf_counter()
+                    g = generate(backend, [prompt], params, speculative=n)
+                    runs.append((time.perf_counter() - t, g))
+            median = statistics.median(t for t, _ in runs)
+            g = runs[0][1]
+            if plain is None:
+                plain = (median, g.tokens)
+            elif g.tokens != plain[1]:
+                raise DscError(f"speculative {name} n={n}: its tokens differ from plain decoding's")
+            if name == "eager" and n == 0:
+                eager_plain = median
+            st = g.stats
+            point = {
+                "scenario": "speculative", "variant": name, "tokens": cfg.generate, "draft_tokens": n,
+                "median_ms": round(median * 1e3, 3), "times_ms": [round(t * 1e3, 3) for t, _ in runs],
+                "peak_rss_mb": round(mem.above_base / 2**20, 1), "tokens_per_s": round(cfg.generate / median, 2),
+                "tokens_per_step": st.get("tokens_per_step", 1.0),
+                "acceptance_per_position": st.get("acceptance_per_position", []),
+                "speedup_vs_plain": round(plain[0] / median, 3),
+                "speedup_vs_eager": round(eager_plain / median, 3) if eager_plain else None,
+                "bytes_moved": None, "bandwidth_bound_ms": None, "x_bound": None,
+            }  # fmt: skip
+            points.append(point)
+            acc = ", ".join(f"{a:.2f}" for a in point["acceptance_per_position"]) or "-"
+            on_event(
+                "point",
+                f"speculative n={n} {name:14s} {point['tokens_per_s']:8.1f} tok/s  x{point['speedup_vs_plain']:.2f} "
+                f"vs plain  {point['tokens_per_step']:.2f} tokens/step  acceptance {acc}",
+            )
+    return points
 
 
 def plot_svgs(res: BenchResult) -> dict[str, str]:

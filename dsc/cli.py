@@ -320,11 +320,15 @@ def cmd_bench(args) -> int:
             if bad:
                 raise DscError(f"{flag}: unknown {bad}; choose from {', '.join(choices)}")
             kw["variants" if flag == "--variants" else "scenarios"] = chosen
-    for name, flag in (("contexts", "--contexts"), ("prompts", "--prompts")):
+    for name, flag in (("contexts", "--contexts"), ("prompts", "--prompts"), ("drafts", "--drafts")):
         v = _ints(getattr(args, name), flag)
         if v:
             kw[name] = v
-    for name in ("repeat", "warmup"):
+    if args.drafts and any(n < 0 for n in kw.get("drafts", ())):
+        raise DscError(f"--drafts takes drafted tokens per step (>= 0), got {args.drafts!r}")
+    if args.generate is not None and args.generate < 2:
+        raise DscError(f"--generate must be >= 2, got {args.generate}")
+    for name in ("repeat", "warmup", "generate"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.model:
@@ -339,14 +343,17 @@ def cmd_bench(args) -> int:
     paths = write_results(res, Path(args.output))
     t = Table(
         title=f"dsc bench {cfg.model} — memory bandwidth {res.bandwidth_gbs} GB/s, {res.config['threads']} threads",
-        caption="speed-up against eager (decode, prefill) or the per-head form (attention)",
+        caption="speed-up against eager (decode, prefill, speculative: eager's plain decoding) or the per-head form "
+        "(attention); speculative n: drafted tokens per step (0: plain), median ms per generate call",
     )
-    for col in ("scenario", "tokens", "variant", "median ms", "speed-up", "x bandwidth bound", "peak MB"):
-        t.add_column(col)
+    for col in ("scenario", "tokens", "variant", "median ms", "speed-up", "x bandwidth bound", "tokens/step", "peak MB"):
+        t.add_column(col, no_wrap=col in ("scenario", "variant"))
     for p in res.points:
+        spec = "draft_tokens" in p
         t.add_row(
-            p["scenario"], str(p["tokens"]), p["variant"], f"{p['median_ms']:.2f}",
-            f"{p['speedup_vs_eager']:.2f}x" if p["speedup_vs_eager"] else "-", f"{p['x_bound']}", f"{p['peak_rss_mb']:.0f}",
+            p["scenario"], str(p["tokens"]), f"{p['variant']} n={p['draft_tokens']}" if spec else p["variant"],
+            f"{p['median_ms']:.2f}", f"{p['speedup_vs_eager']:.2f}x" if p["speedup_vs_eager"] else "-",
+            f"{p['x_bound'] or '-'}", f"{p['tokens_per_step']:.2f}" if spec else "", f"{p['peak_rss_mb']:.0f}",
         )  # fmt: skip
     out.print(t)
     out.print("wrote " + ", ".join(str(p) for p in paths))
@@ -409,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency and memory of eager / torch.compile / dsc side by side")
     p.add_argument("model", nargs="?", help="checkpoint, model.pt or preset (default: small; tiny with --quick)")
-    p.add_argument("--scenario", help="comma-separated: decode, prefill, attention (default: all three)")
+    p.add_argument("--scenario", help="comma-separated: decode, prefill, attention, speculative (default: all)")
     p.add_argument(
         "--variants",
         help="comma-separated: eager, compile, dsc, or dsc:PASS+PASS ablations (default: eager,compile,dsc)",
@@ -418,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="prefill prompt lengths (default 1024,4096)")
     p.add_argument("--repeat", type=int, help="timed calls per point (default 5)")
     p.add_argument("--warmup", type=int, help="untimed calls per point (default 2)")
+    p.add_argument("--drafts", help="speculative: drafted tokens per step to compare (default 0,1,2,3; 0: plain)")
+    p.add_argument("--generate", type=int, help="speculative: greedy tokens per generate call (default 256)")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run on the tiny preset")
     p.add_argument(
         "-o", "--output", default="bench", help="directory for bench.json and the SVG plots (default ./bench)"

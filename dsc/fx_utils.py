@@ -150,6 +150,8 @@ def set_user_outputs(ep: ExportedProgram, nodes: list[fx.Node]) -> None:
     values = torch.utils._pytree.tree_leaves(out.args[0])
     keep = [(v, s) for v, s in zip(values, specs) if s.kind != OutputKind.USER_OUTPUT]
     out.args = (tuple([v for v, _ in keep] + list(nodes)),)
+    if "val" in out.meta:
+        out.meta["val"] = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in out.args[0])
     specs[:] = [s for _, s in keep] + [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(n.name), None) for n in nodes]
     sig = ep.module_call_graph[0].signature
     sig.out_spec = torch.utils._pytree.tree_structure(tuple(range(len(nodes))))

@@ -97,7 +97,7 @@ def run_scenario(program, scenario: Scenario) -> dict[str, Tensor]:
     """Named outputs: logits of the prefill and each step, then the final cache contents. With
     ``draft`` / ``verify`` entries (``draft_mtp``) the draft runs where ``mtp`` would (same key), a
     chained draft step runs on a copy of the caches, and every S > 1 step runs through verify too."""
-    entries = getattr(program, "entries", {})
+    entries = getattr(program, "entries", {"mtp": None})  # eager code: its mtp when the config has one
     caches = program.cache.allocate(scenario.batch, scenario.total_len)
     P, B = scenario.prompt.shape[1], scenario.batch
     out = {}

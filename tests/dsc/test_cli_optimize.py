@@ -23,6 +23,7 @@ def test_optimize_then_generate_matches_eager(tmp_path, capsys, tiny):
     assert [p["name"] for p in report["passes"]] == [
         "canonicalize",
         "normalize",
+        "draft_mtp",
         "absorb_mla",
         "fuse_dsa",
         "fuse_add_rms_norm",
@@ -95,10 +96,10 @@ def test_pass_option_reaches_the_pass_and_the_report(tmp_path):
 def test_passes_listing(capsys):
     assert main(["passes", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    names = ["canonicalize", "normalize", "absorb_mla", "fuse_dsa", "lower_fp8", "fuse_add_rms_norm"]
+    names = ["canonicalize", "normalize", "draft_mtp", "absorb_mla", "fuse_dsa", "lower_fp8", "fuse_add_rms_norm"]
     assert [r["name"] for r in rows] == names
-    assert rows[2]["options"] == {"products": ["auto", "never", "always"]}
-    assert rows[4]["default"] is False and rows[4]["options"]["include"] == "text"  # opt-in; free-text patterns
+    assert rows[3]["options"] == {"products": ["auto", "never", "always"]}
+    assert rows[5]["default"] is False and rows[5]["options"]["include"] == "text"  # opt-in; free-text patterns
     assert all(r["purpose"] for r in rows)
 
 

@@ -48,23 +48,27 @@ def test_selection_and_records(tiny_program):
     assert [p.name for p in select_passes()] == [
         "canonicalize",
         "normalize",
+        "draft_mtp",
         "absorb_mla",
         "fuse_dsa",
         "fuse_add_rms_norm",
     ]
-    assert [p.name for p in select_passes(disable=["absorb_mla"])] == ["canonicalize", "normalize", "fuse_add_rms_norm"]
+    assert [p.name for p in select_passes(disable=["absorb_mla"])] == [
+        "canonicalize", "normalize", "draft_mtp", "fuse_add_rms_norm",
+    ]  # fmt: skip
     with pytest.raises(
         DscError,
-        match="unknown pass 'nope'; available passes: canonicalize, normalize, absorb_mla, fuse_dsa, lower_fp8, fuse_add_rms_norm",
+        match="unknown pass 'nope'; available passes: canonicalize, normalize, draft_mtp, absorb_mla, fuse_dsa, lower_fp8, fuse_add_rms_norm",
     ):
         select_passes(["nope"])
     program, records = run_pipeline(tiny_program, select_passes())
-    r = records[4].to_dict()
-    assert r["name"] == "fuse_add_rms_norm" and r["changed"] and r["matches"] == 10
+    r = records[5].to_dict()
+    assert r["name"] == "fuse_add_rms_norm" and r["changed"] and r["matches"] == 14  # 4 + 4 + 2 (draft) + 4
     assert r["numerics"]["top1_agreement"] == 1.0 and r["tolerance"]["atol"] == FP32_REASSOC.atol
     assert r["nodes_after"]["decode"] < r["nodes_before"]["decode"]
     assert program.provenance["passes"] == [
         "canonicalize",
+        "draft_mtp",
         "absorb_mla",
         "fuse_dsa",
         "fuse_add_rms_norm",

@@ -37,9 +37,10 @@ def test_save_load_runs_identically(tiny_optimized, tmp_path):
     assert files == [
         "constants.safetensors",
         "decode.json",
+        "draft.json",
         "manifest.json",
-        "mtp.json",
         "prefill.json",
+        "verify.json",
         "weights.safetensors",
     ]
     back = Program.load(tmp_path / "p")

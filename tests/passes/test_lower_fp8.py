@@ -107,9 +107,10 @@ def test_fp8_flags_put_the_pass_in_pipeline_order():
         passes=None, disable_pass=None, pass_option=None, fp8="w8a16", fp8_include="lm_head", fp8_exclude=None
     )
     passes, options = _fp8_flags(ns)
-    assert passes[-2:] == ["lower_fp8", "fuse_add_rms_norm"] and passes[:4] == [
+    assert passes[-2:] == ["lower_fp8", "fuse_add_rms_norm"] and passes[:5] == [
         "canonicalize",
         "normalize",
+        "draft_mtp",
         "absorb_mla",
         "fuse_dsa",
     ]
