@@ -346,7 +346,16 @@ def cmd_bench(args) -> int:
         caption="speed-up against eager (decode, prefill, speculative: eager's plain decoding) or the per-head form "
         "(attention); speculative n: drafted tokens per step (0: plain), median ms per generate call",
     )
-    for col in ("scenario", "tokens", "variant", "median ms", "speed-up", "x bandwidth bound", "tokens/step", "peak MB"):
+    for col in (
+        "scenario",
+        "tokens",
+        "variant",
+        "median ms",
+        "speed-up",
+        "x bandwidth bound",
+        "tokens/step",
+        "peak MB",
+    ):
         t.add_column(col, no_wrap=col in ("scenario", "variant"))
     for p in res.points:
         spec = "draft_tokens" in p

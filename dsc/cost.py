@@ -190,14 +190,15 @@ def _sparse_attention_cost(n: fx.Node, k: int) -> tuple[sympy.Expr, sympy.Expr]:
 
 
 def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False, sparse_dsa: bool = False) -> EntryCost:
-    """kind "decode": batch 1, 1 new token, context T; kind "prefill": batch 1, T tokens.
+    """kind "decode": batch 1, 1 new token, context T; "verify": batch 1, 2 new tokens (one draft,
+    FlashMLA's s_q = 2) at context T; kind "prefill": batch 1, T tokens.
     ``fused_attention``: count attention as a flash kernel moves it (``attention_interiors``);
     ``sparse_dsa``: price an absorbed attention masked by a DSA top-k as the sparse attention over
     its k keys that ``fuse_dsa`` makes of it (for choosing forms before that pass runs)."""
     syms = _symbols(ep)
     subs = {syms[k]: 1 for k in ("batch",) if k in syms}
-    if kind == "decode":
-        subs.update({syms["seq"]: 1} if "seq" in syms else {})
+    if kind in ("decode", "verify"):
+        subs.update({syms["seq"]: 1 if kind == "decode" else 2} if "seq" in syms else {})
         subs.update({syms["ctx"]: T} if "ctx" in syms else {})
     else:
         subs.update({syms[k]: T for k in ("seq", "ctx") if k in syms})
@@ -233,6 +234,13 @@ def program_cost(program, context: int = 4096) -> dict:
         out[f"bytes_per_{kind}" + ("_step" if kind == "decode" else "")] = b
         out[f"{kind}_formula"] = {"flops": str(sympy.N(c.flops, 6)), "bytes": str(sympy.N(c.bytes, 6))}
         out[f"{kind}_curve"] = c.curve(contexts)
+    # every entry's cost per call: how the work splits between main decode, draft and verify
+    kinds = {"prefill": "prefill", "verify": "verify"}
+    out["entry_costs"] = {}
+    for entry, ep in program.entries.items():
+        kind = kinds.get(entry, "decode")
+        f, b = entry_cost(ep, kind).at(context)
+        out["entry_costs"][entry] = {"kind": kind, "flops": f, "bytes": b}
     return out
 
 

@@ -234,6 +234,23 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
                 f"<tr><td>{label}</td><td>{human(b[key])}</td><td>{human(a[key])}</td><td>{_ratio(b[key], a[key])}</td></tr>"
             )
     h.append("</table>")
+    eb, ea = b.get("entry_costs", {}), a.get("entry_costs", {})
+    if ea:
+        what = {"prefill": f"a prompt of {tokens_label(ctx)}", "decode": "1 new token",
+                "verify": "1 + 1 draft tokens", "draft": "1 draft", "mtp": "1 token"}  # fmt: skip
+        h.append(
+            f"<h3>Cost per call of each entry point ({tokens_label(ctx)} context)</h3><table><tr><th>entry</th>"
+            "<th>one call</th><th>FLOPs before</th><th>FLOPs after</th><th>bytes before</th><th>bytes after</th></tr>"
+        )
+        for entry in list(eb) + [e for e in ea if e not in eb]:
+            x, y = eb.get(entry, {}), ea.get(entry, {})
+            cells = "".join(
+                f"<td>{human(d[k], u) if k in d else '-'}</td>"
+                for k, u in (("flops", ""), ("bytes", "B"))
+                for d in (x, y)
+            )
+            h.append(f"<tr><td><code>{entry}</code></td><td>{what.get(entry, '')}</td>{cells}</tr>")
+        h.append("</table>")
     if "decode_formula" in b:
         h.append(
             "<details><summary>cost formulas (T = context length)</summary><table><tr><th></th><th>before</th><th>after</th></tr>"

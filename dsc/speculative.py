@@ -116,20 +116,20 @@ def speculative_generate(
         q_hidden = mh[rows, at] if q_hidden is None else torch.where(here, mh[rows, at], q_hidden)
     t_prefill = time.perf_counter() - t0
 
-    out: list[list[int]] = [[int(t)] for t in cur]
-    done = (cur == cfg.eos_token_id) if params.stop_at_eos else torch.zeros(B, dtype=torch.bool)
-    done |= params.max_new_tokens <= 1
+    # bookkeeping in Python lists (one transfer per step); tensors only for what the calls take
+    out: list[list[int]] = [[t] for t in cur.tolist()]
+    eos = cfg.eos_token_id if params.stop_at_eos else None
+    done = [params.max_new_tokens <= 1 or o[-1] == eos for o in out]
     c = lens.clone()  # each row's position of ``cur``
-    proposed = torch.zeros(n, dtype=torch.long)  # drafts at position j proposed / accepted (active rows)
-    accepted = torch.zeros(n, dtype=torch.long)
+    proposed, accepted = [0] * n, [0] * n  # drafts at position j proposed / accepted (active rows)
     steps = row_steps = new_in_steps = 0
+    ar = torch.arange(n + 1)
     t1 = time.perf_counter()
-    while not done.all():
-        active = ~done
-        need = torch.tensor([params.max_new_tokens - len(o) for o in out])
+    while not all(done):
+        active = [b for b in range(B) if not done[b]]
+        cl = c.tolist()
         # no more drafts than the cache has room for (every row writes c..c+k) or any row still needs
-        k = min(n, int((L - 1 - c).min()), int(need[active].max()) - 1)
-        k = max(k, 0)
+        k = max(0, min(n, L - 1 - max(cl), max(params.max_new_tokens - len(out[b]) for b in active) - 1))
         drafts, qs = [], []
         ql, qh = drafted(q_logits), q_hidden
         for j in range(k):
@@ -140,45 +140,45 @@ def speculative_generate(
                 d = draw(q, gen)
                 qs.append(q)
             drafts.append(d)
-            if j + 1 < k:
-                pos = (c - 1 + j + 1)[:, None]
-                ml, mh = backend.draft(qh[:, None], d[:, None], pos, backend.cache.window(caches, int(pos.max()) + 1))
+            if j + 1 < k:  # d_{j+2} from the MTP slot c+j, which reads (its own last state, d_{j+1})
+                pos = (c + j)[:, None]
+                ml, mh = backend.draft(qh[:, None], d[:, None], pos, backend.cache.window(caches, max(cl) + j + 1))
                 ql, qh = drafted(ml[:, -1]), mh[:, -1]
         D = torch.stack(drafts, 1) if drafts else torch.zeros(B, 0, dtype=torch.long)
-        pos = c[:, None] + torch.arange(k + 1)
-        vl, vh = backend.verify(torch.cat((cur[:, None], D), 1), pos, backend.cache.window(caches, int(pos.max()) + 1))
+        pos = c[:, None] + ar[: k + 1]
+        vl, vh = backend.verify(torch.cat((cur[:, None], D), 1), pos, backend.cache.window(caches, max(cl) + k + 1))
         if greedy:
             a, last_tok = accept_greedy(D, vl)
         else:
             qk = torch.stack(qs, 1) if qs else torch.zeros(B, 0, vocab)
             a, last_tok = accept_sampled(D, qk, probs_of(vl, params), gen)
-        a = torch.where(done, 0, a)  # a finished row stays where it is
+        a = a.masked_fill(torch.tensor(done), 0)  # a finished row stays where it is
         steps += 1
-        for j in range(k):
-            proposed[j] += int(active.sum())
-            accepted[j] += int((active & (a > j)).sum())
         new = torch.cat((D, last_tok[:, None]), 1)
         new[rows, a] = last_tok  # row b's new tokens: new[b, :a_b + 1]
-        for b in active.nonzero()[:, 0].tolist():
-            got = new[b, : int(a[b]) + 1].tolist()[: int(need[b])]
-            if params.stop_at_eos and cfg.eos_token_id in got:
-                got = got[: got.index(cfg.eos_token_id) + 1]
+        al, nl = a.tolist(), new.tolist()
+        for b in active:
+            for j in range(k):
+                proposed[j] += 1
+                accepted[j] += al[b] > j
+            got = nl[b][: al[b] + 1][: params.max_new_tokens - len(out[b])]
+            if eos in got:
+                got = got[: got.index(eos) + 1]
                 done[b] = True
             out[b] += got
             row_steps += 1
             new_in_steps += len(got)
-            if len(out[b]) >= params.max_new_tokens:
-                done[b] = True
-        if done.all():
+            done[b] = done[b] or len(out[b]) >= params.max_new_tokens
+        if all(done):
             break
         # the MTP layer over the accepted positions c..c+a: its cache holds the accepted prefix, and
         # slot c+a proposes the next d_1
-        A = int(a.max()) + 1
-        pos = c[:, None] + torch.arange(A)
-        ml, mh = backend.draft(vh[:, :A], new[:, :A], pos, backend.cache.window(caches, int(pos.max()) + 1))
+        A = max(al) + 1
+        ml, mh = backend.draft(vh[:, :A], new[:, :A], c[:, None] + ar[:A], backend.cache.window(caches, max(cl) + A))
         q_logits, q_hidden = ml[rows, a], mh[rows, a]
-        cur = torch.where(done, cur, last_tok)  # a finished row re-verifies its last token in place
-        c = torch.where(done, c, c + a + 1)
+        fin = torch.tensor(done)
+        cur = torch.where(fin, cur, last_tok)  # a finished row re-verifies its last token in place
+        c = torch.where(fin, c, c + a + 1)
     decode_s = time.perf_counter() - t1
     n_new = sum(len(o) for o in out)
     stats = {
@@ -189,9 +189,9 @@ def speculative_generate(
         "prefill_s": round(t_prefill, 4),
         "decode_s": round(decode_s, 4),
         "verify_steps": steps,
-        "acceptance_rate": round(int(accepted.sum()) / max(int(proposed.sum()), 1), 4),
+        "acceptance_rate": round(sum(accepted) / max(sum(proposed), 1), 4),
         # of the steps where a row drafted position j, the share where drafts 1..j+1 were all accepted
-        "acceptance_per_position": [round(int(x) / max(int(y), 1), 4) for x, y in zip(accepted, proposed)],
+        "acceptance_per_position": [round(x / max(y, 1), 4) for x, y in zip(accepted, proposed)],
         "tokens_per_step": round(new_in_steps / max(row_steps, 1), 3),
         "ms_per_step": round(1000 * decode_s / max(steps, 1), 3),
         "tokens_per_s": round(n_new / max(t_prefill + decode_s, 1e-9), 2),

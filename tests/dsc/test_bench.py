@@ -15,7 +15,9 @@ def test_bench_quick_smoke(tmp_path, capsys):
     for p in points:
         assert p["median_ms"] > 0 and (p["scenario"] == "speculative" or p["x_bound"] > 0)
         plain = p.get("draft_tokens", 0) == 0
-        assert p["speedup_vs_eager"] == (1.0 if p["variant"] in ("eager", "per_head") and plain else p["speedup_vs_eager"])
+        assert p["speedup_vs_eager"] == (
+            1.0 if p["variant"] in ("eager", "per_head") and plain else p["speedup_vs_eager"]
+        )
     # one MLA layer's attention, four forms that agree: the absorbed ones read the latent cache only
     att = {p["variant"]: p for p in points if p["scenario"] == "attention" and p["tokens"] == 768}
     assert list(att) == list(ATTENTION_FORMS)

@@ -53,6 +53,11 @@ def test_report_json_schema(tiny_program, tiny_optimized, tmp_path):
         assert SIDE_KEYS <= set(data[side])
         assert len(data[side]["decode_curve"]["context"]) == len(data[side]["decode_curve"]["flops"]) >= 3
     assert data["after"]["bytes_per_decode_step"] < data["before"]["bytes_per_decode_step"]
+    # the split of work between entries: the draft is one layer, verify a decode of two tokens
+    costs = data["after"]["entry_costs"]
+    assert set(costs) == {"prefill", "decode", "draft", "verify"} and set(data["before"]["entry_costs"]) >= {"mtp"}
+    assert costs["draft"]["bytes"] < costs["decode"]["bytes"] < costs["verify"]["bytes"]
+    assert "Cost per call of each entry point" in (tmp_path / "report.html").read_text()
 
 
 def test_html_is_self_contained_and_traces_new_nodes(tiny_program, tiny_optimized):

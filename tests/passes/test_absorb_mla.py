@@ -420,6 +420,13 @@ def test_pass_options_are_checked():
 
 def test_idempotent_and_end_to_end(tiny_program, tiny):
     program, records = run_pipeline(tiny_program, select_passes())
-    assert [r.name for r in records] == ["canonicalize", "normalize", "draft_mtp", "absorb_mla", "fuse_dsa", "fuse_add_rms_norm"]
+    assert [r.name for r in records] == [
+        "canonicalize",
+        "normalize",
+        "draft_mtp",
+        "absorb_mla",
+        "fuse_dsa",
+        "fuse_add_rms_norm",
+    ]
     _, again = run_pipeline(program, select_passes(["absorb_mla"]))  # canonicalize, normalize pulled in
     assert again[-1].name == "absorb_mla" and again[-1].matches == 0 and not again[-1].changed
