@@ -8,6 +8,7 @@ from dsc.model.checkpoint import checkpoint_from_model, save_hf
 from dsc.cli import main
 from dsc.pass_manager import REGISTRY, register_pass
 from dsc.verify import FP32_REASSOC
+from tests.passes.helpers import DEFAULT_PASSES
 
 
 def _gen(capsys, *args):
@@ -20,14 +21,7 @@ def test_optimize_then_generate_matches_eager(tmp_path, capsys, tiny):
     out = tmp_path / "out"
     assert main(["optimize", str(tmp_path / "ckpt"), "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == [
-        "canonicalize",
-        "normalize",
-        "draft_mtp",
-        "absorb_mla",
-        "fuse_dsa",
-        "fuse_add_rms_norm",
-    ]
+    assert [p["name"] for p in report["passes"]] == DEFAULT_PASSES
     assert report["after"]["nodes"]["decode"] < report["before"]["nodes"]["decode"]
     capsys.readouterr()
     compiled = _gen(capsys, str(out))

@@ -7,6 +7,7 @@ from dsc.errors import DscError
 from dsc.fx_utils import call_nodes, finalize
 from dsc.pass_manager import REGISTRY, PassVerificationError, register_pass, run_pipeline, select_passes
 from dsc.verify import FP32_REASSOC
+from tests.passes.helpers import DEFAULT_PASSES
 
 
 @pytest.fixture
@@ -45,14 +46,7 @@ def test_planted_wrong_rewrite_is_caught(tiny_program, planted, tmp_path):
 
 
 def test_selection_and_records(tiny_program):
-    assert [p.name for p in select_passes()] == [
-        "canonicalize",
-        "normalize",
-        "draft_mtp",
-        "absorb_mla",
-        "fuse_dsa",
-        "fuse_add_rms_norm",
-    ]
+    assert [p.name for p in select_passes()] == DEFAULT_PASSES
     assert [p.name for p in select_passes(disable=["absorb_mla"])] == [
         "canonicalize", "normalize", "draft_mtp", "fuse_add_rms_norm",
     ]  # fmt: skip

@@ -9,6 +9,7 @@ from dsc.cli import main
 from dsc.cost import T, attention_interiors, entry_cost, program_cost
 from dsc.optimize import program_summary
 from dsc.report import SCHEMA_VERSION, render_html, write_report
+from tests.passes.helpers import DEFAULT_PASSES
 
 PASS_KEYS = {"name", "changed", "options", "matches", "tolerance", "numerics"}
 NUMERICS_KEYS = {"max_abs_err", "max_rel_err", "top1_agreement", "sqnr_db", "worst"}
@@ -39,14 +40,7 @@ def test_report_json_schema(tiny_program, tiny_optimized, tmp_path):
     write_report(tmp_path, report, graphs)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["schema_version"] == 1
-    assert [p["name"] for p in data["passes"]] == [
-        "canonicalize",
-        "normalize",
-        "draft_mtp",
-        "absorb_mla",
-        "fuse_dsa",
-        "fuse_add_rms_norm",
-    ]
+    assert [p["name"] for p in data["passes"]] == DEFAULT_PASSES
     for p in data["passes"]:  # a pass that changed nothing has nothing to verify
         assert PASS_KEYS <= set(p) and (NUMERICS_KEYS == set(p["numerics"]) if p["changed"] else p["numerics"] is None)
     for side in ("before", "after"):

@@ -8,6 +8,9 @@ from dsc.fx_utils import op_histogram
 from dsc.pass_manager import registry
 from dsc.program import CacheSpec, Program
 
+# the default pipeline, in order: what every test of the whole pipeline expects to have run
+DEFAULT_PASSES = ["canonicalize", "normalize", "draft_mtp", "absorb_mla", "fuse_dsa", "fuse_add_rms_norm"]
+
 
 def toy_program(module: torch.nn.Module, *args) -> Program:
     ep = torch.export.export(module, args)
