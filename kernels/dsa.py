@@ -22,6 +22,7 @@ from torch import Tensor
 
 NEG_INF = float("-inf")
 ROW_BLOCK_VALUES = 1 << 24  # values (fp32) of one block's score / gather intermediates: 64 MB
+SORT_MAX_T = 4096  # rows up to this long select by one stable sort; longer ones by two top-k passes
 
 
 def index_scores_ref(q: Tensor, w: Tensor, keys: Tensor) -> Tensor:
@@ -95,6 +96,11 @@ def _select(scores: Tensor, topk: int) -> Tensor:
     topk largest finite scores, ties to the earlier index. Exact, without sorting the row."""
     R, T = scores.shape
     k = min(topk, T)
+    if T <= SORT_MAX_T:  # short rows: a stable sort keeps equal scores in index order, earliest first
+        vals, order = scores.sort(dim=-1, descending=True, stable=True)
+        top = torch.where(vals[:, :k] > NEG_INF, order[:, :k], T).sort(-1).values
+        idx = top.masked_fill(top == T, -1)
+        return torch.cat((idx, idx.new_full((R, topk - k), -1)), dim=-1) if k < topk else idx
     kth = scores.topk(k, dim=-1).values[:, -1:]  # the k-th largest value of each row
     finite = scores > NEG_INF
     above = (scores > kth) & finite
@@ -120,8 +126,10 @@ def indexer_topk_cpu(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: in
     kf = keys.float()
     for s0 in range(0, S, rows):
         qs, ws, ls = q[:, s0 : s0 + rows].float(), w[:, s0 : s0 + rows].float(), limit[:, s0 : s0 + rows]
-        scores = torch.einsum("bsht,bsh->bst", torch.einsum("bshd,btd->bsht", qs, kf).relu_(), ws)
-        scores = scores.masked_fill(pos > ls.unsqueeze(-1), NEG_INF)
+        n = qs.shape[1]  # per-head products as one batched matmul, then the head weights as another
+        per_head = torch.bmm(qs.reshape(B, n * H, D), kf.transpose(1, 2)).relu_().view(B * n, H, T)
+        scores = torch.bmm(ws.reshape(B * n, 1, H), per_head).view(B, n, T)
+        scores = scores.masked_fill_(pos > ls.unsqueeze(-1), NEG_INF)
         out[:, s0 : s0 + rows] = _select(scores.flatten(0, 1), topk).view(B, -1, topk)
     return out
 
@@ -234,6 +242,19 @@ def sparse_mla_ref(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
     return torch.einsum("bshk,bskc->bshc", p, c).to(q_abs.dtype)
 
 
+def _fused_view(latent: Tensor, rope: Tensor) -> Tensor | None:
+    """[latent ; rope] as one (B, T, dc + dr) view when they are adjacent columns of one tensor."""
+    if (
+        latent.untyped_storage().data_ptr() == rope.untyped_storage().data_ptr()
+        and latent.stride() == rope.stride()
+        and latent.stride(-1) == 1
+        and rope.storage_offset() == latent.storage_offset() + latent.shape[-1]
+    ):
+        C = latent.shape[-1] + rope.shape[-1]
+        return latent.as_strided((*latent.shape[:-1], C), latent.stride())
+    return None
+
+
 def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
     """Blocks of query rows: gather a block's selected latents (advanced indexing), then batched
     matmuls with the heads as the rows of each (query, K selected latents) product."""
@@ -242,15 +263,22 @@ def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
     rows = max(1, ROW_BLOCK_VALUES // max(1, K * (dc + dr)))
     out = torch.empty(B, S, H, dc, dtype=q_abs.dtype, device=q_abs.device)
     batch = torch.arange(B, device=indices.device)[:, None, None]
+    kv = _fused_view(latent, rope)  # [c ; k_pe] adjacent in one cache: one gather, one score product
     for s0 in range(0, S, rows):
         idx = indices[:, s0 : s0 + rows]
         n = idx.shape[1]
         safe = idx.clamp(min=0)
-        c = latent[batch, safe].float().view(B * n, K, dc)
-        r = rope[batch, safe].float().view(B * n, K, dr)
-        qa = q_abs[:, s0 : s0 + rows].float().reshape(B * n, H, dc)
-        qp = q_pe[:, s0 : s0 + rows].float().reshape(B * n, H, dr)
-        scores = torch.baddbmm(torch.bmm(qp, r.transpose(1, 2)), qa, c.transpose(1, 2)).mul_(scale)  # (B n, H, K)
+        if kv is not None:
+            ckr = kv[batch, safe].float().view(B * n, K, dc + dr)
+            c = ckr[..., :dc]
+            q = torch.cat((q_abs[:, s0 : s0 + rows], q_pe[:, s0 : s0 + rows]), -1).float().view(B * n, H, dc + dr)
+            scores = torch.bmm(q, ckr.transpose(1, 2)).mul_(scale)  # (B n, H, K)
+        else:
+            c = latent[batch, safe].float().view(B * n, K, dc)
+            r = rope[batch, safe].float().view(B * n, K, dr)
+            qa = q_abs[:, s0 : s0 + rows].float().reshape(B * n, H, dc)
+            qp = q_pe[:, s0 : s0 + rows].float().reshape(B * n, H, dr)
+            scores = torch.baddbmm(torch.bmm(qp, r.transpose(1, 2)), qa, c.transpose(1, 2)).mul_(scale)
         valid = (idx >= 0).reshape(B * n, 1, K)
         scores = scores.masked_fill_(~valid, NEG_INF)
         p = torch.where(valid.any(-1, keepdim=True), scores.softmax(-1), 0.0)
@@ -268,19 +296,6 @@ def sparse_mla(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indice
 @sparse_mla.register_fake
 def _(q_abs, q_pe, latent, rope, indices, scale):
     return q_abs.new_empty(q_abs.shape)
-
-
-def _fused_view(latent: Tensor, rope: Tensor) -> Tensor | None:
-    """[latent ; rope] as one (B, T, dc + dr) view when they are adjacent columns of one tensor."""
-    if (
-        latent.untyped_storage().data_ptr() == rope.untyped_storage().data_ptr()
-        and latent.stride() == rope.stride()
-        and latent.stride(-1) == 1
-        and rope.storage_offset() == latent.storage_offset() + latent.shape[-1]
-    ):
-        C = latent.shape[-1] + rope.shape[-1]
-        return latent.as_strided((*latent.shape[:-1], C), latent.stride())
-    return None
 
 
 @sparse_mla.register_kernel("cuda")

@@ -64,6 +64,23 @@ def test_ties_go_to_the_earlier_token():
     assert _as_sets(got) == [[[0, 1, 4]]]
 
 
+def test_both_selection_paths_agree(monkeypatch):
+    """Short rows select by a stable sort, long ones by two top-k passes: the same indices, ties
+    (quantised scores) and masked (-inf) slots and rows shorter than k included."""
+    from dsc.kernels import dsa
+
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(64, 300, generator=g) * 3).round()  # many exact ties
+    scores[:, 250:] = float("-inf")
+    scores[5, 3:] = float("-inf")  # a row with 3 visible keys: -1 padding
+    for k in (1, 16, 64, 400):
+        by_sort = dsa._select(scores, k)
+        monkeypatch.setattr(dsa, "SORT_MAX_T", 0)
+        by_topk = dsa._select(scores, k)
+        monkeypatch.undo()
+        assert torch.equal(by_sort, by_topk), k
+
+
 def _mla_inputs(B, S, H, dc, dr, T, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, S, H, dc, generator=g), torch.randn(B, S, H, dr, generator=g),
@@ -89,6 +106,9 @@ def test_sparse_mla_equals_masked_dense_attention(shape, monkeypatch):
     torch.testing.assert_close(ref, dense, **TOL["fp32_reassoc"])
     monkeypatch.setattr(dsa, "ROW_BLOCK_VALUES", K * (dc + dr))  # a block per query row
     torch.testing.assert_close(torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.3), ref, **TOL["fp32_exact_graph"])
+    kv = torch.cat((c, r), -1)  # the latent cache's layout: [c ; k_pe] adjacent, read through one gather
+    fused = torch.ops.dsc.sparse_mla(q_abs, q_pe, kv[..., :dc], kv[..., dc:], idx, 0.3)
+    torch.testing.assert_close(fused, ref, **TOL["fp32_reassoc"])
 
 
 def test_sparse_mla_row_without_a_token_is_zero():
