@@ -80,6 +80,11 @@ def speculative_generate(
             "this Program has no draft / verify entries: the model has no MTP module, or draft_mtp did not run "
             "(see `dsc passes`); generate without --speculative"
         )
+    if backend.cache.shared_positions and len(prompts) > 1:
+        raise DscError(
+            "speculative decoding moves each row of a batch by its own accepted count, but this model's cache writes "
+            "every row at one position (a transformers StaticCache): run the prompts one at a time"
+        )
     lens, tokens, caches = _validated(backend, prompts, params, extra=n)
     cfg, B = backend.config, len(prompts)
     L = caches[0].shape[backend.cache.tensors[0].time_dim] if caches else cfg.max_position_embeddings

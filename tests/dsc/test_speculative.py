@@ -134,6 +134,9 @@ def test_guards(tiny, tiny_optimized, plain):
         generate(no_draft, PROMPTS[:1], GREEDY, speculative=2)
     with pytest.raises(DscError, match="vocabulary"):
         generate(program, [[5, 999]], GREEDY, speculative=2)
+    shared = dataclasses.replace(program, cache=dataclasses.replace(program.cache, shared_positions=True))
+    with pytest.raises(DscError, match="one at a time"):
+        generate(shared, [[5, 6], [7, 8]], GREEDY, speculative=2)
 
 
 # ---- sampling: the output distribution is the target's -------------------------------------------
