@@ -27,6 +27,9 @@ def moe_experts_ref(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -
     return y
 
 
+FEW_TOKENS = 4  # decode and verify steps: token by token, straight from the routing
+
+
 def _one_token(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -> Tensor:
     """The same sum for one token (a decode step): its experts in one read of the routing, no
     sort, gather or scatter."""
@@ -41,8 +44,9 @@ def _one_token(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -> Ten
 def moe_experts(
     x: Tensor, idx: Tensor, wts: Tensor, gate_w: list[Tensor], up_w: list[Tensor], down_w: list[Tensor]
 ) -> Tensor:
-    if x.shape[0] == 1:
-        return _one_token(x, idx, wts, gate_w, up_w, down_w)
+    if x.shape[0] <= FEW_TOKENS:
+        return torch.cat([_one_token(x[n : n + 1], idx[n : n + 1], wts[n : n + 1], gate_w, up_w, down_w)
+                          for n in range(x.shape[0])])  # fmt: skip
     y = torch.zeros_like(x)
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)

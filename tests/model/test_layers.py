@@ -158,7 +158,7 @@ def test_mtp_wiring(tiny):
     torch.testing.assert_close(logits[0], hidden[0] @ tiny.lm_head.weight.T, **TOL["fp32_reassoc"])
 
 
-@pytest.mark.parametrize("N", [20, 1])  # many tokens (sorted dispatch) and one (a decode step's path)
+@pytest.mark.parametrize("N", [20, 3, 1])  # many tokens (sorted dispatch); a verify and a decode step (token by token)
 def test_moe_op_matches_reference_and_has_gradients(N):
     from dsc.kernels.moe import moe_experts_ref
 
