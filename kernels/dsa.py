@@ -120,6 +120,9 @@ def _select(scores: Tensor, topk: int) -> Tensor:
 def indexer_topk_cpu(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: int) -> Tensor:
     B, S, H, D = q.shape
     T = keys.shape[1]
+    if T <= topk:  # every visible key is selected: no scores needed (the same indices, in order)
+        pos = torch.arange(topk, device=q.device)
+        return torch.where(pos <= limit.unsqueeze(-1), pos, -1)
     rows = max(1, ROW_BLOCK_VALUES // max(1, H * T))
     out = torch.empty(B, S, topk, dtype=torch.int64, device=q.device)
     pos = torch.arange(T, device=q.device)

@@ -54,6 +54,9 @@ def test_indexer_topk_cpu_equals_reference(case, ties, monkeypatch):
     visible = (limit + 1).clamp(max=T)
     assert ((got >= 0).sum(-1) == visible.clamp(max=k)).all()
     assert (got <= limit.unsqueeze(-1)).all()
+    if T <= k:  # the fast path (no scores): the visible keys in increasing order, then -1
+        pos = torch.arange(k)
+        assert torch.equal(got, torch.where(pos <= limit.unsqueeze(-1), pos, -1))
 
 
 def test_ties_go_to_the_earlier_token():
