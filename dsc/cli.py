@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -488,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     except PassVerificationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`dsc generate ... | head`): not a failure of dsc
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - interpreter shutdown flushes stdout once more
+        return 0
     except Exception:  # noqa: BLE001 - last resort: an internal failure, shown in full
         path = Path(tempfile.mkdtemp(prefix="dsc-crash-")) / "traceback.txt"
         path.write_text(traceback.format_exc())

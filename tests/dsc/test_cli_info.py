@@ -26,3 +26,15 @@ def test_info_table_and_bad_model(capsys):
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "dsc.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "info" in r.stdout
+
+
+def test_a_closed_pipe_is_not_an_internal_error(monkeypatch):
+    """`dsc passes --json | head -c 10`: the reader leaves early; dsc exits 0 without a crash report."""
+    import io
+
+    class Closed(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["passes", "--json"]) == 0
