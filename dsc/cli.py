@@ -192,7 +192,12 @@ def cmd_generate(args) -> int:
         if args.frontend:
             raise DscError(f"{args.model} is a compiled Program; --frontend is for loading a model, leave it out")
         backend = Program.load(args.model)
+        backend.inductor = args.compile
     else:
+        if args.compile:
+            raise DscError(
+                "--compile runs an optimized Program's entries through Inductor; give a `dsc optimize` output directory"
+            )
         backend = load(args.model, args.frontend, trust_pickle=args.trust_pickle).eager()
     tok = None
     if args.prompt:
@@ -311,10 +316,12 @@ def _ints(v: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def cmd_bench(args) -> int:
-    from dsc.bench import SCENARIOS, VARIANTS, BenchConfig, run_bench, write_results
+    from dsc.bench import OPT_IN_VARIANTS, SCENARIOS, VARIANTS, BenchConfig, run_bench, write_results
 
     kw = {}
-    for flag, value, choices in (("--variants", args.variants, VARIANTS), ("--scenario", args.scenario, SCENARIOS)):
+    for flag, value, choices in (
+        ("--variants", args.variants, VARIANTS + OPT_IN_VARIANTS), ("--scenario", args.scenario, SCENARIOS),
+    ):  # fmt: skip
         if value:
             chosen = tuple(_split(value))
             bad = [c for c in chosen if c not in choices and not (flag == "--variants" and c.startswith("dsc:"))]
@@ -429,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", help="comma-separated: decode, prefill, attention, speculative (default: all)")
     p.add_argument(
         "--variants",
-        help="comma-separated: eager, compile, dsc, or dsc:PASS+PASS ablations (default: eager,compile,dsc)",
+        help="comma-separated: eager, compile, dsc, dsc+inductor (the Program's entries under torch.compile), or "
+        "dsc:PASS+PASS ablations (default: eager,compile,dsc)",
     )
     p.add_argument("--contexts", help="decode / attention context lengths (default 1024,8192,32768)")
     p.add_argument("--prompts", help="prefill prompt lengths (default 1024,4096)")
@@ -461,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--speculative", type=int, default=0, metavar="N",
         help="speculative decoding: the MTP module drafts N tokens per step, the main model verifies them in one "
         "call (a Program made by draft_mtp, or the reference model); the same output as without (default 0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true",
+        help="run the Program's entry points through Inductor (torch.compile, dynamic shapes; dsc:: ops stay "
+        "custom ops): seconds of compilation per entry on first use, faster steps after",
     )  # fmt: skip
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")

@@ -61,16 +61,22 @@ class Program:
     # a checkpoint's own FP8 weights by checkpoint name: (e4m3, weight_scale_inv), for lower_fp8 to use
     # bit for bit; in memory only (a saved Program holds whatever the passes made of them)
     fp8_source: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    # run each entry through Inductor (torch.compile, dynamic shapes) on its first call: a runtime
+    # choice (``dsc generate --compile``), never saved
+    inductor: bool = field(default=False, repr=False, compare=False)
     _modules: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False, compare=False)
 
     # ---- running --------------------------------------------------------------------------------
-    def module(self, entry: str) -> torch.nn.Module:
+    def module(self, entry: str):
         """The runnable entry point. Export's per-call input-constraint checks (sympy, about half
         of a small model's step time) are left out; ``check_inputs`` validates against the CacheSpec."""
         if entry not in self._modules:
             mod = self.entries[entry].module(check_guards=False)
             mod._forward_pre_hooks.clear()
-            self._modules[entry] = _flat_attrs(mod)
+            mod = _flat_attrs(mod)
+            if self.inductor:  # dsc:: ops stay opaque calls; the ATen ops around them become Inductor kernels
+                mod = torch.no_grad()(torch.compile(mod, dynamic=True))  # an inference graph: never traced for grad
+            self._modules[entry] = mod
         return self._modules[entry]
 
     def check_inputs(self, tokens: Tensor, caches: list[Tensor]) -> None:

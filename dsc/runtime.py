@@ -172,6 +172,7 @@ def _validated(backend, prompts: list[list[int]], params: SamplingParams, extra:
     return lens, tokens, caches
 
 
+@torch.no_grad()
 def generate(
     backend, prompts: list[list[int]], params: SamplingParams, chunk: int | None = -1, speculative: int = 0
 ) -> Generation:

@@ -68,3 +68,19 @@ def test_stats_and_bad_params(tiny):
             generate(EagerBackend(tiny), [[1]], SamplingParams(**bad))
     with pytest.raises(DscError, match="max_position_embeddings"):
         generate(EagerBackend(tiny), [[1] * 1000], SamplingParams(max_new_tokens=100))
+
+
+def test_program_under_inductor_gives_the_same_tokens(tiny_optimized, capsys):
+    """``inductor=True`` (``dsc generate --compile``): each entry through torch.compile, dsc:: ops
+    opaque; the same greedy tokens over prompts of different lengths (dynamic shapes)."""
+    import dataclasses
+
+    from dsc.cli import main
+
+    program, _ = tiny_optimized
+    compiled = dataclasses.replace(program, inductor=True, _modules={})
+    prompts = [[256, 10, 20, 30], [256, 5]]
+    p = SamplingParams(max_new_tokens=12, stop_at_eos=False)
+    assert generate(compiled, prompts, p).tokens == generate(program, prompts, p).tokens
+    assert main(["generate", "tiny", "--prompt-tokens", "1,2", "--compile"]) == 2
+    assert "dsc optimize` output directory" in capsys.readouterr().err
