@@ -174,6 +174,30 @@ def build_variants(cfg: BenchConfig, on_event=print):
     return model.config, variants, costs
 
 
+@torch.no_grad()
+def measure_speed(backends: dict, config, context: int = 1024, prompt: int = 128, budget_s: float = 3.0) -> dict:
+    """A decode step at ``context`` (caches filled with random values) and a prefill of ``prompt``
+    tokens for each backend, medians of a few calls on this machine: what ``dsc optimize`` puts
+    beside the cost model's ratios so that a report cannot show a gain the machine does not see."""
+    limit = config.max_position_embeddings
+    context, prompt = min(context, limit - 1), min(prompt, limit)
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(config.vocab_size, 256)
+    tok, pos = torch.randint(0, vocab, (1, 1), generator=gen), torch.tensor([[context]])
+    ptoks = torch.randint(0, vocab, (1, prompt), generator=gen)
+    out = {"decode": {"context": context}, "prefill": {"tokens": prompt}, "threads": torch.get_num_threads()}
+    for name, backend in backends.items():
+        caches = backend.cache.allocate(1, context + 1)
+        for c in caches:
+            _fill(c, gen)
+        step = _time(lambda b=backend, c=caches: b.decode(tok, pos, c), 2, 7, budget_s)[0]
+        fresh = backend.cache.allocate(1, prompt)
+        fill = _time(lambda b=backend, c=fresh: prefill(b, ptoks, c), 1, 3, budget_s)[0]
+        out["decode"][f"{name}_ms"] = round(step * 1e3, 3)
+        out["prefill"][f"{name}_ms"] = round(fill * 1e3, 3)
+    return out
+
+
 def attention_forms(mcfg, T: int, gen: torch.Generator) -> dict[str, tuple]:
     """One MLA layer's attention for one new token over T cached tokens, four ways, at the model's
     sizes: {form: (call, bytes it has to read: its cache, plus W_kvb when it decompresses)}."""

@@ -151,7 +151,7 @@ def cmd_optimize(args) -> int:
     passes, options = _fp8_flags(args)
     with console.status("optimizing...", spinner="dots"):
         result = optimize(
-            args.model, passes, _split(args.disable_pass), verify=not args.no_verify,
+            args.model, passes, _split(args.disable_pass), verify=not args.no_verify, measure=not args.no_measure,
             trust_pickle=args.trust_pickle, on_event=on_event, options=options, machine=machine,
             dump_dir=Path(args.dump_dir) if args.dump_dir else None, frontend=args.frontend,
         )  # fmt: skip
@@ -175,6 +175,10 @@ def cmd_optimize(args) -> int:
             ("exact" if n.sqnr_db == float("inf") else f"{n.sqnr_db:.1f}") if n else "-", f"{r.seconds:.1f}",
         )  # fmt: skip
     out.print(t)
+    from dsc.report import measured_lines
+
+    for what, times, slower in measured_lines(result.report.get("measured")):
+        out.print(f"measured {what}: {times}" + ("  [bold red]slower than what it replaces[/]" if slower else ""))
     out.print(f"wrote {args.output}/ (Program + report.json) in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -407,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-include", metavar="PATTERNS", help="module paths to lower to FP8 besides the default policy")
     p.add_argument("--fp8-exclude", metavar="PATTERNS", help="module paths to keep in high precision (e.g. '*.mlp.*')")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check after each pass")
+    p.add_argument(
+        "--no-measure", action="store_true",
+        help="skip timing a decode step and a prefill (eager, before, after) on this machine for the report",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")
     p.add_argument(

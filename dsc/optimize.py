@@ -51,9 +51,11 @@ def optimize(
     options: list[str] | None = None,
     machine: Machine | None = None,
     frontend: str | None = None,
+    measure: bool = True,
 ) -> OptimizeResult:
     """``options``: "PASS.OPTION=VALUE" strings (``dsc optimize --pass-option``); ``frontend``: see
-    ``dsc.frontends`` (default: the reference model)."""
+    ``dsc.frontends`` (default: the reference model); ``measure``: time a decode step and a prefill
+    of the eager model, the captured Program and the optimized one on this machine."""
     emit = on_event or (lambda kind, msg: None)
     chosen = select_passes(passes, disable)  # bad names and options fail before any work
     pass_options = parse_pass_options(options)
@@ -73,6 +75,14 @@ def optimize(
         before, chosen, verify=verify, dump_dir=dump_dir, on_event=on_event, options=pass_options, machine=machine
     )
     timings["passes_s"] = time.perf_counter() - t
+    measured = None
+    if measure and after.config is not None and {"prefill", "decode"} <= set(after.entries):
+        from dsc.bench import measure_speed
+
+        emit("stage", "measuring a decode step and a prefill on this machine (--no-measure to skip)")
+        t = time.perf_counter()
+        measured = measure_speed({"eager": loaded.eager(), "before": before, "after": after}, after.config)
+        timings["measure_s"] = time.perf_counter() - t
     report = {
         "schema_version": SCHEMA_VERSION,
         "dsc_version": dsc.__version__,
@@ -85,6 +95,7 @@ def optimize(
         "passes": [r.to_dict() for r in records],
         "before": program_summary(before),
         "after": program_summary(after),
+        "measured": measured,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     return OptimizeResult(before, after, records, timings, report)

@@ -120,6 +120,40 @@ def diff_html(before: str, after: str, context: int = 3) -> tuple[str, int, int]
     return "".join(out), added, removed
 
 
+def measured_lines(m: dict | None) -> list[tuple[str, str, bool]]:
+    """(what, "eager X ms, before Y ms, after Z ms", after slower than eager or before) per measured point."""
+    out = []
+    for key, what in (("decode", "decode step at {context} context"), ("prefill", "prefill of {tokens} tokens")):
+        d = (m or {}).get(key)
+        if not d or "after_ms" not in d:
+            continue
+        times = ", ".join(f"{n} {d[f'{n}_ms']:.2f} ms" for n in ("eager", "before", "after") if f"{n}_ms" in d)
+        slower = any(d["after_ms"] > d.get(f"{n}_ms", float("inf")) for n in ("eager", "before"))
+        ratio = f" (after: {d['eager_ms'] / d['after_ms']:.2f}x eager)" if "eager_ms" in d else ""
+        out.append(
+            (what.format(context=tokens_label(d.get("context", 0)), tokens=d.get("tokens")), times + ratio, slower)
+        )
+    return out
+
+
+def measured_html(m: dict | None, b: dict, a: dict) -> str:
+    lines = measured_lines(m)
+    if not lines:
+        return "<p class='muted'>Not measured on this machine (--no-measure).</p>"
+    bytes_ratio = _ratio(b.get("bytes_per_decode_step") or 0, a.get("bytes_per_decode_step") or 0)
+    h = [
+        f"<h2>Measured on this machine ({m.get('threads')} threads)</h2><table><tr><th></th><th>medians</th><th></th></tr>"
+    ]
+    for what, times, slower in lines:
+        mark = "<span class='bad'>slower than what it replaces</span>" if slower else "<span class='good'>faster</span>"
+        h.append(f"<tr><td>{what}</td><td>{times}</td><td>{mark}</td></tr>")
+    h.append(
+        f"</table><p class='muted'>The cost model's figures below are for the target machine at its context "
+        f"(bytes per decode step {bytes_ratio}); these are this machine's, at a short context.</p>"
+    )
+    return "".join(h)
+
+
 def node_changes(before: dict[str, int], after: dict[str, int]) -> list[str]:
     """Per entry "name before→after"; an entry a pass made reads "(new)→n", one it removed "n→(gone)"."""
     names = list(before) + [e for e in after if e not in before]
@@ -215,6 +249,7 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
             f"<span class='muted'>before {human(vb, unit)} {_ratio(vb, va)} · {note}</span></div>"
         )
     h.append("</div>")
+    h.append(measured_html(report.get("measured"), b, a))
 
     h.append("<h2>Before and after</h2><table><tr><th></th><th>before</th><th>after</th><th>before/after</th></tr>")
     for entry in list(b["nodes"]) + [e for e in a["nodes"] if e not in b["nodes"]]:

@@ -23,7 +23,12 @@ def test_optimize_then_generate_matches_eager(tmp_path, capsys, tiny):
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == DEFAULT_PASSES
     assert report["after"]["nodes"]["decode"] < report["before"]["nodes"]["decode"]
-    capsys.readouterr()
+    # measured on this machine, beside the cost model: eager, the captured Program, the optimized one
+    m = report["measured"]
+    for point in (m["decode"], m["prefill"]):
+        assert all(point[f"{n}_ms"] > 0 for n in ("eager", "before", "after"))
+    assert "Measured on this machine" in (out / "report.html").read_text()
+    assert "measured decode step" in capsys.readouterr().out
     compiled = _gen(capsys, str(out))
     eager = _gen(capsys, str(tmp_path / "ckpt"))
     assert compiled["tokens"] == eager["tokens"] and len(compiled["tokens"]) == 12
@@ -31,8 +36,10 @@ def test_optimize_then_generate_matches_eager(tmp_path, capsys, tiny):
     # refuses to clobber a non-empty OUT; --force replaces it
     assert main(["optimize", "tiny", "-o", str(out), "--passes", "canonicalize"]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert main(["optimize", "tiny", "-o", str(out), "--passes", "canonicalize", "--force"]) == 0
-    assert [p["name"] for p in json.loads((out / "report.json").read_text())["passes"]] == ["canonicalize"]
+    assert main(["optimize", "tiny", "-o", str(out), "--passes", "canonicalize", "--force", "--no-measure"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in again["passes"]] == ["canonicalize"] and again["measured"] is None
+    assert "Not measured on this machine" in (out / "report.html").read_text()
 
 
 def test_bad_options_exit_2(tmp_path, capsys):
