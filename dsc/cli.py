@@ -510,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     except PassVerificationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing half-written is left
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away (`dsc generate ... | head`): not a failure of dsc
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - interpreter shutdown flushes stdout once more
         return 0

@@ -11,19 +11,55 @@ from pathlib import Path
 from dsc.errors import DscError
 
 
-def atomic_dir(dest: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
-    """Fill a fresh temporary sibling of ``dest`` with ``write(tmp)``, then rename it into place.
-
-    An existing non-empty ``dest`` is refused unless ``overwrite``; then it is replaced only after
-    the new content is complete. On any failure ``dest`` is untouched and the temporary is removed.
-    """
+def check_replaceable(dest: str | Path, overwrite: bool, marker: str) -> None:
+    """Refuse an output directory that is a file, or non-empty without ``overwrite``, or non-empty and
+    not an earlier output of ours (no ``marker`` file in it): ``--force`` never deletes the user's files."""
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise DscError(f"{dest} exists and is not a directory; choose another output path")
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise DscError(f"{dest} exists and is not empty; choose another output path or pass --force")
+    if dest.exists() and any(dest.iterdir()):
+        if not overwrite:
+            raise DscError(f"{dest} exists and is not empty; choose another output path or pass --force")
+        if not (dest / marker).is_file():
+            raise DscError(
+                f"{dest} holds files dsc did not write (no {marker}); --force replaces only an earlier dsc output. "
+                "Choose another output path, or move those files away yourself"
+            )
+
+
+def _stale_siblings(dest: Path) -> None:
+    """Temporaries of an earlier run that was killed before it could clean up (its pid is gone)."""
+    for p in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid = p.name.removeprefix(f".{dest.name}.tmp-").split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_dir(
+    dest: str | Path, write: Callable[[Path], None], overwrite: bool = False, marker: str = "manifest.json"
+) -> None:
+    """Fill a fresh temporary sibling of ``dest`` with ``write(tmp)``, then rename it into place.
+
+    An existing non-empty ``dest`` is refused unless ``overwrite`` and it holds ``marker`` (an earlier
+    output of ours); then it is replaced only after the new content is complete. On any failure or
+    interrupt ``dest`` is untouched and the temporary is removed; a temporary left by a killed run is
+    removed by the next one.
+    """
+    dest = Path(dest)
+    check_replaceable(dest, overwrite, marker)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    _stale_siblings(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     try:
         write(tmp)
         _normal_permissions(tmp)

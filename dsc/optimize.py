@@ -112,10 +112,11 @@ def write_output(result: OptimizeResult, out: str | Path, force: bool = False) -
 def check_output_dir(out: str | Path, force: bool, inputs: list[str | None]) -> None:
     """Refuse before any work: an OUT that would clobber user data or the input itself."""
     from dsc.errors import DscError
+    from dsc.fsutil import check_replaceable
+    from dsc.program import MANIFEST
 
     out = Path(out).resolve()
     for src in inputs:
         if src and Path(src).exists() and Path(src).resolve() in (out, *out.parents):
             raise DscError(f"output {out} would overwrite the input {src}; choose another -o path")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise DscError(f"{out} exists and is not empty; choose another output path or pass --force")
+    check_replaceable(out, force, MANIFEST)

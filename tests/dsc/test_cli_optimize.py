@@ -71,12 +71,13 @@ def test_planted_fault_exits_1_and_touches_nothing(tmp_path, capsys, tiny):
         save_hf(checkpoint_from_model(tiny), tmp_path / "ckpt")
         src = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
         out = tmp_path / "out"
-        out.mkdir()
+        out.mkdir()  # an earlier dsc output (its manifest), which --force may replace only on success
+        (out / "manifest.json").write_text("{}")
         (out / "mine.txt").write_text("keep")
         code = main(["optimize", str(tmp_path / "ckpt"), "-o", str(out), "--force", "--passes", "plant_cli_fault"])
         err = capsys.readouterr().err
         assert code == 1 and "pass 'plant_cli_fault'" in err and "worst tensor" in err and "dsc-dump-" in err
-        assert [p.name for p in out.iterdir()] == ["mine.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "mine.txt"]
         assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == src
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no temporaries left
     finally:
@@ -118,3 +119,41 @@ def test_optimize_json_dump_dir_and_target(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse names the choices
         main(["optimize", "tiny", "-o", str(tmp_path / "o2"), "--target", "tpu"])
     assert e.value.code == 2 and "choose from 'cpu', 'h200'" in capsys.readouterr().err
+
+
+FAST = ["--passes", "canonicalize", "--no-verify", "--no-measure"]
+
+
+@pytest.mark.parametrize(
+    "stage",
+    ["dsc.optimize.load", "dsc.frontends.Loaded.capture", "dsc.optimize.run_pipeline", "dsc.program.Program.save"],
+)
+def test_ctrl_c_exits_130_and_leaves_nothing(stage, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while loading, capturing, running passes or writing: exit 130, one line, no output
+    directory and no temporary left behind."""
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, interrupt)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert main(["optimize", "tiny", "-o", str(work / "out"), *FAST]) == 130
+    err = capsys.readouterr().err.strip()  # the progress lines, then one line for the interrupt
+    assert err.splitlines()[-1] == "interrupted; nothing was written" and "Traceback" not in err
+    assert list(work.iterdir()) == []
+
+
+def test_force_replaces_only_an_earlier_dsc_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    assert main(["optimize", "tiny", "-o", str(out), "--force", *FAST]) == 2
+    assert "did not write" in capsys.readouterr().err and (out / "precious.txt").read_text() == "mine"
+    # a temporary left by a killed run (its process is gone) is cleaned up by the next run
+    stale = tmp_path / ".out2.tmp-999999999-x"
+    stale.mkdir()
+    (stale / "manifest.json").write_text("{}")
+    assert main(["optimize", "tiny", "-o", str(tmp_path / "out2"), *FAST]) == 0
+    assert not stale.exists() and (tmp_path / "out2" / "manifest.json").exists()
+    assert main(["optimize", "tiny", "-o", str(tmp_path / "out2"), "--force", *FAST]) == 0  # ours: replaced
