@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -108,17 +109,49 @@ def cmd_passes(args) -> int:
 
 
 # ---- optimize -----------------------------------------------------------------------------------
-def _split(v: str | None) -> list[str] | None:
-    return [s.strip() for s in v.split(",") if s.strip()] if v else None
+def _split(v: str | None, flag: str = "") -> list[str] | None:
+    """A comma-separated flag value as names; one that names nothing (``--passes ,``) is an error,
+    never the default."""
+    if v is None:
+        return None
+    names = [s.strip() for s in v.split(",") if s.strip()]
+    if not names:
+        raise DscError(f"{flag} {v!r} names nothing: give comma-separated names, e.g. canonicalize,absorb_mla".lstrip())
+    return names
+
+
+def _at_least(lo: int):
+    """An argparse type: an integer >= lo (argparse reports a bad one with exit 2 and the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+        return n
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return x
 
 
 def _fp8_flags(args) -> tuple[list[str] | None, list[str]]:
     """--fp8 / --fp8-include / --fp8-exclude as the pipeline and lower_fp8's options."""
     from dsc.pass_manager import registry, select_passes
 
-    passes, options = _split(args.passes), list(args.pass_option or [])
+    passes, options = _split(args.passes, "--passes"), list(args.pass_option or [])
     if args.fp8:
-        names = passes or [p.name for p in select_passes(None, _split(args.disable_pass))]
+        names = passes or [p.name for p in select_passes(None, _split(args.disable_pass, "--disable-pass"))]
         if "lower_fp8" not in names:
             order = registry()["lower_fp8"].order
             at = next((i for i, n in enumerate(names) if registry()[n].order > order), len(names))
@@ -151,7 +184,7 @@ def cmd_optimize(args) -> int:
     passes, options = _fp8_flags(args)
     with console.status("optimizing...", spinner="dots"):
         result = optimize(
-            args.model, passes, _split(args.disable_pass), verify=not args.no_verify, measure=not args.no_measure,
+            args.model, passes, _split(args.disable_pass, "--disable-pass"), verify=not args.no_verify, measure=not args.no_measure,
             trust_pickle=args.trust_pickle, on_event=on_event, options=options, machine=machine,
             dump_dir=Path(args.dump_dir) if args.dump_dir else None, frontend=args.frontend,
         )  # fmt: skip
@@ -214,12 +247,6 @@ def cmd_generate(args) -> int:
     else:
         prompts = [_token_ids(p, backend.config.vocab_size) for p in args.prompt_tokens]
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, not args.ignore_eos)
-    if args.prefill_chunk is not None and args.prefill_chunk < 0:
-        raise DscError(f"--prefill-chunk must be >= 0 (0: the whole prompt in one call), got {args.prefill_chunk}")
-    if args.speculative < 0:
-        raise DscError(
-            f"--speculative takes the number of drafted tokens per step (>= 1; 0: off), got {args.speculative}"
-        )
     res = generate(backend, prompts, params, -1 if args.prefill_chunk is None else args.prefill_chunk, args.speculative)
     texts = [tok.decode(t) if tok else None for t in res.tokens]
     if args.json:
@@ -310,13 +337,16 @@ def cmd_diff(args) -> int:
 
 
 # ---- bench --------------------------------------------------------------------------------------
-def _ints(v: str | None, flag: str) -> tuple[int, ...] | None:
+def _ints(v: str | None, flag: str, lo: int = 1) -> tuple[int, ...] | None:
     if not v:
         return None
     try:
-        return tuple(int(x) for x in v.split(","))
+        out = tuple(int(x) for x in v.split(","))
     except ValueError:
         raise DscError(f"{flag} takes comma-separated integers, got {v!r}") from None
+    if any(n < lo for n in out):
+        raise DscError(f"{flag} takes integers >= {lo}, got {v!r}")
+    return out
 
 
 def cmd_bench(args) -> int:
@@ -327,19 +357,15 @@ def cmd_bench(args) -> int:
         ("--variants", args.variants, VARIANTS + OPT_IN_VARIANTS), ("--scenario", args.scenario, SCENARIOS),
     ):  # fmt: skip
         if value:
-            chosen = tuple(_split(value))
+            chosen = tuple(_split(value, flag))
             bad = [c for c in chosen if c not in choices and not (flag == "--variants" and c.startswith("dsc:"))]
             if bad:
                 raise DscError(f"{flag}: unknown {bad}; choose from {', '.join(choices)}")
             kw["variants" if flag == "--variants" else "scenarios"] = chosen
     for name, flag in (("contexts", "--contexts"), ("prompts", "--prompts"), ("drafts", "--drafts")):
-        v = _ints(getattr(args, name), flag)
+        v = _ints(getattr(args, name), flag, 0 if name == "drafts" else 1)
         if v:
             kw[name] = v
-    if args.drafts and any(n < 0 for n in kw.get("drafts", ())):
-        raise DscError(f"--drafts takes drafted tokens per step (>= 0), got {args.drafts!r}")
-    if args.generate is not None and args.generate < 2:
-        raise DscError(f"--generate must be >= 2, got {args.generate}")
     for name in ("repeat", "warmup", "generate"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
@@ -434,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", help="a `dsc optimize` output directory")
     p.add_argument("--trust-pickle", action="store_true", help="re-load a pickled input (module / pt2 frontends)")
     p.add_argument("b", nargs="?", help="another one; omitted: compare A against the model it was made from")
-    p.add_argument("--context", type=int, default=4096, help="context length for the cost figures (default 4096)")
+    p.add_argument(
+        "--context", type=_at_least(1), default=4096, help="context length for the cost figures (default 4096)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--html", metavar="FILE", help="also write the comparison as a self-contained HTML page")
     p.set_defaults(func=cmd_diff)
@@ -449,10 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--contexts", help="decode / attention context lengths (default 1024,8192,32768)")
     p.add_argument("--prompts", help="prefill prompt lengths (default 1024,4096)")
-    p.add_argument("--repeat", type=int, help="timed calls per point (default 5)")
-    p.add_argument("--warmup", type=int, help="untimed calls per point (default 2)")
+    p.add_argument("--repeat", type=_at_least(1), help="timed calls per point (default 5)")
+    p.add_argument("--warmup", type=_at_least(0), help="untimed calls per point (default 2)")
     p.add_argument("--drafts", help="speculative: drafted tokens per step to compare (default 0,1,2,3; 0: plain)")
-    p.add_argument("--generate", type=int, help="speculative: greedy tokens per generate call (default 256)")
+    p.add_argument("--generate", type=_at_least(2), help="speculative: greedy tokens per generate call (default 256)")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run on the tiny preset")
     p.add_argument(
         "-o", "--output", default="bench", help="directory for bench.json and the SVG plots (default ./bench)"
@@ -468,13 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the EOS token")
     p.add_argument(
-        "--prefill-chunk", type=int, metavar="N",
+        "--prefill-chunk", type=_at_least(0), metavar="N",
         help="prefill longer prompts as N-token chunks (default: a Program's prefill_chunk, the prompt length its "
         "prefill form was chosen for; 0: the whole prompt in one call)",
     )  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=32, help="tokens to generate per prompt (default 32)")
     p.add_argument(
-        "--speculative", type=int, default=0, metavar="N",
+        "--speculative", type=_at_least(0), default=0, metavar="N",
         help="speculative decoding: the MTP module drafts N tokens per step, the main model verifies them in one "
         "call (a Program made by draft_mtp, or the reference model); the same output as without (default 0: off)",
     )  # fmt: skip
@@ -483,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the Program's entry points through Inductor (torch.compile, dynamic shapes; dsc:: ops stay "
         "custom ops): seconds of compilation per entry on first use, faster steps after",
     )  # fmt: skip
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--temperature", type=_finite, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=_finite, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--trust-pickle", action="store_true", help="allow a model.pt holding pickled objects (runs code)")
     p.add_argument(
@@ -498,7 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed what was wrong with the arguments (or the help)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -64,9 +64,9 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise DscError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise DscError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # NaN fails every comparison
+            raise DscError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # NaN too
             raise DscError(f"top_p must be in (0, 1], got {self.top_p}")
 
 

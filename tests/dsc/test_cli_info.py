@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from dsc.cli import main
 
 
@@ -38,3 +40,31 @@ def test_a_closed_pipe_is_not_an_internal_error(monkeypatch):
 
     monkeypatch.setattr(sys, "stdout", Closed())
     assert main(["passes", "--json"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["bench", "--quick", "--repeat", "0"], "--repeat"),
+        (["bench", "--quick", "--warmup", "-1"], "--warmup"),
+        (["bench", "--quick", "--contexts", "-5"], "--contexts"),
+        (["bench", "--quick", "--drafts", "1,-1"], "--drafts"),
+        (["bench", "--quick", "--generate", "1"], "--generate"),
+        (["bench", "--quick", "--variants", ","], "--variants"),
+        (["diff", "nowhere", "--context", "0"], "--context"),
+        (["optimize", "tiny", "-o", "never-written", "--passes", ","], "--passes"),
+        (["optimize", "tiny", "-o", "never-written", "--disable-pass", " , "], "--disable-pass"),
+        (["generate", "tiny", "--prompt-tokens", "1", "--temperature", "nan"], "--temperature"),
+        (["generate", "tiny", "--prompt-tokens", "1", "--top-p", "inf"], "--top-p"),
+        (["generate", "tiny", "--prompt-tokens", "1", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "tiny", "--prompt-tokens", "1", "--prefill-chunk", "-3"], "--prefill-chunk"),
+        (["generate", "tiny", "--prompt-tokens", "1", "--speculative", "x"], "--speculative"),
+    ],
+)
+def test_arguments_out_of_range_exit_2_naming_the_flag(argv, names, capsys, tmp_path, monkeypatch):
+    """The class "CLI arguments out of range": refused before any work, exit 2, the flag named, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert names in err and "Traceback" not in err and "internal error" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written (no output dir, no bench/)

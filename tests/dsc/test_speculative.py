@@ -223,7 +223,7 @@ def test_cli_speculative_json(tiny_optimized, plain, tmp_path, capsys):
     assert {"acceptance_rate", "acceptance_per_position", "tokens_per_step", "tokens_per_s"} <= set(out["stats"])
     assert len(out["stats"]["acceptance_per_position"]) == 2
     assert main([*args, "--speculative", "-2"]) == 2
-    assert "drafted tokens per step" in capsys.readouterr().err
+    assert "--speculative: must be >= 0, got -2" in capsys.readouterr().err
 
 
 def test_prefill_returns_hidden_for_every_position(tiny_optimized):
