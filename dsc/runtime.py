@@ -201,7 +201,7 @@ def generate(
             if not done[i]:
                 out[i].append(int(nxt[i]))
         if params.stop_at_eos:
-            done |= nxt == cfg.eos_token_id
+            done |= torch.isin(nxt, torch.tensor(cfg.eos_ids))
         if done.all() or step == params.max_new_tokens - 1:
             break
         t1 = time.perf_counter()

@@ -123,8 +123,8 @@ def speculative_generate(
 
     # bookkeeping in Python lists (one transfer per step); tensors only for what the calls take
     out: list[list[int]] = [[t] for t in cur.tolist()]
-    eos = cfg.eos_token_id if params.stop_at_eos else None
-    done = [params.max_new_tokens <= 1 or o[-1] == eos for o in out]
+    eos = set(cfg.eos_ids) if params.stop_at_eos else set()
+    done = [params.max_new_tokens <= 1 or o[-1] in eos for o in out]
     c = lens.clone()  # each row's position of ``cur``
     proposed, accepted = [0] * n, [0] * n  # drafts at position j proposed / accepted (active rows)
     steps = row_steps = new_in_steps = 0
@@ -167,8 +167,9 @@ def speculative_generate(
                 proposed[j] += 1
                 accepted[j] += al[b] > j
             got = nl[b][: al[b] + 1][: params.max_new_tokens - len(out[b])]
-            if eos in got:
-                got = got[: got.index(eos) + 1]
+            stop = next((i for i, t in enumerate(got) if t in eos), None)
+            if stop is not None:
+                got = got[: stop + 1]
                 done[b] = True
             out[b] += got
             row_steps += 1

@@ -10,7 +10,7 @@ class ByteTokenizer:
 
     @classmethod
     def for_config(cls, cfg) -> ByteTokenizer:
-        return cls(cfg.bos_token_id, cfg.eos_token_id, cfg.vocab_size)
+        return cls(cfg.bos_token_id, cfg.eos_ids[0], cfg.vocab_size)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))

@@ -61,7 +61,7 @@ class ModelConfig:
     num_nextn_predict_layers: int = 1
     tie_word_embeddings: bool = False
     bos_token_id: int = 0
-    eos_token_id: int = 1
+    eos_token_id: int | list = 1  # one id, or a list of ids that each end a sequence
     quantization_config: dict | None = None
     torch_dtype: str = "bfloat16"
     attention_bias: bool = False
@@ -137,8 +137,17 @@ class ModelConfig:
             d["torch_dtype"] = d.pop("dtype")
         if "architectures" not in d or not d["architectures"]:
             d["architectures"] = [MODEL_TYPES[d["model_type"]]]
+        if d.get("num_key_value_heads") is None and "num_attention_heads" in d:  # transformers' default
+            d["num_key_value_heads"] = d["num_attention_heads"]
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "absent"}
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
+        required = SHAPE_KEYS + (INDEXER_KEYS if kwargs["model_type"] == "deepseek_v32" else ())
+        missing = [k for k in required if kwargs.get(k) is None]
+        if missing:
+            raise ConfigError(
+                f"config is missing {', '.join(missing)}: these keys define the weights' shapes (or the routing) "
+                "and have no safe default; copy them from the checkpoint's original config.json"
+            )
         cfg = cls(**kwargs, extra=d, absent=frozenset(known - set(kwargs)))
         cfg.validate()
         return cfg
@@ -161,17 +170,38 @@ class ModelConfig:
             raise ConfigError(f"{path} is not valid JSON ({e}); fix or regenerate the config") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     # ---- validation ---------------------------------------------------------------------------
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end a sequence (``eos_token_id`` may be one id or a list)."""
+        e = self.eos_token_id
+        return tuple(e) if isinstance(e, list) else (e,)
+
     def validate(self) -> None:
+        """Every value against the field's type (all wrong keys named at once), then the ranges and
+        the relations between keys; a ``ConfigError`` lists every problem found."""
+        wrong = schema_problems(self)
+        if wrong:
+            raise ConfigError("invalid config: " + "; ".join(wrong))
+        problems: list[str] = []
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ConfigError(f"invalid config: {msg}")
+                problems.append(msg)
 
+        self._validate_values(need)
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+
+    def _validate_values(self, need) -> None:
         ints = [
             "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
             "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -180,13 +210,25 @@ class ModelConfig:
         ]  # fmt: skip
         for name in ints:
             v = getattr(self, name)
-            need(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                f"{name} must be a positive integer, got {v!r}",
-            )
+            need(v > 0, f"{name} must be a positive integer, got {v!r}")
         for name in ["first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"]:
             v = getattr(self, name)
-            need(isinstance(v, int) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+            need(v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+        bad_ids = [i for i in (self.bos_token_id, *self.eos_ids) if not 0 <= i < self.vocab_size]
+        need(
+            not bad_ids and len(self.eos_ids) > 0,
+            f"bos_token_id / eos_token_id must be ids in 0..{self.vocab_size - 1} (vocab_size {self.vocab_size}), "
+            f"got bos {self.bos_token_id!r}, eos {self.eos_token_id!r}",
+        )
+        need(self.torch_dtype in DTYPES, f"torch_dtype must be one of {', '.join(DTYPES)}, got {self.torch_dtype!r}")
+        for name in ("rope_theta", "routed_scaling_factor"):
+            v = getattr(self, name)
+            need(v > 0, f"{name} must be a positive number, got {v!r}")
+        if (
+            min(self.n_group, self.topk_group, self.n_routed_experts, self.num_experts_per_tok, self.moe_layer_freq)
+            <= 0
+        ):
+            return  # the relations below divide by these
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         need(
             self.n_routed_experts % self.n_group == 0,
@@ -222,19 +264,26 @@ class ModelConfig:
         need(not self.tie_word_embeddings, "tie_word_embeddings must be false for DeepSeek-V3.2")
         rs = self.rope_scaling
         if rs is not None:
-            need(isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")
             kind = rs.get("type", rs.get("rope_type"))
             need(kind == "yarn", f"rope_scaling type must be 'yarn' (or none at all), got {kind!r}")
             for k in ("factor", "original_max_position_embeddings"):
                 need(rs.get(k) is not None, f"rope_scaling is missing {k!r}")
-            need(float(rs["factor"]) >= 1, f"rope_scaling.factor must be >= 1, got {rs['factor']}")
+            for k, want in ROPE_SCALING_KEYS.items():
+                v = rs.get(k)
+                if v is not None and not _is(v, want):
+                    need(False, f"rope_scaling.{k}: expected {_DESCRIBE[want]}, got {_got(v)}")
+                elif v is not None:
+                    need(
+                        v >= (1 if k == "factor" else 0),
+                        f"rope_scaling.{k} must be >= {1 if k == 'factor' else 0}, got {v}",
+                    )
         qc = self.quantization_config
         if qc is not None:
             need(
                 qc.get("quant_method") == "fp8", f"only quant_method 'fp8' is supported, got {qc.get('quant_method')!r}"
             )
             need(qc.get("fmt", "e4m3") == "e4m3", f"only fp8 fmt 'e4m3' is supported, got {qc.get('fmt')!r}")
-            need(list(qc.get("weight_block_size", [128, 128])) == [128, 128], "weight_block_size must be [128, 128]")
+            need(qc.get("weight_block_size", [128, 128]) == [128, 128], "weight_block_size must be [128, 128]")
 
     def _validate_layer_types(self, need) -> None:
         """transformers 5 spells the layer kinds out per layer; they must agree with the fields dsc reads."""
@@ -254,6 +303,62 @@ class ModelConfig:
                 len(kinds) == n and set(kinds) <= {want_kind},
                 f"layer_types must be {n} x {want_kind!r} for {self.model_type}, got {sorted(set(kinds))}",
             )
+
+
+# Keys that define the weights' shapes or the routing: a config without one is refused, never given
+# the 671B model's value. The others take transformers' defaults (the dataclass's), as HF does.
+SHAPE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
+    "topk_group", "max_position_embeddings",
+)  # fmt: skip
+INDEXER_KEYS = ("index_n_heads", "index_head_dim", "index_topk")  # deepseek_v32 only
+DTYPES = ("bfloat16", "float16", "float32")
+ROPE_SCALING_KEYS = {
+    "factor": "float", "original_max_position_embeddings": "int", "beta_fast": "float", "beta_slow": "float",
+    "mscale": "float", "mscale_all_dim": "float", "attention_factor": "float",
+}  # fmt: skip
+_DESCRIBE = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+    "dict | None": "an object or null", "list": "a list", "int | list": "an integer or a list of integers",
+}  # fmt: skip
+
+
+def _is(v: Any, kind: str) -> bool:
+    """JSON value ``v`` against a field's annotation (booleans are not numbers; numbers are finite)."""
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "float":
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "str":
+        return isinstance(v, str)
+    if kind == "dict | None":
+        return v is None or isinstance(v, dict)
+    if kind == "list":
+        return isinstance(v, list)
+    if kind == "int | list":
+        return _is(v, "int") or (isinstance(v, list) and all(_is(x, "int") for x in v))
+    raise AssertionError(kind)
+
+
+def _got(v: Any) -> str:
+    kind = {bool: "the boolean", str: "the string", dict: "an object", list: "the list", type(None): "null"}
+    return f"{kind.get(type(v), 'the number' if isinstance(v, int | float) else type(v).__name__)} {json.dumps(v)}"
+
+
+def schema_problems(cfg: ModelConfig) -> list[str]:
+    """Each field whose value is not of its annotated type: ``key: expected ..., got ...``."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        if f.name in ("extra", "absent"):
+            continue
+        v = getattr(cfg, f.name)
+        if not _is(v, f.type):
+            out.append(f"{f.name}: expected {_DESCRIBE[f.type]}, got {_got(v)}")
+    return out
 
 
 def _read_rope(d: dict) -> None:
