@@ -175,30 +175,30 @@ class Program:
 
     @classmethod
     def load(cls, path: str | Path) -> Program:
+        """Read a saved Program, checking it whole first: the manifest's fields, every graph file, the
+        tensors each entry needs (names, shapes, dtypes, finite parameters), and that the cache spec and
+        the config agree with the graphs. Each mismatch is a ``DscError`` naming the file and field."""
         path = Path(path)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise DscError(
-                f"{path} is not a saved dsc Program (no {MANIFEST}); run `dsc optimize` to make one"
-            ) from None
-        except json.JSONDecodeError as e:
-            raise DscError(f"{path / MANIFEST} is corrupt ({e})") from None
-        if manifest.get("format") != "dsc-program" or manifest.get("format_version") != FORMAT_VERSION:
-            raise DscError(
-                f"{path} holds format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-                f"this dsc reads dsc-program version {FORMAT_VERSION}. Re-run `dsc optimize` with this version."
-            )
+        manifest = _read_manifest(path)
         try:
             weights = load_file(str(path / "weights.safetensors"))
             consts = load_file(str(path / "constants.safetensors"))
         except (OSError, Exception) as e:  # safetensors raises its own error type for corrupt files
-            if isinstance(e, DscError):
-                raise
             raise DscError(
                 f"{path}: cannot read the Program's tensors ({e}); the directory may be incomplete"
             ) from None
+        try:
+            config = ModelConfig.from_dict(manifest["config"])
+        except DscError as e:
+            raise DscError(f"{path / MANIFEST} field 'config': {e}") from None
+        try:
+            cache = CacheSpec.from_dict(manifest["cache"])
+        except (TypeError, KeyError, AttributeError) as e:
+            raise DscError(f"{path / MANIFEST} field 'cache' is not a cache spec ({e!r})") from None
         params = {k for info in manifest["entries"].values() for k in info.get("parameters", [])}
+        bad = [k for k in params if k in weights and weights[k].is_floating_point() and not weights[k].isfinite().all()]
+        if bad:
+            raise DscError(f"{path / 'weights.safetensors'}: non-finite (NaN/Inf) parameters {sorted(bad)[:5]}")
         # one tensor object per name, shared by every entry
         weights = {k: torch.nn.Parameter(t, requires_grad=False) if k in params else t for k, t in weights.items()}
         entries = {}
@@ -208,19 +208,99 @@ class Program:
             ]
             if missing:
                 raise DscError(f"{path}: entry {name!r} needs tensors absent from its safetensors: {missing[:5]}")
-            art = SerializedArtifact(
-                (path / info["graph"]).read_bytes(),
-                {k: weights[k] for k in info["state_dict"]},
-                {k: consts[k] for k in info["constants"]},
-                None,
+            graph = path / info["graph"]
+            try:
+                art = SerializedArtifact(
+                    graph.read_bytes(),
+                    {k: weights[k] for k in info["state_dict"]},
+                    {k: consts[k] for k in info["constants"]},
+                    None,
+                )
+                entries[name] = deserialize(art)
+            except FileNotFoundError:
+                raise DscError(f"{path / MANIFEST}: entry {name!r} names {info['graph']}, which is missing") from None
+            except Exception as e:  # noqa: BLE001 - torch.export's deserializer raises many kinds
+                raise DscError(
+                    f"{graph} is not a readable torch.export graph ({type(e).__name__}: {e})"[:400]
+                ) from None
+            _check_entry(entries[name], name, cache, config, path)
+        return cls(entries, cache, config, manifest.get("provenance", {}), manifest.get("prefill_chunk"))
+
+
+def _read_manifest(path: Path) -> dict:
+    """``manifest.json`` as a dict with the fields ``load`` reads, each of the right kind."""
+    file = path / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise DscError(f"{path} is not a saved dsc Program (no {MANIFEST}); run `dsc optimize` to make one") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DscError(f"{file} is corrupt ({e}); re-run `dsc optimize`") from None
+    if not isinstance(manifest, dict):
+        raise DscError(f"{file} must hold a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != "dsc-program" or manifest.get("format_version") != FORMAT_VERSION:
+        raise DscError(
+            f"{path} holds format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+            f"this dsc reads dsc-program version {FORMAT_VERSION}. Re-run `dsc optimize` with this version."
+        )
+    for key, kind in (("config", dict), ("cache", dict | list), ("entries", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise DscError(f"{file} field {key!r} is missing or not a JSON {'object' if kind is dict else 'value'}")
+    if not manifest["entries"]:
+        raise DscError(f"{file} field 'entries' is empty: a Program has at least prefill and decode")
+    for name, info in manifest["entries"].items():
+        ok = isinstance(info, dict) and isinstance(info.get("graph"), str)
+        ok = ok and all(isinstance(info.get(k, []), list) for k in ("state_dict", "constants", "parameters"))
+        if not ok or "state_dict" not in info or "constants" not in info:
+            raise DscError(f"{file} entry {name!r} needs 'graph' (a path), 'state_dict' and 'constants' (name lists)")
+    missing = [e for e in ("prefill", "decode") if e not in manifest["entries"]]
+    if missing:
+        raise DscError(f"{file} field 'entries' lacks {missing}: a Program has at least prefill and decode")
+    return manifest
+
+
+def _check_entry(ep: ExportedProgram, name: str, cache: CacheSpec, config: ModelConfig, path: Path) -> None:
+    """The manifest against one deserialized graph: its weights' shapes and dtypes, its cache inputs
+    against the cache spec, its logits against the config's vocabulary."""
+    where = f"{path}: entry {name!r}"
+    phs = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    for spec in ep.graph_signature.input_specs:
+        val = phs[spec.arg.name].meta.get("val") if hasattr(spec.arg, "name") else None
+        t = ep.state_dict.get(spec.target) if spec.target else None
+        if t is None and spec.target:
+            t = ep.constants.get(spec.target)
+        if isinstance(val, Tensor) and isinstance(t, Tensor) and (val.shape != t.shape or val.dtype != t.dtype):
+            raise DscError(
+                f"{where}: tensor {spec.target!r} is {t.dtype}{list(t.shape)} in the safetensors, but the graph "
+                f"reads {val.dtype}{list(val.shape)}; the weights do not belong to these graphs"
             )
-            entries[name] = deserialize(art)
-        return cls(
-            entries,
-            CacheSpec.from_dict(manifest["cache"]),
-            ModelConfig.from_dict(manifest["config"]),
-            manifest.get("provenance", {}),
-            manifest.get("prefill_chunk"),
+    users = [phs[s.arg.name] for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    n = len(cache.tensors)
+    if len(users) < n:
+        raise DscError(f"{where} takes {len(users)} inputs, fewer than the {n} cache tensors of manifest.json 'cache'")
+    for ct, ph in zip(cache.tensors, users[-n:]):
+        val = ph.meta.get("val")
+        want = ct.shape("batch", "T")
+        got = list(val.shape) if isinstance(val, Tensor) else None
+        fixed = [i for i, w in enumerate(want) if i not in (0, ct.time_dim)]
+        if (
+            got is None
+            or len(got) != len(want)
+            or str(val.dtype) != f"torch.{ct.dtype}"
+            or any(isinstance(got[i], int) and got[i] != want[i] for i in fixed)
+        ):
+            raise DscError(
+                f"{where}: manifest.json 'cache' says {ct.name} is {ct.dtype}[{', '.join(map(str, want))}], the graph takes "
+                f"{str(getattr(val, 'dtype', '?')).removeprefix('torch.')}{got}; the manifest was edited or is from "
+                "another Program"
+            )
+    out = next(n for n in ep.graph.nodes if n.op == "output").args[0]
+    first = out[0] if isinstance(out, list | tuple) else out
+    logits = first.meta.get("val") if isinstance(first, torch.fx.Node) else None
+    if isinstance(logits, Tensor) and isinstance(logits.shape[-1], int) and logits.shape[-1] != config.vocab_size:
+        raise DscError(
+            f"{where} returns {logits.shape[-1]} logits per token, but manifest.json 'config' says vocab_size "
+            f"{config.vocab_size}; the config was edited or is from another model"
         )
 
 
