@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch.nn import Parameter
+
 from dsc.cache import CacheSpec
 from dsc.errors import DscError
 from dsc.program import Program
@@ -70,7 +73,29 @@ def parse_frontend(frontend: str | None) -> tuple[str, str | None]:
     return name, target or None
 
 
+def check_finite(named: dict, source: str) -> None:
+    """NaN / Inf in a model's parameters would run and print garbage (or blame a pass): refuse them at
+    load, naming the tensors. One pass over the weights, cheap beside loading them."""
+    bad = [k for k, t in named.items() if t.is_floating_point() and not torch.isfinite(t.detach()).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DscError(
+            f"{source}: {len(bad)} weight tensor(s) hold NaN or Inf values ({shown}); the checkpoint is corrupt or "
+            "came out of a diverged training run: use an earlier or re-converted checkpoint"
+        )
+
+
 def load(spec: str | None, frontend: str | None = None, trust_pickle: bool = False) -> Loaded:
+    loaded = _load(spec, frontend, trust_pickle)
+    if loaded.model is not None:
+        check_finite(dict(loaded.model.named_parameters()), loaded.source)
+    else:  # pt2: the exported programs' parameters (buffers may hold -inf masks on purpose)
+        params = loaded._capture().weights()
+        check_finite({k: t for k, t in params.items() if isinstance(t, Parameter)}, loaded.source)
+    return loaded
+
+
+def _load(spec: str | None, frontend: str | None, trust_pickle: bool) -> Loaded:
     name, target = parse_frontend(frontend)
     if name != "reference" and not spec:
         raise DscError(f"the {name} frontend needs a model path")
