@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 from dsc.cost import entry_cost, tokens_label
+from dsc.errors import DscError
+from dsc.fsutil import atomic_write_text, check_writable
 from dsc.runtime import EagerBackend, prefill
 
 log = logging.getLogger(__name__)
@@ -413,11 +415,19 @@ def plot_svgs(res: BenchResult) -> dict[str, str]:
     return out
 
 
+def check_bench_output(out: Path, force: bool) -> None:
+    """Before the run: ``out`` can hold the results, and an earlier bench.json there is replaced only
+    with ``--force``."""
+    check_writable(out, "bench output directory (-o)", directory=True)
+    if (out / "bench.json").exists() and not force:
+        raise DscError(f"{out / 'bench.json'} holds an earlier run; choose another -o or pass --force to replace it")
+
+
 def write_results(res: BenchResult, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """bench.json and one SVG per scenario, each written whole (temporary file, then rename)."""
     paths = [out / "bench.json"]
-    paths[0].write_text(json.dumps(res.to_dict(), indent=2))
+    atomic_write_text(paths[0], json.dumps(res.to_dict(), indent=2))
     for scenario, svg in plot_svgs(res).items():
         paths.append(out / f"bench_{scenario}.svg")
-        paths[-1].write_text(svg)
+        atomic_write_text(paths[-1], svg)
     return paths

@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dsc.errors import DscError
@@ -50,9 +51,9 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    t = Table(title=f"dsc info {args.model or '(default)'}", show_header=False)
+    t = Table(title=f"dsc info {escape(args.model or '(default)')}", show_header=False)
     for k, v in data["config"].items():
-        t.add_row(k, str(v))
+        t.add_row(k, escape(str(v)))
     t.add_row("softmax_scale", f"{data['softmax_scale']:.6f}")
     p = data["params"]
     t.add_section()
@@ -73,8 +74,9 @@ def cmd_info(args) -> int:
     ):
         t.add_row(
             f"cache bytes/token, {label}",
-            f"{c['bytes_per_token_per_layer'][form]:,} B/layer, {c['bytes_per_token'][form]:,} B over "
-            f"{c['layers']} layers ({_fmt_bytes(c['bytes_per_token'][form] * 131072)} per 128K tokens, {c['dtype']})",
+            f"{c['bytes_per_token_per_layer'][form]:,} B/layer, {c['bytes_per_token'][form]:,} B over the "
+            f"{c['layers']} main layers ({_fmt_bytes(c['bytes_per_token'][form] * 131072)} per 128K tokens), "
+            f"{c['bytes_per_token_with_mtp'][form]:,} B with {c['mtp_layers']} MTP; in {c['dtype']} (torch_dtype)",
         )
     out.print(t)
     return 0
@@ -94,13 +96,13 @@ def cmd_passes(args) -> int:
         return 0
     t = Table(title="dsc passes (default pipeline in this order)")
     for col in ("order", "name", "default", "purpose", "options", "tolerance (atol / rtol)"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # a narrow terminal wraps long names, never crops them
     for p in reg.values():
         t.add_row(
             str(p.order),
             p.name,
             "yes" if p.default else "no",
-            p.purpose,
+            escape(p.purpose),
             "\n".join(f"{k}={'TEXT' if isinstance(v, Text) else '|'.join(v)}" for k, v in p.options.items()),
             f"{p.tolerance.atol:g} / {p.tolerance.rtol:g}",
         )
@@ -169,17 +171,20 @@ def _fp8_flags(args) -> tuple[list[str] | None, list[str]]:
 
 
 def cmd_optimize(args) -> int:
+    from dsc.fsutil import check_writable
     from dsc.machine import target
     from dsc.optimize import check_output_dir, optimize, write_output
     from dsc.report import node_changes
 
     check_output_dir(args.output, args.force, [args.model])
+    if args.dump_dir:
+        check_writable(args.dump_dir, "--dump-dir", directory=True)
     machine = target(args.target)
     t0 = time.perf_counter()
 
     def on_event(kind: str, msg: str) -> None:
         if not args.json:
-            console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/] {kind:>6}: {msg}", highlight=False)
+            console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/] {kind:>6}: {escape(msg)}", highlight=False)
 
     passes, options = _fp8_flags(args)
     with console.status("optimizing...", spinner="dots"):
@@ -193,7 +198,7 @@ def cmd_optimize(args) -> int:
     if args.json:
         print(json.dumps(result.report, indent=2, default=str))
         return 0
-    t = Table(title=f"dsc optimize {args.model or '(default)'} -> {args.output}")
+    t = Table(title=escape(f"dsc optimize {args.model or '(default)'} -> {args.output}"))
     t.add_column("pass", no_wrap=True)
     t.add_column("sites", justify="right")
     t.add_column("nodes by entry", justify="right", no_wrap=True)
@@ -212,7 +217,7 @@ def cmd_optimize(args) -> int:
 
     for what, times, slower in measured_lines(result.report.get("measured")):
         out.print(f"measured {what}: {times}" + ("  [bold red]slower than what it replaces[/]" if slower else ""))
-    out.print(f"wrote {args.output}/ (Program + report.json) in {time.perf_counter() - t0:.1f} s")
+    out.print(escape(f"wrote {args.output}/ (Program + report.json) in {time.perf_counter() - t0:.1f} s"))
     return 0
 
 
@@ -285,8 +290,11 @@ def _token_ids(text: str, vocab: int) -> list[int]:
 def cmd_diff(args) -> int:
     from dsc.cost import human
     from dsc.diff import diff, input_of, load_side
+    from dsc.fsutil import atomic_write_text, check_writable
     from dsc.report import render_html
 
+    if args.html:
+        check_writable(args.html, "--html", directory=False)
     a = load_side(args.a)
     if args.b:
         b, label_a, label_b = load_side(args.b), args.a, args.b
@@ -303,12 +311,17 @@ def cmd_diff(args) -> int:
             f"<h3>graph of <code>{e}</code></h3><pre class='diff'>{diff_html(ga, gb)[0]}</pre>"
             for e, (ga, gb) in graphs.items()
         )
-        Path(args.html).write_text(page.replace("</main>", extra + "</main>"))
+        atomic_write_text(args.html, page.replace("</main>", extra + "</main>"))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
+    if report["config_differs"]:
+        console.print(
+            escape(f"note: A and B are different models (their configs differ in {', '.join(report['config_differs'])})"
+            "; the figures compare the models, not only the passes"), highlight=False,
+        )  # fmt: skip
     bf, af = report["before"], report["after"]
-    t = Table(title=f"dsc diff: A = {label_a}, B = {label_b}")
+    t = Table(title=escape(f"dsc diff: A = {label_a}, B = {label_b}"))
     for col in ("", "A", "B", "A/B"):
         t.add_column(col)
 
@@ -318,7 +331,7 @@ def cmd_diff(args) -> int:
     for e in list(bf["nodes"]) + [e for e in af["nodes"] if e not in bf["nodes"]]:
         row(f"nodes in {e}", bf["nodes"].get(e, 0), af["nodes"].get(e, 0))
     row("parameter bytes", bf["param_bytes"], af["param_bytes"], "B")
-    row("KV cache bytes / token", bf["cache_bytes_per_token"], af["cache_bytes_per_token"], "B")
+    row(f"KV cache bytes / token ({af['cache_scope']})", bf["cache_bytes_per_token"], af["cache_bytes_per_token"], "B")
     ctx = bf["context_len"]
     row(f"FLOPs / decode step @ {ctx}", bf["flops_per_decode_step"], af["flops_per_decode_step"])
     row(f"bytes moved / decode step @ {ctx}", bf["bytes_per_decode_step"], af["bytes_per_decode_step"], "B")
@@ -332,7 +345,7 @@ def cmd_diff(args) -> int:
             ops.add_row(e, op, str(x), str(y))
     out.print(ops)
     if args.html:
-        out.print(f"wrote {args.html}")
+        out.print(escape(f"wrote {args.html}"))
     return 0
 
 
@@ -350,7 +363,15 @@ def _ints(v: str | None, flag: str, lo: int = 1) -> tuple[int, ...] | None:
 
 
 def cmd_bench(args) -> int:
-    from dsc.bench import OPT_IN_VARIANTS, SCENARIOS, VARIANTS, BenchConfig, run_bench, write_results
+    from dsc.bench import (
+        OPT_IN_VARIANTS,
+        SCENARIOS,
+        VARIANTS,
+        BenchConfig,
+        check_bench_output,
+        run_bench,
+        write_results,
+    )  # fmt: skip
 
     kw = {}
     for flag, value, choices in (
@@ -371,16 +392,17 @@ def cmd_bench(args) -> int:
             kw[name] = getattr(args, name)
     if args.model:
         kw["model"] = args.model
+    check_bench_output(Path(args.output), args.force)
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
     t0 = time.perf_counter()
 
     def on_event(kind, msg):
-        console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/] {kind:>7}: {msg}", highlight=False)
+        console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/] {kind:>7}: {escape(msg)}", highlight=False)
 
     res = run_bench(cfg, on_event)
     paths = write_results(res, Path(args.output))
     t = Table(
-        title=f"dsc bench {cfg.model} — memory bandwidth {res.bandwidth_gbs} GB/s, {res.config['threads']} threads",
+        title=f"dsc bench {escape(cfg.model)} — memory bandwidth {res.bandwidth_gbs} GB/s, {res.config['threads']} threads",
         caption="speed-up against eager (decode, prefill, speculative: eager's plain decoding) or the per-head form "
         "(attention); speculative n: drafted tokens per step (0: plain), median ms per generate call",
     )
@@ -403,13 +425,23 @@ def cmd_bench(args) -> int:
             f"{p['x_bound'] or '-'}", f"{p['tokens_per_step']:.2f}" if spec else "", f"{p['peak_rss_mb']:.0f}",
         )  # fmt: skip
     out.print(t)
-    out.print("wrote " + ", ".join(str(p) for p in paths))
+    out.print(escape("wrote " + ", ".join(str(p) for p in paths)))
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dsc")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsc", description="A compiler for DeepSeek-V3.2-style language models.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    ap.add_argument("--version", action="version", version=f"dsc {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="config summary, parameter counts and KV-cache size of a model")
@@ -485,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--output", default="bench", help="directory for bench.json and the SVG plots (default ./bench)"
     )
+    p.add_argument("--force", action="store_true", help="replace an earlier bench.json in the output directory")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="generate text with a model or an optimized Program directory")

@@ -29,6 +29,13 @@ def input_of(program: Program, trust_pickle: bool = False) -> Program:
     return load(None if source == "default" else source, frontend, trust_pickle=trust_pickle).capture()
 
 
+def config_differences(a: Program, b: Program) -> list[str]:
+    """The config keys on which A and B disagree: non-empty means two different models, not two
+    pipelines over one."""
+    da, db = a.config.to_dict(), b.config.to_dict()
+    return sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
+
+
 def diff(a: Program, b: Program, label_a: str, label_b: str, context: int = 4096) -> tuple[dict, dict]:
     """-> (report-shaped dict with before = A and after = B, graph listings per entry)."""
     ops = {}
@@ -51,6 +58,7 @@ def diff(a: Program, b: Program, label_a: str, label_b: str, context: int = 4096
         "op_changes": ops,
         "cache_a": a.cache.to_dict(),
         "cache_b": b.cache.to_dict(),
+        "config_differs": config_differences(a, b),
     }
     graphs = {e: (listing(a.entries[e]), listing(b.entries[e])) for e in a.entries if e in b.entries}
     return report, graphs

@@ -27,6 +27,44 @@ def check_replaceable(dest: str | Path, overwrite: bool, marker: str) -> None:
             )
 
 
+def check_writable(path: str | Path, what: str, directory: bool) -> None:
+    """Before any work: ``path`` can be created (or replaced) as a directory (``directory``) or a file.
+    The nearest existing ancestor must be a directory dsc can create entries in (probed, not guessed
+    from permission bits, so read-only mounts and root are judged right)."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != directory:
+        kind = "is not a directory" if directory else "is a directory, not a file"
+        raise DscError(f"{what} {p} exists and {kind}; choose another path")
+    anc = p.parent.absolute()
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise DscError(f"{what} {p} cannot be created: {anc} is a file, not a directory; choose another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dsc-probe-", dir=anc))
+    except OSError as e:
+        raise DscError(
+            f"{what} {p} cannot be created: {anc} is not writable ({e.strerror}); choose another path"
+        ) from None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``path`` holds ``text`` whole or keeps what it held: written beside it, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _stale_siblings(dest: Path) -> None:
     """Temporaries of an earlier run that was killed before it could clean up (its pid is gone)."""
     for p in dest.parent.glob(f".{dest.name}.tmp-*"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,15 @@ class OptimizeResult:
     report: dict
 
 
+def cache_scope(p: Program) -> str:
+    """What ``cache_bytes_per_token`` counts: the dtype(s) the Program caches in and its cached layers."""
+    dtypes = sorted({t.dtype for t in p.cache.tensors})
+    layers = {t.layer for t in p.cache.tensors}
+    main = p.config.num_hidden_layers if p.config is not None else None
+    mtp = sum(1 for n in layers if main is not None and n >= main)
+    return f"{'/'.join(dtypes)}, {len(layers)} layers" + (f" incl. {mtp} MTP" if mtp else "")
+
+
 def program_summary(p: Program, context: int = 4096) -> dict:
     from dsc.cost import program_cost
     from dsc.fx_utils import node_count
@@ -36,6 +46,7 @@ def program_summary(p: Program, context: int = 4096) -> dict:
         "nodes": {k: node_count(ep) for k, ep in p.entries.items()},
         "param_bytes": p.param_bytes(),
         "cache_bytes_per_token": p.cache.bytes_per_token(),
+        "cache_scope": cache_scope(p),
         **program_cost(p, context),
     }
 
@@ -66,6 +77,11 @@ def optimize(
     for note in loaded.notes:
         emit("note", note)
     timings["load_s"] = time.perf_counter() - t
+    # one context for every figure: the passes' choices and the report's costs, at most the model's limit
+    machine = machine or H200
+    limit = getattr(loaded.config, "max_position_embeddings", None)
+    if limit and machine.context > limit:
+        machine = dataclasses.replace(machine, context=limit)
     t = time.perf_counter()
     emit("stage", "capturing the entry points with torch.export")
     before = loaded.capture()
@@ -91,10 +107,10 @@ def optimize(
         "frontend": loaded.frontend,
         "notes": loaded.notes,
         "verified": verify,
-        "target": (machine or H200).to_dict(),
+        "target": machine.to_dict(),
         "passes": [r.to_dict() for r in records],
-        "before": program_summary(before),
-        "after": program_summary(after),
+        "before": program_summary(before, machine.context),
+        "after": program_summary(after, machine.context),
         "measured": measured,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -112,9 +128,10 @@ def write_output(result: OptimizeResult, out: str | Path, force: bool = False) -
 def check_output_dir(out: str | Path, force: bool, inputs: list[str | None]) -> None:
     """Refuse before any work: an OUT that would clobber user data or the input itself."""
     from dsc.errors import DscError
-    from dsc.fsutil import check_replaceable
+    from dsc.fsutil import check_replaceable, check_writable
     from dsc.program import MANIFEST
 
+    check_writable(out, "output directory", directory=True)
     out = Path(out).resolve()
     for src in inputs:
         if src and Path(src).exists() and Path(src).resolve() in (out, *out.parents):
