@@ -32,7 +32,9 @@ def op_histogram(ep: ExportedProgram) -> dict[str, int]:
 
 
 def node_count(ep: ExportedProgram) -> int:
-    return sum(1 for n in ep.graph.nodes if n.op == "call_function")
+    """The entry's operations: call nodes, less ``getitem`` (reading one output of a multi-output op is
+    not work, and a saved graph gains one per unused output when it is loaded again)."""
+    return sum(1 for n in ep.graph.nodes if n.op == "call_function" and n.target is not operator.getitem)
 
 
 def constant_of(ep: ExportedProgram, node) -> torch.Tensor | None:

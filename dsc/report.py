@@ -237,7 +237,7 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
             "B",
             "unfused estimate",
         ),
-        ("KV cache per token", b["cache_bytes_per_token"], a["cache_bytes_per_token"], "B", "all layers"),
+        ("KV cache per token", b["cache_bytes_per_token"], a["cache_bytes_per_token"], "B", a.get("cache_scope", "")),
         ("weights", b["param_bytes"], a["param_bytes"], "B", "read by the entries"),
     ]
     h.append("<div class='cards'>")
@@ -258,7 +258,8 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
             f"<tr><td>nodes in <code>{entry}</code></td><td>{'-' if nb is None else nb}</td><td>{'-' if na is None else na}</td><td>{_ratio(nb or 0, na or 0)}</td></tr>"
         )
     rows = [
-        ("parameter bytes", "param_bytes"), ("KV cache bytes per token", "cache_bytes_per_token"),
+        ("parameter bytes", "param_bytes"),
+        (f"KV cache bytes per token ({a.get('cache_scope', 'all layers')})", "cache_bytes_per_token"),
         (f"FLOPs per decode step ({tokens_label(ctx)} ctx)", "flops_per_decode_step"),
         (f"bytes moved per decode step ({tokens_label(ctx)} ctx)", "bytes_per_decode_step"),
         (f"FLOPs per prefill ({tokens_label(ctx)} tokens)", "flops_per_prefill"),

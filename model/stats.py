@@ -52,7 +52,7 @@ def info(cfg: ModelConfig) -> dict:
     dtype = cfg.torch_dtype
     nbytes = DTYPE_BYTES.get(dtype, 4)
     vals = cache_values_per_token(cfg)
-    layers = cfg.num_hidden_layers
+    layers, mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     ref = (vals["per_head_kv"] + vals["index_keys"]) * nbytes
     latent = (vals["mla_latent"] + vals["index_keys"]) * nbytes
     return {
@@ -89,7 +89,13 @@ def info(cfg: ModelConfig) -> dict:
             "dtype": dtype,
             "values_per_token_per_layer": vals,
             "bytes_per_token_per_layer": {"reference_per_head_kv": ref, "absorbed_latent": latent},
+            # the main layers (the published per-token figure); the MTP layers' caches come on top
             "bytes_per_token": {"reference_per_head_kv": ref * layers, "absorbed_latent": latent * layers},
+            "bytes_per_token_with_mtp": {
+                "reference_per_head_kv": ref * (layers + mtp),
+                "absorbed_latent": latent * (layers + mtp),
+            },  # fmt: skip
             "layers": layers,
+            "mtp_layers": mtp,
         },
     }
