@@ -28,6 +28,17 @@ def test_optimize_then_generate_matches_eager(tmp_path, capsys, tiny):
     for point in (m["decode"], m["prefill"]):
         assert all(point[f"{n}_ms"] > 0 for n in ("eager", "before", "after"))
     assert "Measured on this machine" in (out / "report.html").read_text()
+    # one definition of each figure: the saved Program's node counts are the report's; the passes chose
+    # their forms at the report's context (the model's 1024-token limit, not a 4096 it cannot reach)
+    from dsc.fx_utils import node_count
+    from dsc.program import Program
+
+    saved = Program.load(out)
+    assert {e: node_count(ep) for e, ep in saved.entries.items()} == report["after"]["nodes"]
+    assert report["target"]["context"] == report["after"]["context_len"] == 1024
+    why = report["passes"][DEFAULT_PASSES.index("absorb_mla")]["stats"]["entries"]["decode"]["why"]
+    assert "at 1024 context" in why
+    assert report["after"]["cache_scope"] == "float32, 3 layers incl. 1 MTP"
     assert "measured decode step" in capsys.readouterr().out
     compiled = _gen(capsys, str(out))
     eager = _gen(capsys, str(tmp_path / "ckpt"))
