@@ -49,6 +49,17 @@ ENTRY_INPUTS = {
 }
 
 
+def nonfinite(named: dict[str, torch.Tensor]) -> list[str]:
+    """The names of floating-point tensors holding NaN or Inf (fp8 is widened to check: torch has no
+    isfinite for it)."""
+
+    def bad(t: torch.Tensor) -> bool:
+        t = t.detach()
+        return not torch.isfinite(t.float() if t.element_size() == 1 else t).all()
+
+    return [k for k, t in named.items() if t.is_floating_point() and bad(t)]
+
+
 @dataclass
 class Program:
     entries: dict[str, ExportedProgram]
@@ -196,7 +207,7 @@ class Program:
         except (TypeError, KeyError, AttributeError) as e:
             raise DscError(f"{path / MANIFEST} field 'cache' is not a cache spec ({e!r})") from None
         params = {k for info in manifest["entries"].values() for k in info.get("parameters", [])}
-        bad = [k for k in params if k in weights and weights[k].is_floating_point() and not weights[k].isfinite().all()]
+        bad = nonfinite({k: weights[k] for k in params if k in weights})
         if bad:
             raise DscError(f"{path / 'weights.safetensors'}: non-finite (NaN/Inf) parameters {sorted(bad)[:5]}")
         # one tensor object per name, shared by every entry

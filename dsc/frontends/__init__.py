@@ -19,12 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch.nn import Parameter
 
 from dsc.cache import CacheSpec
 from dsc.errors import DscError
-from dsc.program import Program
+from dsc.program import Program, nonfinite
 
 FRONTENDS = ("reference", "transformers", "module", "pt2")
 
@@ -76,7 +75,7 @@ def parse_frontend(frontend: str | None) -> tuple[str, str | None]:
 def check_finite(named: dict, source: str) -> None:
     """NaN / Inf in a model's parameters would run and print garbage (or blame a pass): refuse them at
     load, naming the tensors. One pass over the weights, cheap beside loading them."""
-    bad = [k for k, t in named.items() if t.is_floating_point() and not torch.isfinite(t.detach()).all()]
+    bad = nonfinite(named)
     if bad:
         shown = ", ".join(bad[:5]) + (f" ... and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise DscError(

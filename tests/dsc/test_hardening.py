@@ -241,3 +241,13 @@ def test_diff_of_two_different_models_says_so(saved_program, tmp_path, capsys):
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("dsc ")
+
+
+def test_nonfinite_reads_fp8():
+    """fp8 has no isfinite in torch: it is widened, so an FP8 Program loads and a NaN byte is still found."""
+    from dsc.program import nonfinite
+
+    w = torch.zeros(4, 4).to(torch.float8_e4m3fn)
+    bad = w.clone()
+    bad.view(torch.uint8)[1, 2] = 0x7F  # e4m3fn's NaN
+    assert nonfinite({"ok": w, "bad": bad, "ids": torch.arange(3)}) == ["bad"]
