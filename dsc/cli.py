@@ -193,6 +193,7 @@ def cmd_optimize(args) -> int:
             trust_pickle=args.trust_pickle, on_event=on_event, options=options, machine=machine,
             dump_dir=Path(args.dump_dir) if args.dump_dir else None, frontend=args.frontend,
         )  # fmt: skip
+        result.report["command"] = command_line(args)
         on_event("stage", f"writing {args.output}")
         write_output(result, args.output, force=args.force)
     if args.json:
@@ -286,6 +287,13 @@ def _token_ids(text: str, vocab: int) -> list[int]:
     return ids
 
 
+def command_line(args) -> str:
+    """The command as the user typed it, for the report's header."""
+    import shlex
+
+    return shlex.join(["dsc", *args.argv])
+
+
 # ---- diff ---------------------------------------------------------------------------------------
 def cmd_diff(args) -> int:
     from dsc.cost import human
@@ -299,19 +307,17 @@ def cmd_diff(args) -> int:
     if args.b:
         b, label_a, label_b = load_side(args.b), args.a, args.b
     else:  # an optimize output against its input
-        b, a = a, input_of(a, trust_pickle=args.trust_pickle)
-        label_a, label_b = f"input ({b.provenance.get('source')})", args.a
+        source, frontend = a.provenance.get("source"), a.provenance.get("frontend", "reference")
+        with console.status(escape(f"re-capturing the input ({source}, {frontend} frontend) with torch.export...")):
+            t0 = time.perf_counter()
+            b, a = a, input_of(a, trust_pickle=args.trust_pickle)
+        if not args.json:
+            console.print(escape(f"captured the input {source} in {time.perf_counter() - t0:.1f} s"), highlight=False)
+        label_a, label_b = f"input ({source})", args.a
     report, graphs = diff(a, b, label_a, label_b, args.context)
+    report["command"] = command_line(args)
     if args.html:
-        html_report = dict(report, passes=[])
-        page = render_html(html_report, None)
-        from dsc.report import diff_html
-
-        extra = "".join(
-            f"<h3>graph of <code>{e}</code></h3><pre class='diff'>{diff_html(ga, gb)[0]}</pre>"
-            for e, (ga, gb) in graphs.items()
-        )
-        atomic_write_text(args.html, page.replace("</main>", extra + "</main>"))
+        atomic_write_text(args.html, render_html(report, None, diff_graphs=graphs))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -561,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # argparse has printed what was wrong with the arguments (or the help)
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(

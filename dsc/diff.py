@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 import dsc
 from dsc.errors import DscError
-from dsc.fx_utils import listing, op_histogram
-from dsc.optimize import program_summary
+from dsc.fx_utils import op_histogram
+from dsc.optimize import host, program_summary
+from dsc.pass_manager import graph_changes
 from dsc.program import MANIFEST, Program
 from dsc.report import SCHEMA_VERSION
 
@@ -37,7 +40,8 @@ def config_differences(a: Program, b: Program) -> list[str]:
 
 
 def diff(a: Program, b: Program, label_a: str, label_b: str, context: int = 4096) -> tuple[dict, dict]:
-    """-> (report-shaped dict with before = A and after = B, graph listings per entry)."""
+    """-> (report-shaped dict with before = A and after = B, per entry of B its listings and sketches on
+    both sides: ``pass_manager.graph_changes``)."""
     ops = {}
     for entry in sorted(set(a.entries) | set(b.entries)):
         ha = op_histogram(a.entries[entry]) if entry in a.entries else {}
@@ -48,6 +52,8 @@ def diff(a: Program, b: Program, label_a: str, label_b: str, context: int = 4096
     report = {
         "schema_version": SCHEMA_VERSION,
         "dsc_version": dsc.__version__,
+        "torch_version": torch.__version__,
+        "host": host(),
         "model": f"{label_a} vs {label_b}",
         "a": label_a,
         "b": label_b,
@@ -60,5 +66,4 @@ def diff(a: Program, b: Program, label_a: str, label_b: str, context: int = 4096
         "cache_b": b.cache.to_dict(),
         "config_differs": config_differences(a, b),
     }
-    graphs = {e: (listing(a.entries[e]), listing(b.entries[e])) for e in a.entries if e in b.entries}
-    return report, graphs
+    return report, graph_changes(a, b)

@@ -37,6 +37,18 @@ def cache_scope(p: Program) -> str:
     return f"{'/'.join(dtypes)}, {len(layers)} layers" + (f" incl. {mtp} MTP" if mtp else "")
 
 
+def host() -> dict:
+    """The machine the report was made on (its measured figures are this machine's)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:  # the model name is more telling than "x86_64"
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "threads": torch.get_num_threads()}
+
+
 def program_summary(p: Program, context: int = 4096) -> dict:
     from dsc.cost import program_cost
     from dsc.fx_utils import node_count
@@ -47,6 +59,7 @@ def program_summary(p: Program, context: int = 4096) -> dict:
         "param_bytes": p.param_bytes(),
         "cache_bytes_per_token": p.cache.bytes_per_token(),
         "cache_scope": cache_scope(p),
+        "cache": p.cache.to_dict(),
         **program_cost(p, context),
     }
 
@@ -103,6 +116,7 @@ def optimize(
         "schema_version": SCHEMA_VERSION,
         "dsc_version": dsc.__version__,
         "torch_version": torch.__version__,
+        "host": host(),
         "model": model_spec or "default",
         "frontend": loaded.frontend,
         "notes": loaded.notes,

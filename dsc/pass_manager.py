@@ -22,6 +22,7 @@ import dsc.passes  # noqa: F401  (each pass file registers itself)
 from dsc.errors import DscError
 from dsc.fx_utils import listing, node_count, op_histogram
 from dsc.machine import H200, Machine
+from dsc.picture import sketch
 from dsc.program import Program
 from dsc.registry import REGISTRY, PassInfo, Text, register_pass  # noqa: F401  (re-exported)
 from dsc.verify import Numerics, Tolerance, compare, make_scenario, run_scenario
@@ -48,7 +49,8 @@ class PassRecord:
     ops_after: dict[str, dict[str, int]]
     param_bytes: tuple[int, int] = (0, 0)
     cache_bytes_per_token: tuple[int, int] = (0, 0)
-    graphs: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry -> (before, after) listings, if changed
+    # entry -> (before listing, after listing, before sketch, after sketch) if changed (see dsc.picture)
+    graphs: dict[str, tuple[str, str, dict, dict]] = field(default_factory=dict)
     options: dict[str, str] = field(default_factory=dict)  # the pass options it ran with
 
     def to_dict(self) -> dict:
@@ -142,6 +144,16 @@ def dump_pass(dump_dir: Path, index: int, name: str, before: Program, after: Pro
     return dump_dir
 
 
+def graph_changes(before: Program, after: Program) -> dict[str, tuple[str, str, dict, dict]]:
+    """Per entry of ``after``: the listings and sketches of both sides (an entry a pass added has an
+    empty before)."""
+    out = {}
+    for k, ep in after.entries.items():
+        old = before.entries.get(k)
+        out[k] = (listing(old) if old else "", listing(ep), sketch(old) if old else {}, sketch(ep))
+    return out
+
+
 def run_pipeline(
     program: Program,
     passes: list[PassInfo],
@@ -192,8 +204,7 @@ def run_pipeline(
                 {k: op_histogram(ep) for k, ep in work.entries.items()},
                 (program.param_bytes(), work.param_bytes()),
                 (program.cache.bytes_per_token(), work.cache.bytes_per_token()),
-                {k: (listing(program.entries[k]) if k in program.entries else '', listing(ep)) for k, ep in work.entries.items()}
-                if changed else {},
+                graph_changes(program, work) if changed else {},
                 ctx.options,
             )
         )  # fmt: skip

@@ -11,8 +11,10 @@ import difflib
 import html
 import json
 import math
+import re
 from pathlib import Path
 
+from dsc.cache import CacheTensor
 from dsc.cost import human, tokens_label
 
 SCHEMA_VERSION = 1
@@ -30,12 +32,26 @@ th{background:#f0f2f5;font-weight:600}td:first-child,th:first-child{text-align:l
 .cards{display:flex;gap:14px;flex-wrap:wrap}.card{background:#fff;box-shadow:0 1px 2px #0001;padding:12px 16px;min-width:200px}
 .card b{display:block;font-size:20px}.charts{display:flex;gap:18px;flex-wrap:wrap}
 svg{background:#fff;box-shadow:0 1px 2px #0001}
-pre.diff{background:#fff;box-shadow:0 1px 2px #0001;padding:10px;overflow:auto;font:12px/1.4 Menlo,Consolas,monospace;max-height:520px}
+pre.diff{background:#fff;box-shadow:0 1px 2px #0001;padding:10px;overflow:auto;font:12px/1.4 Menlo,Consolas,monospace;max-height:520px;white-space:pre-wrap;overflow-wrap:anywhere}
+.pics{display:flex;gap:12px;align-items:flex-start;margin:6px 0}.pic{flex:1 1 0;min-width:0;overflow:auto;max-height:760px;background:#fff;box-shadow:0 1px 2px #0001}
+.pic svg{box-shadow:none}h4{font-size:13px;margin:14px 0 4px;color:#39424e}
 .add{background:#e6f4ea;display:block}.del{background:#fce8e6;display:block}.hunk{color:#6b4fbb;display:block}
 .tag{background:#1f6fb2;color:#fff;border-radius:3px;padding:0 4px;margin-left:6px;font-size:11px}
 details{margin:4px 0 12px}summary{cursor:pointer;color:#1f6fb2}
 code{background:#eef1f4;padding:1px 4px;border-radius:3px}
 """
+
+
+def log_ticks(e0: float, e1: float) -> list[float]:
+    """Round tick values between 10**e0 and 10**e1: 1, 3 per decade over a short range (never 3.16),
+    one per decade otherwise."""
+    steps = (1, 3) if e1 - e0 <= 3 else (1,)
+    return [
+        m * 10.0**k
+        for k in range(math.floor(e0), math.ceil(e1) + 1)
+        for m in steps
+        if e0 - 1e-9 <= math.log10(m * 10.0**k) <= e1 + 1e-9
+    ]
 
 
 def svg_chart(
@@ -64,14 +80,12 @@ def svg_chart(
         f'aria-label="{html.escape(title)}" font-family="Helvetica, Arial, sans-serif" style="background:#fff">'
     ]
     out.append(f'<text x="{L}" y="20" font-size="13" font-weight="600">{html.escape(title)}</text>')
-    e = y0
-    while e <= y1 + 1e-9:
-        y = sy(10**e)
+    for v in log_ticks(y0, y1):
+        y = sy(v)
         out.append(f'<line x1="{L}" x2="{w - R}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e9ed"/>')
         out.append(
-            f'<text x="{L - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end" fill="#5b6573">{human(10**e)}</text>'
+            f'<text x="{L - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end" fill="#5b6573">{human(v)}</text>'
         )
-        e += 0.5 if (y1 - y0) <= 3 else 1
     xs = sorted({x for s in series for x in s["x"]})
     for x in xs:
         out.append(
@@ -176,6 +190,36 @@ def _fmt_num(n) -> str:
     return f"{n['sqnr_db']:.1f} dB"
 
 
+LABELS = {
+    # canonicalize
+    "asserts_and_casts": "asserts and no-op casts dropped", "views": "view chains folded",
+    "cse": "common subexpressions merged", "dce": "dead nodes removed",
+    "unused_weight_inputs": "weight inputs an entry never reads (dropped from that entry; the Program keeps the weight)",
+    # normalize
+    "grad_mode": "grad-mode wrappers inlined", "noops": "no-op copies dropped", "assembly": "in-place assemblies as cat",
+    "cache_writes": "cache writes made canonical", "layout": "transposes as permute", "masks": "masks made additive",
+    "contractions": "contractions as einsum", "split_sums": "split sums merged", "declined": "spellings declined",
+    # absorb_mla / fuse_dsa
+    "sites": "sites", "latent_style": "latent caches", "per_head_cache_style": "per-head K/V caches",
+    "products": "W_UK·W_UV products", "form": "form", "why": "why", "topk": "top-k", "entries": "entries",
+    "cache_bytes_per_token_per_layer": "cache bytes per token per layer", "index_cache": "index-key cache",
+    "recall_vs_fp32": "top-k recall vs the fp32 indexer", "option": "option", "inflation": "weight inflation (x)",
+    "param_bytes_per_layer": "parameter bytes per layer", "layers": "layers", "before": "before", "after": "after", "factored": "factored", "sites_per_entry": "sites per entry",
+    # lower_fp8
+    "mode": "numerics mode", "scales": "scale format", "matmuls": "matmuls", "weights": "weights",
+    "lowered": "lowered", "from_checkpoint": "taken from the FP8 checkpoint as they are", "bytes_before": "bytes before",
+    "bytes_after": "bytes after", "sqnr_db": "output SQNR (dB)", "not_lowered_yet": "not lowered yet",
+    # draft_mtp
+    "draft": "draft entry", "verify": "verify entry", "hidden": "hidden state", "from": "made from", "order": "order",
+    "attention_sites": "attention sites", "chained_hidden": "chained hidden state", "mtp_cache_layers": "MTP cache layers",
+}  # fmt: skip
+
+
+def stat_label(key: str) -> str:
+    """A stat key as a person reads it (dotted keys label each part)."""
+    return " · ".join(LABELS.get(k, k.replace("_", " ")) for k in str(key).split("."))
+
+
 def _is_table(v) -> bool:
     return isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values())
 
@@ -186,7 +230,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
         if isinstance(v, dict):
             out |= _flatten(v, f"{prefix}{k}.")
         else:
-            out[f"{prefix}{k}"] = (", ".join(map(str, v)) or "none") if isinstance(v, list) else v
+            out[f"{prefix}{k}"] = (", ".join(map(str, v)) or "—") if isinstance(v, list) else v
     return out
 
 
@@ -195,20 +239,112 @@ def _facts_table(title: str, d: dict) -> str:
     rows = []
     for k, v in _flatten(d).items():
         shown = f"{v} ({human(v, 'B')})" if "bytes" in k and isinstance(v, int) and v >= 1000 else str(v)
-        rows.append(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(shown)}</td></tr>")
-    return f"<table><tr><th colspan='2' style='text-align:left'>{html.escape(title)}</th></tr>{''.join(rows)}</table>"
+        rows.append(
+            f"<tr><td>{html.escape(stat_label(k))}</td><td style='text-align:left'>{html.escape(shown)}</td></tr>"
+        )
+    return f"<table><tr><th colspan='2' style='text-align:left'>{html.escape(stat_label(title))}</th></tr>{''.join(rows)}</table>"
+
+
+def _cell(v) -> str:
+    if isinstance(v, list):
+        return ", ".join(map(str, v)) or "—"
+    if isinstance(v, dict):
+        return ", ".join(f"{stat_label(k)} {x}" for k, x in v.items()) or "—"
+    return str(v)
 
 
 def _stats_table(title: str, rows: dict[str, dict]) -> str:
     cols = list(dict.fromkeys(c for r in rows.values() for c in r))
-    out = [f"<table><tr><th>{html.escape(title)}</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
+    out = [
+        f"<table><tr><th>{html.escape(stat_label(title))}</th>"
+        + "".join(f"<th>{html.escape(stat_label(c))}</th>" for c in cols)
+        + "</tr>"
+    ]
     for name, r in rows.items():
-        cells = "".join(f"<td style='text-align:left'>{html.escape(str(r.get(c, '')))}</td>" for c in cols)
+        cells = "".join(f"<td style='text-align:left'>{html.escape(_cell(r.get(c, '')))}</td>" for c in cols)
         out.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
     return "".join(out) + "</table>"
 
 
-def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | None = None) -> str:
+def header_line(report: dict) -> str:
+    """Versions, machine, what ran (the passes, or the two sides of a diff) and the command line."""
+    host = report.get("host") or {}
+    parts = [f"dsc {report.get('dsc_version', '?')}", f"torch {report.get('torch_version', '?')}"]
+    if host:
+        parts.append(f"{host.get('cpu') or host.get('platform', '')}, {host.get('threads')} threads")
+    if "passes" in report and "a" not in report:
+        passes = report["passes"]
+        changed = sum(1 for p in passes if p["changed"])
+        parts.append(f"{len(passes)} passes, {changed} changed the program")
+        parts.append("verification " + ("on" if report.get("verified", True) else "<b>off</b>"))
+    if "a" in report:
+        for side in ("a", "b"):
+            ran = ", ".join(report.get(f"passes_{side}") or []) or "no passes (as captured)"
+            parts.append(f"{side.upper()} = {html.escape(str(report[side]))}: {html.escape(ran)}")
+    line = " · ".join(parts)
+    if report.get("command"):
+        line += f"<br><code>{html.escape(report['command'])}</code>"
+    return line
+
+
+def cache_table(b: dict, a: dict) -> str:
+    """The CacheSpec before and after: one row per kind of cache tensor (the layers folded)."""
+    if "cache" not in b or "cache" not in a:
+        return ""
+
+    def rows(spec: dict) -> dict[tuple, dict]:
+        out: dict[tuple, dict] = {}
+        for t in spec["tensors"]:
+            name = re.sub(r"\blayers\.\d+\.", "layers.*.", t["name"])
+            tail = list(t["tail"])
+            dims = ["B", *tail[: t.get("time_dim", 1) - 1], "T", *tail[t.get("time_dim", 1) - 1 :]]
+            key = (name, tuple(dims), t["dtype"])
+            row = out.setdefault(
+                key, {"meaning": t["meaning"], "layers": [], "bytes": CacheTensor(**t).bytes_per_token}
+            )
+            row["layers"].append(t["layer"])
+        return out
+
+    h = ["<h2>KV cache layout (CacheSpec)</h2><table><tr><th></th><th>tensor</th><th>shape</th><th>dtype</th>"
+         "<th>layers</th><th>bytes / token / layer</th><th>bytes / token</th><th>holds</th></tr>"]  # fmt: skip
+    for side, spec in (("before", b["cache"]), ("after", a["cache"])):
+        for (name, dims, dtype), r in rows(spec).items():
+            n = len(r["layers"])
+            h.append(
+                f"<tr><td>{side}</td><td style='text-align:left'><code>{html.escape(name)}</code></td>"
+                f"<td><code>({', '.join(map(str, dims))})</code></td><td>{dtype}</td><td>{n}</td>"
+                f"<td>{r['bytes']:,}</td><td>{r['bytes'] * n:,}</td>"
+                f"<td style='text-align:left'>{html.escape(r['meaning'])}</td></tr>"
+            )
+    h.append("</table>")
+    return "".join(h)
+
+
+def graph_change_html(entry: str, change: tuple, open_: bool = False) -> str:
+    """One entry's change: the before/after pictures (when sketches are given) and the listing diff."""
+    from dsc.picture import before_after
+
+    gb, ga = change[0], change[1]
+    out = []
+    if len(change) == 4 and (change[2] or change[3]):
+        pb, pa = before_after(change[2], change[3], gb, ga, entry)
+        if pb or pa:
+            out.append(f"<div class='pics' data-entry='{html.escape(entry)}'>")
+            out += [f"<div class='pic'>{p}</div>" for p in (pb, pa) if p]
+            out.append("</div>")
+    body, added, removed = diff_html(gb, ga)
+    out.append(
+        f"<details{' open' if open_ else ''}><summary>listing of <code>{entry}</code>: "
+        f"+{added} / −{removed} lines</summary><pre class='diff'>{body}</pre></details>"
+    )
+    return "".join(out)
+
+
+def render_html(
+    report: dict, graphs: dict[str, dict[str, tuple]] | None = None, diff_graphs: dict | None = None
+) -> str:
+    """``graphs``: per pass, per entry, its ``pass_manager.graph_changes``; ``diff_graphs``: the same for
+    the one change from A to B of ``dsc diff``."""
     b, a = report["before"], report["after"]
     ctx = b.get("context_len", 4096)
     title = f"dsc report — {report.get('model', '')}"
@@ -216,12 +352,7 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
     h.append(f"<style>{CSS}</style></head><body><main>")
     h.append(f"<h1>{html.escape(title)}</h1>")
     passes = report.get("passes", [])
-    changed = [p["name"] for p in passes if p["changed"]]
-    h.append(
-        f"<div class='sub'>dsc {report.get('dsc_version', '')} · torch {report.get('torch_version', '')} · "
-        f"{len(passes)} passes, {len(changed)} changed the program · verification "
-        f"{'on' if report.get('verified', True) else '<b>off</b>'}</div>"
-    )
+    h.append(f"<div class='sub'>{header_line(report)}</div>")
     cards = [
         (
             "FLOPs per decode step",
@@ -270,6 +401,7 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
                 f"<tr><td>{label}</td><td>{human(b[key])}</td><td>{human(a[key])}</td><td>{_ratio(b[key], a[key])}</td></tr>"
             )
     h.append("</table>")
+    h.append(cache_table(b, a))
     eb, ea = b.get("entry_costs", {}), a.get("entry_costs", {})
     if ea:
         what = {"prefill": f"a prompt of {tokens_label(ctx)}", "decode": "1 new token",
@@ -332,7 +464,7 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
                 h.append("<p class='muted'>Found nothing to rewrite: the program is unchanged.</p>")
                 continue
             flat = {k: v for k, v in p.get("stats", {}).items() if not isinstance(v, dict)}
-            stats = ", ".join(f"{k}: {v}" for k, v in flat.items())
+            stats = ", ".join(f"{stat_label(k)}: {_cell(v)}" for k, v in flat.items())
             if p.get("options"):
                 stats += " · options: " + ", ".join(f"{k}={v}" for k, v in p["options"].items())
             h.append(f"<p>{p['matches']} sites · {html.escape(stats)} · parameters {human(p['param_bytes']['before'], 'B')} → "
@@ -356,10 +488,26 @@ def render_html(report: dict, graphs: dict[str, dict[str, tuple[str, str]]] | No
                     )
                     h.append(f"<tr><td><code>{html.escape(op)}</code></td>{cells}</tr>")
                 h.append("</table>")
-            for entry, (gb, ga) in (graphs or {}).get(p["name"], {}).items():
-                body, added, removed = diff_html(gb, ga)
-                h.append(f"<details{' open' if entry == 'decode' else ''}><summary>graph of <code>{entry}</code>: "
-                         f"+{added} / −{removed} lines</summary><pre class='diff'>{body}</pre></details>")  # fmt: skip
+            seen: dict[tuple, str] = {}
+            for entry, change in (graphs or {}).get(p["name"], {}).items():
+                if change[0] == change[1]:
+                    continue
+                h.append(f"<h4>{p['name']} on <code>{entry}</code></h4>")
+                if not change[0]:
+                    h.append("<p class='muted'>A new entry point made by this pass (its listing below).</p>")
+                    h.append(graph_change_html(entry, change[:2]))
+                elif (change[0], change[1]) in seen:  # verify is made from decode: one picture for both
+                    h.append(f"<p class='muted'>The same change as in <code>{seen[change[0], change[1]]}</code>.</p>")
+                else:
+                    seen[change[0], change[1]] = entry
+                    h.append(graph_change_html(entry, change))
+    if diff_graphs:
+        h.append("<h2>What changed from A to B</h2>")
+        for entry, change in diff_graphs.items():
+            if change[0] != change[1]:
+                h.append(
+                    f"<h4><code>{entry}</code></h4>" + graph_change_html(entry, change if change[0] else change[:2])
+                )
     h.append("</main></body></html>")
     return "".join(h)
 
