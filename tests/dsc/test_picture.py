@@ -83,7 +83,10 @@ def test_identical_layers_fold_and_every_changed_node_is_accounted_for():
     assert "× 3 layers" in svg  # ... standing for three
     assert not context & set(changed) and context  # inputs and users drawn as grey context
     # weights carry their module's name, new nodes (no module stack) take their inputs' module
-    assert sk["p_layers_0_proj_weight"]["op"] == "proj.weight" and sk["p_layers_0_proj_weight"]["module"] == "layers.0.proj"
+    assert (
+        sk["p_layers_0_proj_weight"]["op"] == "proj.weight"
+        and sk["p_layers_0_proj_weight"]["module"] == "layers.0.proj"
+    )
 
 
 def test_report_has_a_picture_per_changed_pass_and_entry(tiny_program, tiny_optimized):
