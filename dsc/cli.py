@@ -294,26 +294,46 @@ def command_line(args) -> str:
     return shlex.join(["dsc", *args.argv])
 
 
-# ---- diff ---------------------------------------------------------------------------------------
+# ---- diff / view --------------------------------------------------------------------------------
+def _sides(args):
+    """-> (A, B, label A, label B): two saved Programs, or (B omitted) the optimize output A against its
+    input, re-captured through the frontend it came through."""
+    from dsc.diff import input_of, load_side
+
+    a = load_side(args.a)
+    if args.b:
+        return a, load_side(args.b), args.a, args.b
+    source, frontend = a.provenance.get("source"), a.provenance.get("frontend", "reference")
+    with console.status(escape(f"re-capturing the input ({source}, {frontend} frontend) with torch.export...")):
+        t0 = time.perf_counter()
+        before = input_of(a, trust_pickle=args.trust_pickle)
+    if not getattr(args, "json", False):
+        console.print(escape(f"captured the input {source} in {time.perf_counter() - t0:.1f} s"), highlight=False)
+    return before, a, f"input ({source})", args.a
+
+
+def cmd_view(args) -> int:
+    from dsc.view import require_explorer, view
+
+    require_explorer()  # the optional extra: say it is missing before any work
+    a, b, label_a, label_b = _sides(args)
+    console.print(
+        escape(f"Model Explorer on {args.entry}: A = {label_a}, B = {label_b}, at http://localhost:{args.port} "
+               "(Ctrl-C stops it)"), highlight=False,
+    )  # fmt: skip
+    view(a, b, args.entry, (label_a, label_b), args.context, args.port, browser=not args.no_browser)
+    return 0
+
+
 def cmd_diff(args) -> int:
     from dsc.cost import human
-    from dsc.diff import diff, input_of, load_side
+    from dsc.diff import diff
     from dsc.fsutil import atomic_write_text, check_writable
     from dsc.report import render_html
 
     if args.html:
         check_writable(args.html, "--html", directory=False)
-    a = load_side(args.a)
-    if args.b:
-        b, label_a, label_b = load_side(args.b), args.a, args.b
-    else:  # an optimize output against its input
-        source, frontend = a.provenance.get("source"), a.provenance.get("frontend", "reference")
-        with console.status(escape(f"re-capturing the input ({source}, {frontend} frontend) with torch.export...")):
-            t0 = time.perf_counter()
-            b, a = a, input_of(a, trust_pickle=args.trust_pickle)
-        if not args.json:
-            console.print(escape(f"captured the input {source} in {time.perf_counter() - t0:.1f} s"), highlight=False)
-        label_a, label_b = f"input ({source})", args.a
+    a, b, label_a, label_b = _sides(args)
     report, graphs = diff(a, b, label_a, label_b, args.context)
     report["command"] = command_line(args)
     if args.html:
@@ -504,6 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--html", metavar="FILE", help="also write the comparison as a self-contained HTML page")
     p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("view", help="Model Explorer on an entry's graph before and after (extra 'view')")
+    p.add_argument("a", help="a `dsc optimize` output directory")
+    p.add_argument("b", nargs="?", help="another one; omitted: A against the model it was made from")
+    p.add_argument("--entry", default="decode", help="the entry point to show (default decode)")
+    p.add_argument("--context", type=_at_least(1), default=4096, help="context for the cost overlays (default 4096)")
+    p.add_argument("--port", type=_at_least(1), default=8080, help="the local server's port (default 8080)")
+    p.add_argument("--no-browser", action="store_true", help="start the server without opening a browser")
+    p.add_argument("--trust-pickle", action="store_true", help="re-load a pickled input (module / pt2 frontends)")
+    p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("bench", help="latency and memory of eager / torch.compile / dsc side by side")
     p.add_argument("model", nargs="?", help="checkpoint, model.pt or preset (default: small; tiny with --quick)")

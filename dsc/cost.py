@@ -189,12 +189,9 @@ def _sparse_attention_cost(n: fx.Node, k: int) -> tuple[sympy.Expr, sympy.Expr]:
     return flops, nbytes
 
 
-def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False, sparse_dsa: bool = False) -> EntryCost:
-    """kind "decode": batch 1, 1 new token, context T; "verify": batch 1, 2 new tokens (one draft,
-    FlashMLA's s_q = 2) at context T; kind "prefill": batch 1, T tokens.
-    ``fused_attention``: count attention as a flash kernel moves it (``attention_interiors``);
-    ``sparse_dsa``: price an absorbed attention masked by a DSA top-k as the sparse attention over
-    its k keys that ``fuse_dsa`` makes of it (for choosing forms before that pass runs)."""
+def call_sizes(ep: ExportedProgram, kind: str) -> dict:
+    """The sizes one call of ``kind`` is priced at, as a substitution of the entry's dynamic dims (see
+    ``entry_cost``): batch 1; decode 1 new token and verify 2 at context T; prefill T tokens."""
     syms = _symbols(ep)
     subs = {syms[k]: 1 for k in ("batch",) if k in syms}
     if kind in ("decode", "verify"):
@@ -202,6 +199,16 @@ def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False, sp
         subs.update({syms["ctx"]: T} if "ctx" in syms else {})
     else:
         subs.update({syms[k]: T for k in ("seq", "ctx") if k in syms})
+    return subs
+
+
+def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False, sparse_dsa: bool = False) -> EntryCost:
+    """kind "decode": batch 1, 1 new token, context T; "verify": batch 1, 2 new tokens (one draft,
+    FlashMLA's s_q = 2) at context T; kind "prefill": batch 1, T tokens.
+    ``fused_attention``: count attention as a flash kernel moves it (``attention_interiors``);
+    ``sparse_dsa``: price an absorbed attention masked by a DSA top-k as the sparse attention over
+    its k keys that ``fuse_dsa`` makes of it (for choosing forms before that pass runs)."""
+    subs = call_sizes(ep, kind)
     flops = bytes_ = sympy.Integer(0)
     interior = attention_interiors(ep) if fused_attention else frozenset()
     for n in ep.graph.nodes:

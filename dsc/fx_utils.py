@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 import re
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -228,11 +229,22 @@ def dim_names(ep: ExportedProgram) -> dict:
     return out
 
 
+def name_dims(ep: ExportedProgram) -> Callable[[str], str]:
+    """A function that writes an entry's dynamic-size symbols in a text by their roles (s0 -> batch)."""
+    names = {str(k): v for k, v in dim_names(ep).items()}
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
+    return (lambda text: pattern.sub(lambda m: names[m.group(1)], text)) if pattern else (lambda text: text)
+
+
+def describe_val(ep: ExportedProgram) -> Callable[[object], str]:
+    """A node value as ``dtype[dims]`` with the entry's dims named (see ``name_dims``)."""
+    named = name_dims(ep)
+    return lambda v: named(_fmt_val(v))
+
+
 def listing(ep: ExportedProgram) -> str:
     """The graph as readable code, one node a line: ``name = op(args)  # dtype[shape]  <- pass``."""
     kinds = {s.arg.name: s.kind.name.lower() for s in ep.graph_signature.input_specs}
-    names = {str(k): v for k, v in dim_names(ep).items()}
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
     lines = []
     for n in ep.graph.nodes:
         if n.op == "placeholder":
@@ -251,8 +263,7 @@ def listing(ep: ExportedProgram) -> str:
         src = n.meta.get("dsc_pass")
         tail = f"  <- {src}" if src else ""
         lines.append(f"{n.name} = {target}({args})  # {_fmt_val(n.meta.get('val'))}{tail}")
-    text = "\n".join(lines)
-    return pattern.sub(lambda m: names[m.group(1)], text) if pattern else text
+    return name_dims(ep)("\n".join(lines))
 
 
 def refresh_meta(ep: ExportedProgram, full: bool = False) -> None:

@@ -24,7 +24,7 @@ from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from dsc.fx_utils import _fmt_val, dim_names
+from dsc.fx_utils import describe_val
 
 MAX_NODES = 60  # per picture; a diff larger than this (after folding layers) is drawn in part
 LAYER = re.compile(r"^(.*?\blayers?)\.(\d+)(?=\.|$)")
@@ -54,8 +54,7 @@ def sketch(ep: ExportedProgram) -> dict[str, dict]:
     """One entry's graph as {node name: {op, in, val, module, pass, kind}} in graph order."""
     kinds = {s.arg.name: s.kind for s in ep.graph_signature.input_specs}
     weights = {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.target}  # parameters, buffers
-    names = {str(k): v for k, v in dim_names(ep).items()}
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
+    describe = describe_val(ep)
     out: dict[str, dict] = {}
     for n in ep.graph.nodes:
         kind = "op"
@@ -63,12 +62,12 @@ def sketch(ep: ExportedProgram) -> dict[str, dict]:
             kind = "input" if kinds.get(n.name) == InputKind.USER_INPUT else "weight"
         elif n.op == "output":
             kind = "output"
-        v = _fmt_val(n.meta.get("val"))
+        v = describe(n.meta.get("val"))
         fqn = weights.get(n.name)
         out[n.name] = {
             "op": ".".join(fqn.split(".")[-2:]) if fqn else _op_label(n),
             "in": [a.name for a in n.all_input_nodes],
-            "val": pattern.sub(lambda m: names[m.group(1)], v) if pattern and v else v,
+            "val": v,
             "module": fqn.rpartition(".")[0] if fqn else _module(n),
             "pass": n.meta.get("dsc_pass"),
             "kind": kind,

@@ -169,6 +169,8 @@ class Program:
                 "state_dict": sorted(ep.state_dict),
                 "parameters": sorted(k for k, t in ep.state_dict.items() if isinstance(t, torch.nn.Parameter)),
                 "constants": sorted(tensor_consts),
+                # the pass that made each node (meta["dsc_pass"]): torch.export's serializer drops custom meta
+                "made_by": {n.name: n.meta["dsc_pass"] for n in ep.graph.nodes if n.meta.get("dsc_pass")},
             }
         _save_tensors(weights, path / "weights.safetensors")
         _save_tensors(consts, path / "constants.safetensors")
@@ -235,6 +237,10 @@ class Program:
                     f"{graph} is not a readable torch.export graph ({type(e).__name__}: {e})"[:400]
                 ) from None
             _check_entry(entries[name], name, cache, config, path)
+            made_by = info.get("made_by", {})
+            for n in entries[name].graph.nodes:
+                if isinstance(made_by, dict) and isinstance(made_by.get(n.name), str):
+                    n.meta["dsc_pass"] = made_by[n.name]
         return cls(entries, cache, config, manifest.get("provenance", {}), manifest.get("prefill_chunk"))
 
 

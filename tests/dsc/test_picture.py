@@ -147,3 +147,20 @@ def test_report_polish(tiny_program, tiny_optimized):
 def test_log_ticks_are_round():
     assert log_ticks(6, 7.5) == [1e6, 3e6, 1e7, 3e7]
     assert log_ticks(2, 8) == [1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8]
+
+
+def test_saved_program_keeps_which_pass_made_each_node(tiny_optimized, tmp_path):
+    """torch.export's serializer drops custom node meta: the manifest keeps meta["dsc_pass"], so a
+    reloaded Program's listings, pictures and Model Explorer overlays still name the passes."""
+    from dsc.fx_utils import listing
+    from dsc.program import Program
+
+    program = tiny_optimized[0]
+    program.save(tmp_path / "p")
+    back = Program.load(tmp_path / "p")
+    def lines(ep):  # the serializer reorders getitems and adds one per unused output
+        return sorted(ln for ln in listing(ep).splitlines() if " = getitem(" not in ln)
+
+    for entry, ep in program.entries.items():
+        assert lines(back.entries[entry]) == lines(ep)
+    assert "<- absorb_mla" in listing(back.entries["decode"])
