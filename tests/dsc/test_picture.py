@@ -158,6 +158,7 @@ def test_saved_program_keeps_which_pass_made_each_node(tiny_optimized, tmp_path)
     program = tiny_optimized[0]
     program.save(tmp_path / "p")
     back = Program.load(tmp_path / "p")
+
     def lines(ep):  # the serializer reorders getitems and adds one per unused output
         return sorted(ln for ln in listing(ep).splitlines() if " = getitem(" not in ln)
 
