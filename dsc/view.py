@@ -6,23 +6,30 @@ by node name (the adapter's node ids):
   sets as the report's pictures, ``picture.changed_nodes``);
 - "made by <pass>" on the after graph: the nodes each pass created (``meta["dsc_pass"]``);
 - "FLOPs" and "bytes" on both: each node's cost in the cost model, for one decode step (or one prefill)
-  at the report's context.
+  at the report's context;
+- "B vs A max |error|" on the after graph: per node that both graphs have, its output's largest
+  difference on verification's inputs (``node_errors``).
 
 Model Explorer is the optional extra ``view`` (``pip install 'dsc[view]'``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
 
 import sympy
+import torch
+import torch.utils._pytree as pytree
 
 from dsc.cost import T, call_sizes, node_bytes, node_flops
 from dsc.errors import DscError
 from dsc.fx_utils import describe_val, listing
 from dsc.picture import changed_nodes, sketch
 from dsc.program import Program
+from dsc.verify import make_scenario
 
 COLORS = {"removed": "#f28b82", "added": "#81c995"}
 PASS_COLORS = ["#8ab4f8", "#fdd663", "#c58af9", "#78d9ec", "#fcad70", "#f6aea9"]
@@ -59,6 +66,51 @@ def node_costs(ep, kind: str, context: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+class _Record(torch.fx.Interpreter):
+    """Runs a graph and keeps every call_function node's tensor output by node name."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function" and isinstance(out, torch.Tensor) and out.is_floating_point():
+            self.values[n.name] = out.detach().clone()
+        return out
+
+
+@torch.no_grad()
+def node_errors(a: Program, b: Program, entry: str) -> dict[str, float]:
+    """Max |B - A| per node of B's ``entry`` that A has too (same name and shape), on verification's
+    inputs: each side prefills the same prompt into its own caches (their layouts may differ), then
+    runs one call of the entry (a one-token decode; verify: the first multi-token step). Nodes a pass
+    left in place downstream of a rewrite show how far its rounding travelled. Empty for entries
+    verification does not drive this way (mtp, draft)."""
+    if entry not in ("prefill", "decode", "verify") or a.config is None or entry not in a.entries:
+        return {}
+    sc = make_scenario(b.config, seed=0, batch=1)
+    toks, pos = next(((t, p) for t, p in sc.steps if (t.shape[1] > 1) == (entry == "verify")), sc.steps[0])
+    seen = []
+    for p in (a, b):
+        caches = p.cache.allocate(1, sc.total_len)
+        if entry == "prefill":
+            args = (sc.prompt, p.cache.window(caches, sc.prompt.shape[1]))
+        else:
+            p.prefill(sc.prompt, p.cache.window(caches, sc.prompt.shape[1]))
+            args = (toks, pos, p.cache.window(caches, int(pos.max()) + 1))
+        rec = _Record(p.module(entry))
+        rec.run(*pytree.tree_leaves(args))
+        seen.append(rec.values)
+    va, vb = seen
+
+    def err(x, y) -> float:  # equal infinities (masks) are no error; an infinite one is capped (JSON has no inf)
+        d = torch.where(x == y, 0.0, (y - x).abs()).nan_to_num(nan=1e30, posinf=1e30)
+        return float(d.max()) if d.numel() else 0.0
+
+    return {k: err(va[k], vb[k]) for k in vb if k in va and va[k].shape == vb[k].shape}
+
+
 def overlays(before, after, entry: str, names: tuple[str, str], context: int) -> list[Overlay]:
     """The node-data overlays of one entry's before (A) and after (B) graphs."""
     removed, added = changed_nodes(listing(before), listing(after))
@@ -83,7 +135,7 @@ def overlays(before, after, entry: str, names: tuple[str, str], context: int) ->
     return out
 
 
-def explorer_graphs(ep):
+def explorer_graphs(ep, graph_id: str):
     """``ep`` through Model Explorer's own ExportedProgram adapter, with two of its methods replaced: its
     output metadata handles static tensors only (a SymInt, or a shape with symbolic dims, raises), so
     every output gets dsc's ``dtype[dims]`` with the dims named (batch, seq, ctx); and nodes are nested
@@ -95,12 +147,15 @@ def explorer_graphs(ep):
     shape = describe_val(ep)
 
     modules = {k: d["module"] for k, d in sketch(ep).items()}
+    wrapper = os.path.commonprefix([m + "." for m in modules.values() if m])  # a wrapper's "m." on every path
+    wrapper = wrapper[: wrapper.rfind(".") + 1]
 
     class Adapter(PytorchExportedProgramAdapterImpl):
         def get_hierachy(self, fx_node):  # the module path the report's pictures group by ("layers.0/self_attn")
             if self.is_arg_node(fx_node):
                 return "inputs"
-            return re.sub(r"(?<=\blayers)/(\d+)", r".\1", modules.get(fx_node.name, "").replace(".", "/"))
+            path = modules.get(fx_node.name, "").removeprefix(wrapper)
+            return re.sub(r"(?<=\blayers)/(\d+)", r".\1", path.replace(".", "/"))
 
         def add_outputs_metadata(self, fx_node, node):
             v = fx_node.meta.get("val")
@@ -108,7 +163,29 @@ def explorer_graphs(ep):
                 if x is not None:
                     node.outputsMetadata.append(MetadataItem(id=str(i), attrs=[KeyValue("tensor_shape", shape(x))]))
 
-    return Adapter(ep, DEFAULT_SETTINGS).convert()
+    graphs = Adapter(ep, DEFAULT_SETTINGS).convert()
+    graphs["graphs"][0].id = graph_id  # the web app numbers equal ids across models ("graph (2)")
+    return graphs
+
+
+def _side_by_side(me, ids: dict[str, str]):
+    """A config whose URL opens the two graphs in two panes (Model Explorer's split view), through the
+    ``uiState`` the web app reads from its ``data`` parameter."""
+    from urllib.parse import quote, unquote
+
+    class SideBySide(type(me.config())):
+        def to_url_param_value(self) -> str:
+            data = json.loads(unquote(super().to_url_param_value()))
+            data["uiState"] = {
+                "paneStates": [
+                    {"deepestExpandedGroupNodeIds": [], "selectedNodeId": "", "selectedGraphId": graph,
+                     "selectedCollectionLabel": name, "widthFraction": 0.5}
+                    for name, graph in ids.items()
+                ]
+            }  # fmt: skip
+            return quote(json.dumps(data))
+
+    return SideBySide()
 
 
 def build_config(a: Program, b: Program, entry: str, labels: tuple[str, str], context: int):
@@ -122,19 +199,28 @@ def build_config(a: Program, b: Program, entry: str, labels: tuple[str, str], co
             f"entry {entry!r} is not in {' and '.join(missing)} (A has {', '.join(sorted(a.entries))}; "
             f"B has {', '.join(sorted(b.entries))}): choose one with --entry"
         )
-    names = (f"A {labels[0]}: {entry}", f"B {labels[1]}: {entry}")
-    cfg = me.config()
+    # a model's name sits in a graphs://NAME/INDEX url: no slashes in it
+    names = tuple(f"{side} {label}: {entry}".replace("/", "\u2215") for side, label in zip("AB", labels))
+    ids = dict(zip(names, ("before", "after")))  # each model's one graph
+    cfg = _side_by_side(me, ids)
     for name, p in zip(names, (a, b)):  # what add_model_from_pytorch does, with the adapter above
         cfg.model_sources.append({"url": f"graphs://{name}/{len(cfg.graphs_list)}"})
-        cfg.graphs_list.append(explorer_graphs(p.entries[entry]))
-    for ov in overlays(a.entries[entry], b.entries[entry], entry, names, context):
+        cfg.graphs_list.append(explorer_graphs(p.entries[entry], ids[name]))
+    found = overlays(a.entries[entry], b.entries[entry], entry, names, context)
+    errors = node_errors(a, b, entry)
+    if errors:
+        found.append(
+            Overlay("B vs A max |error| (verification inputs)", names[1], {k: (v, None) for k, v in errors.items()})
+        )
+    for ov in found:
         if not ov.values:
             continue
         results = {k: ndb.NodeDataResult(value=v, bgColor=c) for k, (v, c) in ov.values.items()}
         data = ndb.GraphNodeData(results=results)
         if all(c is None for _, c in ov.values.values()):  # costs: a colour scale, light to dark
             data.gradient = [ndb.GradientItem(stop=0, bgColor="#ffffff"), ndb.GradientItem(stop=1, bgColor="#d93025")]
-        cfg.add_node_data(ov.name, ndb.ModelNodeData(graphsData={"graph": data}), model_name=ov.model)
+        graph = ids[ov.model]
+        cfg.add_node_data(ov.name, ndb.ModelNodeData(graphsData={graph: data}), model_name=ov.model)
     return cfg
 
 

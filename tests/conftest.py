@@ -1,6 +1,11 @@
+import os
+
 import pytest
 import torch
 from dsc.model import DeepseekV32ForCausalLM, preset
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers share the cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,8 @@
 """dsc view: the Model Explorer config (graphs through Model Explorer's own adapter, node-data overlays)."""
 
 import json
+import math
+from urllib.parse import unquote
 
 import pytest
 
@@ -26,17 +28,26 @@ def test_config_graphs_and_overlays(tiny_program, tiny_optimized):
     ids = [_node_ids(g) for g in graphs]
     models = [s["url"].split("/")[2] for s in data["model_sources"]]
     assert models == ["A tiny: decode", "B out: decode"]
+    graph_ids = [json.loads(g)["graphs"][0]["id"] for g in graphs]
+    panes = json.loads(unquote(cfg.to_url_param_value()))["uiState"]["paneStates"]
+    assert [(p["selectedCollectionLabel"], p["selectedGraphId"]) for p in panes] == list(zip(models, graph_ids))
     removed, added = changed_nodes(listing(tiny_program.entries["decode"]), listing(after.entries["decode"]))
     overlays = {}
     for src, target, nd in zip(data["node_data_sources"], data["node_data_target_models"], cfg.node_data_list):
         name = src.removeprefix("node_data://").rsplit("/", 1)[0]
-        results = json.loads(nd.to_json_string())["graph"]["results"]
+        ((graph_id, per_graph),) = json.loads(nd.to_json_string()).items()
+        assert graph_id == graph_ids[models.index(target)]  # node data names the graph it applies to
+        results = per_graph["results"]
         assert set(results) <= ids[models.index(target)], name  # keyed by the adapter's node ids
         overlays[name] = (target, results)
     assert set(overlays["removed"][1]) == set(removed) and overlays["removed"][0] == models[0]
     assert set(overlays["added"][1]) == set(added) and overlays["added"][0] == models[1]
     for p in ("absorb_mla", "fuse_dsa", "fuse_add_rms_norm"):
         assert overlays[f"made by {p}"][0] == models[1]
+    errors = overlays["B vs A max |error| (verification inputs)"]
+    assert errors[0] == models[1] and len(errors[1]) > 20  # nodes the passes left in place
+    assert max(v["value"] for v in errors[1].values()) < 1e-3  # fp32 rewrites: rounding only
+    assert all(math.isfinite(v["value"]) for _, r in overlays.values() for v in r.values())  # JSON has no NaN
     flops = overlays["B FLOPs (decode, 1024 ctx)"][1]
     mla = [k for k in flops if k.startswith("sparse_mla")]
     assert mla and all(flops[k]["value"] > 0 for k in mla)
