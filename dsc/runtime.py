@@ -116,11 +116,8 @@ def prefill(
     per-call memory stays that of a ``chunk``-token one."""
     B, P = tokens.shape
     lens = torch.full((B,), P) if lens is None else lens
-    if chunk == -1:
-        chunk = getattr(backend, "prefill_chunk", None)
-    rows, last, states = torch.arange(B), None, []
-    for start in range(0, P, chunk or P):
-        end = min(start + (chunk or P), P)
+    last, states = None, []
+    for start, end in prompt_chunks(backend, P, chunk):
         window = backend.cache.window(caches, end)
         if start == 0:
             logits, h = backend.prefill(tokens[:, :end], window)
@@ -131,10 +128,25 @@ def prefill(
             if h is None:
                 raise DscError("this model's prefill returns no hidden state, which speculative decoding needs")
             states.append(h)
-        got = logits[rows, (lens - 1 - start).clamp(0, end - start - 1)]
-        here = (lens - 1 >= start) & (lens - 1 < end)  # rows whose last prompt token is in this chunk
-        last = got if last is None else torch.where(here[:, None], got, last)
+        last = keep_last(logits, lens, start, end, last)
     return (last, torch.cat(states, 1)) if hidden else last
+
+
+def prompt_chunks(backend, P: int, chunk: int | None = -1) -> list[tuple[int, int]]:
+    """The (start, end) calls a P-token prompt is run in: ``chunk`` tokens each (-1: the backend's
+    ``prefill_chunk``; None or 0: one call)."""
+    if chunk == -1:
+        chunk = getattr(backend, "prefill_chunk", None)
+    step = chunk or P
+    return [(s, min(s + step, P)) for s in range(0, P, step)]
+
+
+def keep_last(values: Tensor, lens: Tensor, start: int, end: int, kept: Tensor | None) -> Tensor:
+    """Each row's value at its last prompt position (lens - 1) from a call over positions
+    start..end-1, where that position falls in it; ``kept`` (from earlier calls) elsewhere."""
+    got = values[torch.arange(values.shape[0]), (lens - 1 - start).clamp(0, end - start - 1)]
+    here = ((lens - 1 >= start) & (lens - 1 < end)).view(-1, *[1] * (got.dim() - 1))
+    return got if kept is None else torch.where(here, got, kept)
 
 
 def _validated(backend, prompts: list[list[int]], params: SamplingParams, extra: int = 0):

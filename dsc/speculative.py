@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from dsc.errors import DscError
-from dsc.runtime import Generation, SamplingParams, _validated, draw, prefill, probs_of
+from dsc.runtime import Generation, SamplingParams, _validated, draw, keep_last, prefill, probs_of, prompt_chunks
 
 
 def accept_greedy(drafts: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,16 +109,11 @@ def speculative_generate(
     # the MTP layer over the prompt: slot i reads (h_i, t_{i+1}); the last real slot reads the new token
     nxt = torch.cat((tokens[:, 1:], tokens[:, -1:]), 1)
     nxt[rows, lens - 1] = cur
-    P = tokens.shape[1]
     q_logits = q_hidden = None
-    for start in range(0, P, chunk if chunk and chunk > 0 else P):
-        end = min(start + (chunk if chunk and chunk > 0 else P), P)
+    for start, end in prompt_chunks(backend, tokens.shape[1], chunk):  # the main prefill's calls
         pos = torch.arange(start, end).repeat(B, 1)
         ml, mh = backend.draft(hidden[:, start:end], nxt[:, start:end], pos, backend.cache.window(caches, end))
-        at = (lens - 1 - start).clamp(0, end - start - 1)
-        here = ((lens - 1 >= start) & (lens - 1 < end))[:, None]
-        q_logits = ml[rows, at] if q_logits is None else torch.where(here, ml[rows, at], q_logits)
-        q_hidden = mh[rows, at] if q_hidden is None else torch.where(here, mh[rows, at], q_hidden)
+        q_logits, q_hidden = keep_last(ml, lens, start, end, q_logits), keep_last(mh, lens, start, end, q_hidden)
     t_prefill = time.perf_counter() - t0
 
     # bookkeeping in Python lists (one transfer per step); tensors only for what the calls take

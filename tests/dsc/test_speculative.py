@@ -236,6 +236,19 @@ def test_prefill_returns_hidden_for_every_position(tiny_optimized):
     torch.testing.assert_close(hidden, want, **TOL["fp32_rewrite"])
 
 
+def test_chunked_prompt_drafts_like_one_call(tiny_optimized):
+    """The MTP layer runs over the prompt in the main prefill's chunks: the same tokens as one call,
+    rows of different lengths ending in different chunks."""
+    program, _ = tiny_optimized
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 17)]
+    params = SamplingParams(max_new_tokens=24, stop_at_eos=False)
+    whole = speculative_generate(program, prompts, params, 2, chunk=0)
+    for chunk in (7, 16):
+        got = speculative_generate(program, prompts, params, 2, chunk=chunk)
+        assert got.tokens == whole.tokens
+        assert got.stats["acceptance_per_position"] == whole.stats["acceptance_per_position"]
+
+
 @pytest.fixture(scope="module")
 def demo_program():
     from dsc.frontends.reference import DEMO_DIR, capture, load_model
