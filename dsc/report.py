@@ -230,7 +230,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
         if isinstance(v, dict):
             out |= _flatten(v, f"{prefix}{k}.")
         else:
-            out[f"{prefix}{k}"] = (", ".join(map(str, v)) or "—") if isinstance(v, list) else v
+            out[f"{prefix}{k}"] = _cell(v) if isinstance(v, list) else v
     return out
 
 

@@ -154,7 +154,7 @@ def explorer_graphs(ep, graph_id: str):
         def get_hierachy(self, fx_node):  # the module path the report's pictures group by ("layers.0/self_attn")
             if self.is_arg_node(fx_node):
                 return "inputs"
-            path = modules.get(fx_node.name, "").removeprefix(wrapper)
+            path = (modules.get(fx_node.name, "") + ".").removeprefix(wrapper).rstrip(".")  # "m" itself too
             return re.sub(r"(?<=\blayers)/(\d+)", r".\1", path.replace(".", "/"))
 
         def add_outputs_metadata(self, fx_node, node):
