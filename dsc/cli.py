@@ -222,6 +222,64 @@ def cmd_optimize(args) -> int:
     return 0
 
 
+# ---- export -----------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from dsc.cost import human
+    from dsc.export.onnx import export_onnx, require_onnx
+    from dsc.fsutil import check_replaceable, check_writable
+    from dsc.program import Program
+
+    require_onnx()  # before any work: the extra, the output path, the Program
+    dest = Path(args.output) if args.output else Path(args.program).with_name(Path(args.program).name + ".onnx")
+    check_writable(dest, "ONNX output directory (-o)", directory=True)
+    check_replaceable(dest, args.force, "export.json")
+    if Path(args.program).resolve() in (dest.resolve(), *dest.resolve().parents):
+        raise DscError(f"-o {dest} is inside the Program {args.program}; choose a path outside it")
+    program = Program.load(args.program)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        if not args.json:
+            console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/]  {escape(msg)}", highlight=False)
+
+    res = export_onnx(
+        program, dest, verify=not args.no_verify, check_trt=args.check == "trt", overwrite=args.force,
+        entries=_split(args.entries, "--entries"), log=log,
+    )  # fmt: skip
+    manifest = json.loads((dest / "export.json").read_text())
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    t = Table(title=escape(f"dsc export {args.program} --format onnx -> {dest}"))
+    for col in ("entry", "file", "size", "ONNX nodes", "inputs", "s"):
+        t.add_column(col, justify="left" if col in ("entry", "file", "inputs") else "right")
+    for name, e in res.entries.items():
+        t.add_row(
+            name, e.file, human(res.bytes[name], "B"), str(sum(res.ops[name].values())),
+            ", ".join(e.inputs[: len(e.inputs) - len(e.reads)]) + f" + {len(e.reads)} caches",
+            f"{res.seconds[name]:.1f}",
+        )  # fmt: skip
+    out.print(t)
+    for o, text in res.fusion.items():
+        out.print(escape(f"dsc::{o}: {text}"))
+    if res.trt:
+        out.print(f"[yellow]not TensorRT-ready[/] ({len(res.trt)} findings; --check trt makes them errors):")
+        for f in res.trt:
+            out.print(escape(f"  {f}"))
+    else:
+        out.print("TensorRT-ready: constant TopK K <= 3840, no data-dependent shapes, element types it takes")
+    if res.numerics:
+        n = res.numerics
+        out.print(escape(
+            f"onnxruntime ({', '.join(n['providers'])}) agrees with the Program on the verification scenario: max abs err "
+            f"{n['max_abs_err']:.1e}, top-1 {n['top1_agreement']:.3f}, SQNR {n['sqnr_db'] or 'exact'} dB"
+        ))  # fmt: skip
+    else:
+        out.print("not verified (--no-verify)")
+    out.print(escape(f"wrote {dest}/ ({len(res.entries)} models + export.json) in {time.perf_counter() - t0:.1f} s"))
+    return 0
+
+
 # ---- generate -----------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from dsc.frontends import load
@@ -555,6 +613,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace an earlier bench.json in the output directory")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "export", help="write an optimized Program as ONNX models, checked with onnxruntime (extra 'onnx')"
+    )
+    p.add_argument("program", help="a `dsc optimize` output directory")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="what to write (default onnx)")
+    p.add_argument("-o", "--output", help="output directory (default: PROGRAM.onnx beside it; created atomically)")
+    p.add_argument("--entries", help="comma-separated entry points to write (default: all of the Program's)")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip running the models in onnxruntime against the Program"
+    )
+    p.add_argument(
+        "--check", choices=("trt",),
+        help="trt: fail on anything TensorRT's ONNX parser rejects (TopK K > 3840 or not constant, data-dependent "
+        "shapes, element types); without it they are reported",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
+    p.add_argument("--json", action="store_true", help="print export.json to stdout instead of the table")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with a model or an optimized Program directory")
     p.add_argument("model", nargs="?", help="dsc optimize output, checkpoint, model.pt or preset (default: built-in)")
