@@ -24,9 +24,12 @@ import dataclasses
 import gc
 import json
 import logging
+import shutil
 import statistics
+import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +42,9 @@ from dsc.runtime import EagerBackend, prefill
 
 log = logging.getLogger(__name__)
 VARIANTS = ("eager", "compile", "dsc")
-OPT_IN_VARIANTS = ("dsc+inductor",)  # the Program's entries under Inductor: minutes of compilation on big models
+# dsc+inductor: the Program's entries under Inductor (minutes of compilation on big models); dsc+onnx: its
+# prefill and decode exported to ONNX and run by onnxruntime (the 'onnx' extra)
+OPT_IN_VARIANTS = ("dsc+inductor", "dsc+onnx")
 SCENARIOS = ("decode", "prefill", "attention", "speculative")
 # a prompt for the speculative scenario on byte-level models (the demo model writes Python)
 CODE_PROMPT = b"import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        "
@@ -159,7 +164,7 @@ def build_variants(cfg: BenchConfig, on_event=print):
     reference = capture(model, source=cfg.model or "default")
     costs = {"reference": reference}
     for v in cfg.variants:  # "dsc": the default pipeline; "dsc:a+b": an ablation with only passes a, b
-        if v == "dsc+inductor":
+        if v in OPT_IN_VARIANTS:
             continue
         if v == "dsc" or v.startswith("dsc:"):
             passes = v.split(":", 1)[1].split("+") if ":" in v else None
@@ -173,7 +178,26 @@ def build_variants(cfg: BenchConfig, on_event=print):
         compiled = dataclasses.replace(program, inductor=True, _modules={})
         variants["dsc+inductor"] = compiled
         costs["dsc+inductor"] = compiled
+    if "dsc+onnx" in cfg.variants:
+        variants["dsc+onnx"] = onnx_variant(
+            variants.get("dsc") or run_pipeline(reference, select_passes())[0], on_event
+        )
+        costs["dsc+onnx"] = costs.get("dsc") or variants["dsc+onnx"].program
     return model.config, variants, costs
+
+
+def onnx_variant(program, on_event=print):
+    """The Program's prefill and decode as ONNX models (checked against it), run by onnxruntime."""
+    from dsc.export.onnx import OnnxBackend, export_onnx, require_onnx
+
+    require_onnx()
+    on_event("variant", "dsc+onnx: the verified Program's prefill and decode exported to ONNX, run by onnxruntime")
+    scratch = Path(tempfile.mkdtemp(prefix="dsc-bench-onnx-"))
+    export_onnx(program, scratch / "onnx", entries=["prefill", "decode"])
+    backend = OnnxBackend(scratch / "onnx", program)
+    backend.program = program
+    weakref.finalize(backend, shutil.rmtree, str(scratch), True)  # the sessions have read the files
+    return backend
 
 
 @torch.no_grad()

@@ -598,8 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", help="comma-separated: decode, prefill, attention, speculative (default: all)")
     p.add_argument(
         "--variants",
-        help="comma-separated: eager, compile, dsc, dsc+inductor (the Program's entries under torch.compile), or "
-        "dsc:PASS+PASS ablations (default: eager,compile,dsc)",
+        help="comma-separated: eager, compile, dsc, dsc+inductor (the Program's entries under torch.compile), "
+        "dsc+onnx (its prefill and decode exported to ONNX, run by onnxruntime), or dsc:PASS+PASS ablations (default: "
+        "eager,compile,dsc)",
     )
     p.add_argument("--contexts", help="decode / attention context lengths (default 1024,8192,32768)")
     p.add_argument("--prompts", help="prefill prompt lengths (default 1024,4096)")

@@ -381,6 +381,15 @@ def export_onnx(
         raise DscError(
             f"no ONNX translation for dsc::{', dsc::'.join(untranslated)}; export the Program without that pass"
         )
+    bitcasts = [
+        k for k, ep in program.entries.items() if any(n.target == torch.ops.aten.view.dtype for n in ep.graph.nodes)
+    ]
+    if bitcasts:
+        raise DscError(
+            f"the {', '.join(bitcasts)} entries reinterpret bytes as another dtype (aten.view.dtype, e.g. the packed "
+            f"FP8 index-key cache of fuse_dsa.index_cache=fp8), which ONNX opset {OPSET} cannot express (BitCast "
+            "is opset 26); export a Program optimized with fuse_dsa.index_cache=keep"
+        )
     log = log or (lambda msg: None)
     result = OnnxExport(fusion={o: FUSION[o] for o in dsc_ops(program) if o in FUSION})
     scenario = make_scenario(program.config)

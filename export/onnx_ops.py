@@ -46,6 +46,48 @@ def sort_stable(x, stable: bool | None = None, dim: int = -1, descending: bool =
     return vals, idx
 
 
+def einsum(equation: str, tensors):
+    """A two-operand einsum as one batched MatMul between Transposes and Reshapes, the form
+    onnxruntime and TensorRT run fastest (onnxruntime's CPU Einsum re-lays out its operands on every
+    call: an absorbed MLA decode step spent a third of its time there). Other equations stay Einsum."""
+    ins, out = equation.replace(" ", "").split("->") if "->" in equation else (equation, None)
+    labels = ins.split(",")
+    if len(tensors) != 2 or out is None or "." in equation or any(len(set(x)) != len(x) for x in [*labels, out]):
+        return op.Einsum(*tensors, equation=equation)
+    (la, lb), (a, b) = labels, tensors
+    a, la = _sum_alone(a, la, lb, out)  # a label of one operand alone that the output drops: summed first
+    b, lb = _sum_alone(b, lb, la, out)
+    batch = [c for c in out if c in la and c in lb]
+    contract = [c for c in la if c in lb and c not in out]
+    a_only, b_only = [c for c in la if c not in lb], [c for c in lb if c not in la]
+
+    def size(c):  # a label's size as a 1-D int64 tensor (batch labels broadcast)
+        da = _dim(a, la.index(c)) if c in la else None
+        db = _dim(b, lb.index(c)) if c in lb else None
+        return db if da is None else da if db is None else op.Max(da, db)
+
+    def prod(cs):
+        return _i64(1) if not cs else op.ReduceProd(op.Concat(*[size(c) for c in cs], axis=0), keepdims=1)
+
+    batch_dims = [size(c) for c in batch]
+    a2 = op.Reshape(op.Transpose(a, perm=[la.index(c) for c in batch + a_only + contract]),
+                    op.Concat(*[_dim(a, la.index(c)) for c in batch], prod(a_only), prod(contract), axis=0))  # fmt: skip
+    b2 = op.Reshape(op.Transpose(b, perm=[lb.index(c) for c in batch + contract + b_only]),
+                    op.Concat(*[_dim(b, lb.index(c)) for c in batch], prod(contract), prod(b_only), axis=0))  # fmt: skip
+    y = op.MatMul(a2, b2)  # (batch..., |a_only|, |b_only|)
+    order = batch + a_only + b_only
+    dims = [*batch_dims, *[size(c) for c in a_only + b_only]]
+    y = op.Reshape(y, op.Concat(*dims, axis=0) if dims else op.Constant(value_ints=[]))  # no dims: a scalar
+    return op.Transpose(y, perm=[order.index(c) for c in out]) if order != list(out) else y
+
+
+def _sum_alone(x, lx: str, other: str, out: str):
+    gone = [i for i, c in enumerate(lx) if c not in other and c not in out]
+    if not gone:
+        return x, lx
+    return op.ReduceSum(x, _i64(*gone), keepdims=0), "".join(c for i, c in enumerate(lx) if i not in gone)
+
+
 # ---- dsc ops -----------------------------------------------------------------------------------
 def add_rms_norm(x, residual, weight, eps: float):
     """s = x + residual; y = weight ⊙ s / sqrt(mean(s², -1) + eps) in fp32, y in x's dtype."""
@@ -192,6 +234,7 @@ def fp8_linear(x, x_scale, w, w_scale, bias=None):
 aten, dsc = torch.ops.aten, torch.ops.dsc
 TABLE = {
     aten.sort.stable: sort_stable,
+    aten.einsum.default: einsum,
     dsc.add_rms_norm.default: add_rms_norm,
     dsc.indexer_topk.default: indexer_topk,
     dsc.sparse_mla.default: sparse_mla,
