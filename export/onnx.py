@@ -244,11 +244,19 @@ class OnnxBackend:
         if name not in self.entries:
             raise DscError(f"the exported models have no {name} entry (exported: {', '.join(self.entries)})")
         e = self.entries[name]
-        feeds = {n: _ort_value(ort, t) for n, t in zip(e.inputs, [*args, *[caches[i] for i in e.reads]])}
-        outs = self.sessions[e.file].run_with_ort_values(e.outputs, feeds)
-        for i, o in zip(e.writes, outs[e.n_outputs :]):
-            caches[i].copy_(_from_ort(o, caches[i].dtype))
-        return tuple(_from_ort(o, torch.float32) for o in outs[: e.n_outputs])
+        binding = self.sessions[e.file].io_binding()
+        for n, t in zip(e.inputs, [*args, *[caches[i] for i in e.reads]]):
+            binding.bind_ortvalue_input(n, _ort_value(ort, t))
+        for n in e.outputs[: e.n_outputs]:
+            binding.bind_output(n, "cpu")
+        # the written caches land in torch buffers (bf16 / fp8 have no numpy type to come back as)
+        present = [torch.empty(caches[i].shape, dtype=caches[i].dtype) for i in e.writes]
+        for n, buf in zip(e.outputs[e.n_outputs :], present):
+            binding.bind_ortvalue_output(n, _ort_value(ort, buf))
+        self.sessions[e.file].run_with_iobinding(binding)
+        for i, buf in zip(e.writes, present):
+            caches[i].copy_(buf)
+        return tuple(torch.from_numpy(v.numpy()) for v in binding.get_outputs()[: e.n_outputs])
 
     def prefill(self, tokens, caches):
         return logits_hidden(self._run("prefill", (tokens,), caches))
@@ -275,17 +283,12 @@ def default_providers() -> list[str]:
 
 
 def _ort_value(ort, t: Tensor):
+    """A torch tensor as an OrtValue over the same memory (a copy only when it is not contiguous)."""
     t = t.detach().contiguous()
     if t.dtype in _ORT_TYPES:  # crosses as raw bytes with its ONNX type
         raw = t.view(torch.uint8 if t.element_size() == 1 else torch.int16).numpy()
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, _ORT_TYPES[t.dtype])
     return ort.OrtValue.ortvalue_from_numpy(t.numpy())
-
-
-def _from_ort(v, dtype: torch.dtype) -> Tensor:
-    if dtype in _ORT_TYPES:
-        raise DscError(f"onnxruntime's Python API cannot return {dtype} tensors; export a Program with float caches")
-    return torch.from_numpy(v.numpy())
 
 
 # ---- TensorRT readiness ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from dsc.export.onnx import _from_ort, _ort_value, _quiet
+from dsc.export.onnx import _ort_value, _quiet
 from dsc.export.onnx_ops import TABLE
 from dsc.model.fp8 import block_quant
 
@@ -41,7 +41,7 @@ def _raw(v):
     """An onnxruntime output as a torch tensor; FP8 as its bytes (numpy has no e4m3)."""
     if v.data_type() == "tensor(float8e4m3fn)":
         return torch.from_numpy(np.array(v.numpy()).view(np.uint8)).view(torch.float8_e4m3fn)
-    return _from_ort(v, torch.float32)
+    return torch.from_numpy(v.numpy())
 
 
 def _gen(seed=0):
@@ -160,3 +160,26 @@ def test_einsum_as_matmul(equation, shapes):
     (got,) = _run_onnx(lambda x, y: torch.einsum(equation, x, y), (a, b), ops=ops)
     torch.testing.assert_close(got, torch.einsum(equation, a, b), **TOL["fp32_reassoc"])
     assert ("Einsum" in ops) == ("..." in equation), ops
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_tensors_without_a_numpy_type_cross_both_ways(dtype):
+    """bf16 / e4m3 caches go in as raw bytes with their ONNX type and come back into torch buffers."""
+    from onnx import TensorProto, helper
+
+    t = {torch.bfloat16: TensorProto.BFLOAT16, torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}[dtype]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", t, [None, 3])], [helper.make_tensor_value_info("y", t, [None, 3])],
+    )  # fmt: skip
+    sess = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    x = torch.randn(4, 3).to(dtype)[::2]  # not contiguous
+    out = torch.empty(2, 3, dtype=dtype)
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("x", _ort_value(ort, x))
+    binding.bind_ortvalue_output("y", _ort_value(ort, out))
+    sess.run_with_iobinding(binding)
+    assert torch.equal(out.view(torch.uint8), x.contiguous().view(torch.uint8))
