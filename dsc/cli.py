@@ -229,9 +229,14 @@ def cmd_export(args) -> int:
     from dsc.fsutil import check_replaceable, check_writable
     from dsc.program import Program
 
-    require_onnx()  # before any work: the extra, the output path, the Program
-    dest = Path(args.output) if args.output else Path(args.program).with_name(Path(args.program).name + ".onnx")
-    check_writable(dest, "ONNX output directory (-o)", directory=True)
+    if args.format == "onnx":
+        require_onnx()  # before any work: the extra, the output path, the Program
+    elif args.check:
+        raise DscError("--check trt is about ONNX models; leave it out with --format aoti")
+    dest = (
+        Path(args.output) if args.output else Path(args.program).with_name(f"{Path(args.program).name}.{args.format}")
+    )
+    check_writable(dest, "export output directory (-o)", directory=True)
     check_replaceable(dest, args.force, "export.json")
     if Path(args.program).resolve() in (dest.resolve(), *dest.resolve().parents):
         raise DscError(f"-o {dest} is inside the Program {args.program}; choose a path outside it")
@@ -242,6 +247,8 @@ def cmd_export(args) -> int:
         if not args.json:
             console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/]  {escape(msg)}", highlight=False)
 
+    if args.format == "aoti":
+        return _export_aoti(args, program, dest, log, t0)
     res = export_onnx(
         program, dest, verify=not args.no_verify, check_trt=args.check == "trt", overwrite=args.force,
         entries=_split(args.entries, "--entries"), log=log,
@@ -280,6 +287,33 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _export_aoti(args, program, dest: Path, log, t0: float) -> int:
+    from dsc.cost import human
+    from dsc.export.aoti import export_aoti
+
+    with console.status("compiling with AOTInductor...", spinner="dots"):
+        manifest = export_aoti(
+            program, dest, verify=not args.no_verify, overwrite=args.force, entries=_split(args.entries, "--entries"),
+            log=log,
+        )  # fmt: skip
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    t = Table(title=escape(f"dsc export {args.program} --format aoti -> {dest}"))
+    for col in ("entry", "package", "size", "compile s"):
+        t.add_column(col, justify="left" if col in ("entry", "package") else "right")
+    for name, f in manifest["entries"].items():
+        t.add_row(name, f, human(manifest["bytes"].get(name, 0), "B"), str(manifest["seconds"].get(name, "-")))
+    out.print(t)
+    n = manifest["numerics"]
+    out.print(
+        escape(f"the packages agree with the Program on the verification scenario: max abs err {n['max_abs_err']:.1e}, "
+               f"top-1 {n['top1_agreement']:.3f}") if n else "not verified (--no-verify)"
+    )  # fmt: skip
+    out.print(escape(f"wrote {dest}/ in {time.perf_counter() - t0:.1f} s; run it with `dsc generate {dest}`"))
+    return 0
+
+
 # ---- generate -----------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from dsc.frontends import load
@@ -289,7 +323,13 @@ def cmd_generate(args) -> int:
 
     if bool(args.prompt) == bool(args.prompt_tokens):
         raise DscError("give the prompts as --prompt TEXT or as --prompt-tokens IDS (one of the two, repeatable)")
-    if args.model and (Path(args.model) / MANIFEST).exists():
+    if args.model and (Path(args.model) / "export.json").exists():  # an AOTInductor export (`dsc export --format aoti`)
+        from dsc.export.aoti import AotiBackend
+
+        if args.frontend or args.compile:
+            raise DscError(f"{args.model} is an AOTInductor export; --frontend and --compile do not apply to it")
+        backend = AotiBackend(args.model)
+    elif args.model and (Path(args.model) / MANIFEST).exists():
         if args.frontend:
             raise DscError(f"{args.model} is a compiled Program; --frontend is for loading a model, leave it out")
         backend = Program.load(args.model)
@@ -616,11 +656,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "export", help="write an optimized Program as ONNX models, checked with onnxruntime (extra 'onnx')"
+        "export",
+        help="write an optimized Program as ONNX models (extra 'onnx') or AOTInductor packages, checked against it",
     )
     p.add_argument("program", help="a `dsc optimize` output directory")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="what to write (default onnx)")
-    p.add_argument("-o", "--output", help="output directory (default: PROGRAM.onnx beside it; created atomically)")
+    p.add_argument(
+        "--format", choices=("onnx", "aoti"), default="onnx",
+        help="onnx: ONNX models checked with onnxruntime (default); aoti: AOTInductor packages torch runs without dsc",
+    )  # fmt: skip
+    p.add_argument(
+        "-o", "--output", help="output directory (default: PROGRAM.onnx / PROGRAM.aoti beside it; created atomically)"
+    )
     p.add_argument("--entries", help="comma-separated entry points to write (default: all of the Program's)")
     p.add_argument(
         "--no-verify", action="store_true", help="skip running the models in onnxruntime against the Program"

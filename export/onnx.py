@@ -458,16 +458,25 @@ def verify_export(directory: Path, program: Program, scenario: Scenario) -> dict
     """The exported models on the verification scenario, compared with the Program; a mismatch raises,
     naming the entry, the output and the error."""
     backend = OnnxBackend(directory, program)
+    return {
+        **check_against_program(program, backend, scenario, "onnxruntime disagrees"),
+        "providers": default_providers(),
+    }
+
+
+def check_against_program(program: Program, backend, scenario: Scenario, who: str) -> dict:
+    """``backend`` (an export's runner, with the Program interface) against the Program on
+    ``scenario``, over the entries it has; raises ``DscError`` "<who> with the Program: ..." naming
+    each output out of tolerance."""
     tol = numerics_tolerance(program)
     exported = {k: program.entries[k] for k in backend.entries}  # the Program as far as it was exported
     ref = run_scenario(
         program if exported == program.entries else dataclasses.replace(program, entries=exported), scenario
     )
-    got = run_scenario(backend, scenario)
-    numerics, violations = compare(ref, got, tol)
+    numerics, violations = compare(ref, run_scenario(backend, scenario), tol)
     if violations:
-        raise DscError("onnxruntime disagrees with the Program:\n  " + "\n  ".join(violations[:8]))
-    return {"tolerance": tol.to_dict(), **numerics.to_dict(), "providers": default_providers()}
+        raise DscError(f"{who} with the Program:\n  " + "\n  ".join(violations[:8]))
+    return {"tolerance": tol.to_dict(), **numerics.to_dict()}
 
 
 def _write_manifest(directory: Path, program: Program, result: OnnxExport) -> None:
