@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 VARIANTS = ("eager", "compile", "dsc")
 # dsc+inductor: the Program's entries under Inductor (minutes of compilation on big models); dsc+onnx: its
 # prefill and decode exported to ONNX and run by onnxruntime (the 'onnx' extra)
-OPT_IN_VARIANTS = ("dsc+inductor", "dsc+onnx")
+# dsc+aoti: its prefill and decode as AOTInductor packages (minutes of compilation)
+OPT_IN_VARIANTS = ("dsc+inductor", "dsc+onnx", "dsc+aoti")
 SCENARIOS = ("decode", "prefill", "attention", "speculative")
 # a prompt for the speculative scenario on byte-level models (the demo model writes Python)
 CODE_PROMPT = b"import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        "
@@ -178,12 +179,19 @@ def build_variants(cfg: BenchConfig, on_event=print):
         compiled = dataclasses.replace(program, inductor=True, _modules={})
         variants["dsc+inductor"] = compiled
         costs["dsc+inductor"] = compiled
-    if "dsc+onnx" in cfg.variants:
-        variants["dsc+onnx"] = onnx_variant(
-            variants.get("dsc") or run_pipeline(reference, select_passes())[0], on_event
-        )
-        costs["dsc+onnx"] = costs.get("dsc") or variants["dsc+onnx"].program
+    for v, make in (("dsc+onnx", onnx_variant), ("dsc+aoti", aoti_variant)):
+        if v in cfg.variants:
+            variants[v] = make(variants.get("dsc") or run_pipeline(reference, select_passes())[0], on_event)
+            costs[v] = costs.get("dsc") or variants[v].program
     return model.config, variants, costs
+
+
+def aoti_variant(program, on_event=print):
+    """The Program's prefill and decode as AOTInductor packages (checked against it)."""
+    from dsc.export.aoti import AotiBackend, export_aoti
+
+    on_event("variant", "dsc+aoti: the verified Program's prefill and decode compiled by AOTInductor (minutes)")
+    return _exported(program, "aoti", export_aoti, AotiBackend)
 
 
 def onnx_variant(program, on_event=print):
@@ -192,11 +200,21 @@ def onnx_variant(program, on_event=print):
 
     require_onnx()
     on_event("variant", "dsc+onnx: the verified Program's prefill and decode exported to ONNX, run by onnxruntime")
-    scratch = Path(tempfile.mkdtemp(prefix="dsc-bench-onnx-"))
-    export_onnx(program, scratch / "onnx", entries=["prefill", "decode"])
-    backend = OnnxBackend(scratch / "onnx", program)
+    return _exported(program, "onnx", export_onnx, lambda d: OnnxBackend(d, program))
+
+
+def _exported(program, kind: str, export, runner):
+    """``program``'s prefill and decode exported (and verified) into a scratch directory, loaded by
+    ``runner``; the directory goes when the runner does (it has loaded the files)."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"dsc-bench-{kind}-"))
+    try:
+        export(program, scratch / kind, entries=["prefill", "decode"])
+        backend = runner(scratch / kind)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     backend.program = program
-    weakref.finalize(backend, shutil.rmtree, str(scratch), True)  # the sessions have read the files
+    weakref.finalize(backend, shutil.rmtree, str(scratch), True)
     return backend
 
 

@@ -639,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variants",
         help="comma-separated: eager, compile, dsc, dsc+inductor (the Program's entries under torch.compile), "
-        "dsc+onnx (its prefill and decode exported to ONNX, run by onnxruntime), or dsc:PASS+PASS ablations (default: "
+        "dsc+onnx (its prefill and decode exported to ONNX, run by onnxruntime), dsc+aoti (the same as AOTInductor "
+        "packages), or dsc:PASS+PASS ablations (default: "
         "eager,compile,dsc)",
     )
     p.add_argument("--contexts", help="decode / attention context lengths (default 1024,8192,32768)")
