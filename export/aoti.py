@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -129,9 +130,10 @@ def export_aoti(
             log(f"compiling {name} with AOTInductor")
             t0 = time.perf_counter()
             try:
-                low = decompose(program.entries[name])  # no dsc:: op left: torch alone runs the package
-                low.example_inputs = ((*args, program.cache.allocate(args[0].shape[0], length)), {})
-                with torch.no_grad():
+                with warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, per copy
+                    low = decompose(program.entries[name])  # no dsc:: op left: torch alone runs the package
+                    low.example_inputs = ((*args, program.cache.allocate(args[0].shape[0], length)), {})
                     torch._inductor.aoti_compile_and_package(low, package_path=str(tmp / f"{name}.pt2"))
             except Exception as e:  # noqa: BLE001 - Inductor's failures are many; name the entry and the cause
                 raise DscError(f"AOTInductor compilation of the {name} entry failed: {_first_line(e)}") from e
