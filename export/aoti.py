@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from dsc.export.onnx import MANIFEST, _first_line, _same_graph, check_against_program, sample_calls
+from dsc.export.onnx import MANIFEST, _first_line, _same_graph, check_against_program, preflight, sample_calls
 
 from dsc.errors import DscError
 from dsc.program import Program, logits_hidden
@@ -101,14 +101,9 @@ def export_aoti(
     ``dest/export.json``, written atomically; returns the manifest."""
     from dsc.kernels import decompose
 
-    from dsc.fsutil import atomic_dir, check_replaceable, check_writable
+    from dsc.fsutil import atomic_dir
 
-    check_writable(dest, "AOTInductor output directory", directory=True)
-    check_replaceable(dest, overwrite, MANIFEST)
-    chosen = list(program.entries) if entries is None else entries
-    unknown = [e for e in chosen if e not in program.entries]
-    if unknown:
-        raise DscError(f"the Program has no entry {', '.join(unknown)} (its entries: {', '.join(program.entries)})")
+    chosen = preflight(program, dest, overwrite, entries, "AOTInductor")
     log = log or (lambda msg: None)
     scenario = make_scenario(program.config)
     manifest = {

@@ -367,18 +367,13 @@ def export_onnx(
     written atomically, so ``dest`` is whole or untouched. ``check_trt``: TensorRT findings are
     errors, raised at the first entry that has any. An entry whose graph and weights are another's
     (verify is decode's graph) shares that entry's file."""
-    from dsc.fsutil import atomic_dir, check_replaceable, check_writable
+    from dsc.fsutil import atomic_dir
 
     require_onnx()
     import onnx
     from dsc.export.onnx_ops import FUSION
 
-    check_writable(dest, "ONNX output directory", directory=True)
-    check_replaceable(dest, overwrite, MANIFEST)
-    chosen = list(program.entries) if entries is None else entries
-    unknown = [e for e in chosen if e not in program.entries]
-    if unknown:
-        raise DscError(f"the Program has no entry {', '.join(unknown)} (its entries: {', '.join(program.entries)})")
+    chosen = preflight(program, dest, overwrite, entries, "ONNX")
     untranslated = [o for o in dsc_ops(program) if o not in _translated()]
     if untranslated:
         raise DscError(
@@ -434,6 +429,20 @@ def export_onnx(
 
     atomic_dir(dest, write, overwrite=overwrite, marker=MANIFEST)
     return result
+
+
+def preflight(program: Program, dest: str | Path, overwrite: bool, entries: list[str] | None, what: str) -> list[str]:
+    """Before any work: ``dest`` can be written (an earlier export replaced only with ``overwrite``)
+    and ``entries`` are the Program's; the entries to export."""
+    from dsc.fsutil import check_replaceable, check_writable
+
+    check_writable(dest, f"{what} output directory", directory=True)
+    check_replaceable(dest, overwrite, MANIFEST)
+    chosen = list(program.entries) if entries is None else entries
+    unknown = [e for e in chosen if e not in program.entries]
+    if unknown:
+        raise DscError(f"the Program has no entry {', '.join(unknown)} (its entries: {', '.join(program.entries)})")
+    return chosen
 
 
 def _same_graph(a, b) -> bool:
