@@ -225,6 +225,7 @@ def cmd_optimize(args) -> int:
 # ---- export -----------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
     from dsc.cost import human
+    from dsc.export.common import MANIFEST
     from dsc.export.onnx import export_onnx, require_onnx
     from dsc.fsutil import check_replaceable, check_writable
     from dsc.program import Program
@@ -237,7 +238,7 @@ def cmd_export(args) -> int:
         Path(args.output) if args.output else Path(args.program).with_name(f"{Path(args.program).name}.{args.format}")
     )
     check_writable(dest, "export output directory (-o)", directory=True)
-    check_replaceable(dest, args.force, "export.json")
+    check_replaceable(dest, args.force, MANIFEST)
     if Path(args.program).resolve() in (dest.resolve(), *dest.resolve().parents):
         raise DscError(f"-o {dest} is inside the Program {args.program}; choose a path outside it")
     program = Program.load(args.program)

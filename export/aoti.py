@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from dsc.export.onnx import MANIFEST, _first_line, _same_graph, check_against_program, preflight, sample_calls
+from dsc.export.common import MANIFEST, check_against_program, export_plan, first_line, preflight
 
 from dsc.errors import DscError
 from dsc.program import Program, logits_hidden
@@ -46,7 +46,7 @@ class AotiBackend:
                 loaded[f] = torch._inductor.aoti_load_package(str(directory / f))
             except Exception as e:  # noqa: BLE001 - a package from another torch or machine fails many ways
                 raise DscError(
-                    f"{directory / f} does not load ({_first_line(e)}); AOTInductor packages run only with the torch "
+                    f"{directory / f} does not load ({first_line(e)}); AOTInductor packages run only with the torch "
                     f"version and machine kind that built them (built with torch {manifest.get('torch')})"
                 ) from None
         self._mods = {k: loaded[f] for k, f in self.entries.items()}
@@ -114,10 +114,7 @@ def export_aoti(
 
     def write(tmp: Path) -> None:
         files = manifest["entries"]
-        for name, (args, length) in sample_calls(program, scenario).items():
-            if name not in chosen:
-                continue
-            same = next((k for k in files if _same_graph(program.entries[k], program.entries[name])), None)
+        for name, args, length, same in export_plan(program, scenario, chosen, files):
             if same is not None:
                 log(f"{name}: the same graph and weights as {same}, one package")
                 files[name] = files[same]
@@ -131,7 +128,7 @@ def export_aoti(
                     low.example_inputs = ((*args, program.cache.allocate(args[0].shape[0], length)), {})
                     torch._inductor.aoti_compile_and_package(low, package_path=str(tmp / f"{name}.pt2"))
             except Exception as e:  # noqa: BLE001 - Inductor's failures are many; name the entry and the cause
-                raise DscError(f"AOTInductor compilation of the {name} entry failed: {_first_line(e)}") from e
+                raise DscError(f"AOTInductor compilation of the {name} entry failed: {first_line(e)}") from e
             files[name] = f"{name}.pt2"
             manifest["bytes"][name] = (tmp / files[name]).stat().st_size
             manifest["seconds"][name] = round(time.perf_counter() - t0, 2)

@@ -24,13 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from dsc.export.common import (
+    MANIFEST,
+    check_against_program,
+    dsc_ops,
+    export_plan,
+    first_line,
+    preflight,
+)
 from torch import Tensor
 
 from dsc.errors import DscError
 from dsc.program import ENTRY_INPUTS, Program, logits_hidden
-from dsc.verify import TOLERANCES, Scenario, compare, make_scenario, run_scenario
+from dsc.verify import Scenario, make_scenario
 
-MANIFEST = "export.json"
 OPSET = 23
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: larger models keep their weights in an external data file
 TRT_TOPK_MAX = 3840  # TensorRT's largest TopK K
@@ -88,23 +95,6 @@ def _filled(caches: list[Tensor], seed: int) -> list[Tensor]:
     return out
 
 
-def sample_calls(program: Program, scenario: Scenario) -> dict[str, tuple]:
-    """An example call of each entry (arguments before the caches, the caches' length): what the
-    export traces with. Sizes avoid 0 and 1 so that batch, sequence and context stay dynamic."""
-    B, P = scenario.batch, scenario.prompt.shape[1]
-    toks = torch.randint(0, min(program.config.vocab_size, 256), (B, 3), generator=torch.Generator().manual_seed(1))
-    pos = torch.arange(P, P + 3).expand(B, 3).contiguous()
-    calls = {"prefill": ((scenario.prompt,), P), "decode": ((toks, pos), P + 3), "verify": ((toks, pos), P + 3)}
-    for name in ("draft", "mtp"):
-        if name in program.entries:
-            with torch.no_grad():
-                _, hidden = program.prefill(scenario.prompt, program.cache.allocate(B, P))
-            calls[name] = ((hidden[:, :-1], scenario.prompt[:, 1:], torch.arange(P - 1).expand(B, P - 1)), P - 1)
-    # fresh tensors, not views: export would guard on a view's base
-    return {k: (tuple(a.clone(memory_format=torch.contiguous_format) for a in args), n)
-            for k, (args, n) in calls.items() if k in program.entries}  # fmt: skip
-
-
 class _Functional(torch.nn.Module):
     """An entry with its caches as separate arguments and its cache writes as outputs."""
 
@@ -122,15 +112,17 @@ class _Functional(torch.nn.Module):
         return (*out, *[caches[i] for i in self.writes])
 
 
-def _cache_writes(program: Program, name: str, args: tuple, length: int) -> list[int]:
-    """The cache tensors (indices into the CacheSpec) a call of the entry changes."""
-    caches = _filled(program.cache.allocate(args[0].shape[0], length), 0)
-    before = [c.clone() for c in caches]
+def _trial(program: Program, name: str, args: tuple, caches: list[Tensor]) -> tuple[list[int], int]:
+    """One call of the entry on copies of ``caches``: the cache tensors (indices into the CacheSpec) it
+    changes, and how many outputs of its own it returns."""
+    after = [c.clone() for c in caches]
     with torch.no_grad():
-        program.module(name)(*args, caches)
-    return [
-        i for i, (a, b) in enumerate(zip(before, caches)) if not torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        out = program.module(name)(*args, after)
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    changed = [
+        i for i, (a, b) in enumerate(zip(caches, after)) if not torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     ]
+    return changed, n_out
 
 
 def _output_names(n: int) -> list[str]:
@@ -141,12 +133,9 @@ def _output_names(n: int) -> list[str]:
 def export_entry(program: Program, name: str, args: tuple, length: int, path: Path) -> Entry:
     from dsc.export.onnx_ops import TABLE
 
-    writes = _cache_writes(program, name, args, length)
     reads = list(range(len(program.cache.tensors)))  # an entry takes the whole CacheSpec
     caches = _filled(program.cache.allocate(args[0].shape[0], length), 0)
-    with torch.no_grad():
-        out = program.module(name)(*args, [c.clone() for c in caches])
-    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    writes, n_out = _trial(program, name, args, caches)
     mod = program.entries[name].module(check_guards=False)  # its weights keep their names in the ONNX file
     mod._forward_pre_hooks.clear()
     wrapper = _Functional(mod, len(caches), reads, writes)
@@ -314,23 +303,21 @@ def trt_findings(model, entry: str) -> list[str]:
         where = f"{entry}: {n.op_type} {n.name or n.output[0]}"
         if n.op_type == "TopK":
             k = consts.get(n.input[1])
+            k = None if k is None else int(numpy_helper.to_array(k).reshape(-1)[0])
             if k is None:
                 out.append(f"{where}: K is computed at run time (TensorRT needs a constant K)")
-            elif int(numpy_helper.to_array(k).reshape(-1)[0]) > TRT_TOPK_MAX:
-                out.append(f"{where}: K = {int(numpy_helper.to_array(k).reshape(-1)[0])} > {TRT_TOPK_MAX}")
+            elif k > TRT_TOPK_MAX:
+                out.append(f"{where}: K = {k} > {TRT_TOPK_MAX}")
         elif n.op_type in DATA_DEPENDENT:
             out.append(f"{where}: output size depends on the data")
-    seen = set()
-    for v in [*g.input, *g.output, *g.value_info]:
-        t = onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)
-        if v.type.HasField("tensor_type") and t not in TRT_DTYPES and t not in seen:
-            seen.add(t)
-            out.append(f"{entry}: {v.name} is {t}, an element type TensorRT does not take")
-    for t in g.initializer:
-        name = onnx.TensorProto.DataType.Name(t.data_type)
-        if name not in TRT_DTYPES and name not in seen:
-            seen.add(name)
-            out.append(f"{entry}: initializer {t.name} is {name}, an element type TensorRT does not take")
+    seen = set()  # one finding per element type, at its first value
+    typed = [(v.name, v.type.tensor_type.elem_type) for v in [*g.input, *g.output, *g.value_info]
+             if v.type.HasField("tensor_type")]  # fmt: skip
+    for name, elem in typed + [(f"initializer {t.name}", t.data_type) for t in g.initializer]:
+        kind = onnx.TensorProto.DataType.Name(elem)
+        if kind not in TRT_DTYPES and kind not in seen:
+            seen.add(kind)
+            out.append(f"{entry}: {name} is {kind}, an element type TensorRT does not take")
     return out
 
 
@@ -339,23 +326,6 @@ def op_histogram(model) -> dict[str, int]:
     for n in model.graph.node:
         hist[n.op_type] = hist.get(n.op_type, 0) + 1
     return dict(sorted(hist.items(), key=lambda kv: -kv[1]))
-
-
-def dsc_ops(program: Program) -> list[str]:
-    """The ``dsc::`` ops the Program's entries call (each is translated by ``onnx_ops.TABLE``)."""
-    names = set()
-    for ep in program.entries.values():
-        for n in ep.graph.nodes:
-            if n.op == "call_function" and str(n.target).startswith("dsc."):
-                names.add(str(n.target).split(".")[1])
-    return sorted(names)
-
-
-def numerics_tolerance(program: Program):
-    """Program and onnxruntime run the same graph in a different fp32 order; with FP8 activations a
-    value near a rounding boundary of e4m3 may round the other way, which only the distribution-level
-    contract of the FP8 passes covers."""
-    return TOLERANCES["fp8_w8a8"] if "act_quant" in dsc_ops(program) else TOLERANCES["fp32_rewrite"]
 
 
 # ---- the export -------------------------------------------------------------------------------------
@@ -393,11 +363,8 @@ def export_onnx(
     scenario = make_scenario(program.config)
 
     def write(tmp: Path) -> None:
-        for name, (args, length) in sample_calls(program, scenario).items():
-            if name not in chosen:
-                continue
+        for name, args, length, same in export_plan(program, scenario, chosen, result.entries):
             t0 = time.perf_counter()
-            same = next((k for k in result.entries if _same_graph(program.entries[k], program.entries[name])), None)
             if same is not None:
                 log(f"{name}: the same graph and weights as {same}, one file")
                 result.entries[name] = dataclasses.replace(result.entries[same], name=name)
@@ -409,7 +376,7 @@ def export_onnx(
             except DscError:
                 raise
             except Exception as e:  # noqa: BLE001 - the exporter's failures are many; name the entry and the cause
-                raise DscError(f"ONNX export of the {name} entry failed: {_first_line(e)}") from e
+                raise DscError(f"ONNX export of the {name} entry failed: {first_line(e)}") from e
             result.entries[name] = entry
             model = onnx.load(str(tmp / entry.file), load_external_data=False)
             result.ops[name] = op_histogram(model)
@@ -431,38 +398,6 @@ def export_onnx(
     return result
 
 
-def preflight(program: Program, dest: str | Path, overwrite: bool, entries: list[str] | None, what: str) -> list[str]:
-    """Before any work: ``dest`` can be written (an earlier export replaced only with ``overwrite``)
-    and ``entries`` are the Program's; the entries to export."""
-    from dsc.fsutil import check_replaceable, check_writable
-
-    check_writable(dest, f"{what} output directory", directory=True)
-    check_replaceable(dest, overwrite, MANIFEST)
-    chosen = list(program.entries) if entries is None else entries
-    unknown = [e for e in chosen if e not in program.entries]
-    if unknown:
-        raise DscError(f"the Program has no entry {', '.join(unknown)} (its entries: {', '.join(program.entries)})")
-    return chosen
-
-
-def _same_graph(a, b) -> bool:
-    """The same code on the same weights (one storage: entries share the Program's tensors)."""
-
-    def same(x: dict, y: dict) -> bool:
-        return x.keys() == y.keys() and all(_one_tensor(x[k], y[k]) for k in x)
-
-    code = a.graph_module.code == b.graph_module.code and str(a.graph_signature) == str(b.graph_signature)
-    return code and same(a.state_dict, b.state_dict) and same(a.constants, b.constants)
-
-
-def _one_tensor(t, u) -> bool:
-    if t is u:
-        return True
-    if not (isinstance(t, Tensor) and isinstance(u, Tensor)):
-        return False
-    return (t.data_ptr(), t.shape, t.stride(), t.dtype) == (u.data_ptr(), u.shape, u.stride(), u.dtype)
-
-
 def verify_export(directory: Path, program: Program, scenario: Scenario) -> dict:
     """The exported models on the verification scenario, compared with the Program; a mismatch raises,
     naming the entry, the output and the error."""
@@ -471,21 +406,6 @@ def verify_export(directory: Path, program: Program, scenario: Scenario) -> dict
         **check_against_program(program, backend, scenario, "onnxruntime disagrees"),
         "providers": default_providers(),
     }
-
-
-def check_against_program(program: Program, backend, scenario: Scenario, who: str) -> dict:
-    """``backend`` (an export's runner, with the Program interface) against the Program on
-    ``scenario``, over the entries it has; raises ``DscError`` "<who> with the Program: ..." naming
-    each output out of tolerance."""
-    tol = numerics_tolerance(program)
-    exported = {k: program.entries[k] for k in backend.entries}  # the Program as far as it was exported
-    ref = run_scenario(
-        program if exported == program.entries else dataclasses.replace(program, entries=exported), scenario
-    )
-    numerics, violations = compare(ref, run_scenario(backend, scenario), tol)
-    if violations:
-        raise DscError(f"{who} with the Program:\n  " + "\n  ".join(violations[:8]))
-    return {"tolerance": tol.to_dict(), **numerics.to_dict()}
 
 
 def _write_manifest(directory: Path, program: Program, result: OnnxExport) -> None:
@@ -508,8 +428,3 @@ def _translated() -> set[str]:
     from dsc.export.onnx_ops import TABLE
 
     return {str(k).split(".")[1] for k in TABLE if str(k).startswith("dsc.")}
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

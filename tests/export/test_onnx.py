@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 from dsc.export import onnx as onnx_export
+from dsc.export.common import numerics_tolerance
 from dsc.export.onnx import OnnxBackend, export_onnx, verify_export
 from onnx import numpy_helper
 
@@ -83,7 +84,7 @@ def test_export_runs_in_onnxruntime_like_the_program(tiny_program, tmp_path, com
         scenario = make_scenario(program.config, seed=3, batch=3)
         numerics, violations = compare(
             run_scenario(program, scenario), run_scenario(OnnxBackend(dest, program), scenario),
-            onnx_export.numerics_tolerance(program),
+            numerics_tolerance(program),
         )  # fmt: skip
         assert not violations, violations
     if combo == "none":  # the reference's stable sort over the whole context: a run-time K
