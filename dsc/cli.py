@@ -254,7 +254,7 @@ def cmd_export(args) -> int:
         program, dest, verify=not args.no_verify, check_trt=args.check == "trt", overwrite=args.force,
         entries=_split(args.entries, "--entries"), log=log,
     )  # fmt: skip
-    manifest = json.loads((dest / "export.json").read_text())
+    manifest = json.loads((dest / MANIFEST).read_text())
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
