@@ -13,6 +13,7 @@ read-add-write-read-normalise-write. Reference: ``add_rms_norm_ref``. CPU: two A
 from __future__ import annotations
 
 import torch
+from dsc.kernels.registry import custom_op
 from dsc.kernels.triton_utils import HAVE_TRITON, tl, triton, warn_no_triton
 from torch import Tensor
 
@@ -24,7 +25,7 @@ def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) ->
     return y.to(x.dtype), s
 
 
-@torch.library.custom_op("dsc::add_rms_norm", mutates_args=())
+@custom_op("dsc::add_rms_norm")
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     s = x + residual
     y = torch.nn.functional.rms_norm(s.float(), (s.shape[-1],), weight.float(), eps)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from dsc.kernels.registry import custom_op
 from torch import Tensor
 
 BLOCK = 128
@@ -81,7 +82,7 @@ def fp8_linear_decomposed(
     return y + bias.float() if bias is not None else y
 
 
-@torch.library.custom_op("dsc::act_quant", mutates_args=())
+@custom_op("dsc::act_quant")
 def act_quant(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
     """Activations (..., K) -> (e4m3 (..., K), fp32 scales (..., ceil(K / block)))."""
     return act_quant_ref(x, block, ue8m0)
@@ -93,7 +94,7 @@ def _(x, block=BLOCK, ue8m0=False):
     return x.new_empty(x.shape, dtype=FP8), x.new_empty((*x.shape[:-1], G), dtype=torch.float32)
 
 
-@torch.library.custom_op("dsc::fp8_linear", mutates_args=())
+@custom_op("dsc::fp8_linear")
 def fp8_linear(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., K) e4m3 with ``x_scale`` (..., ceil(K/128)) from ``act_quant`` (W8A8), or a high-precision
     x with ``x_scale`` None (W8A16); w (N, K) e4m3, w_scale (ceil(N/128), ceil(K/128)) -> fp32 (..., N)."""

@@ -18,6 +18,7 @@ an online softmax, and the Triton kernel splits the context like flash-decoding 
 from __future__ import annotations
 
 import torch
+from dsc.kernels.registry import custom_op
 from dsc.kernels.triton_utils import HAVE_TRITON, tl, triton, warn_no_triton
 from torch import Tensor
 
@@ -39,7 +40,7 @@ def mla_decode_ref(
     return torch.einsum("bsht,btc->bshc", scores.softmax(-1), kvf[..., :dv]).to(q.dtype)
 
 
-@torch.library.custom_op("dsc::mla_decode", mutates_args=())
+@custom_op("dsc::mla_decode")
 def mla_decode(
     q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dv: int, indices: Tensor | None = None
 ) -> Tensor:

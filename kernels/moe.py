@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dsc.kernels.registry import custom_op
 from torch import Tensor
 
 
@@ -40,7 +41,7 @@ def _one_token(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -> Ten
     return y
 
 
-@torch.library.custom_op("dsc::moe_experts", mutates_args=())
+@custom_op("dsc::moe_experts")
 def moe_experts(
     x: Tensor, idx: Tensor, wts: Tensor, gate_w: list[Tensor], up_w: list[Tensor], down_w: list[Tensor]
 ) -> Tensor:

@@ -57,6 +57,29 @@ def test_save_load_runs_identically(tiny_optimized, tmp_path):
     assert "dsc.add_rms_norm" in back.entries["decode"].graph_module.code
 
 
+def test_cpu_runtime_calls_the_dsc_ops_directly(tiny_optimized):
+    """On CPU the runnable graph calls each dsc:: op's function, not the dispatcher: the same
+    results as the graph as exported (which keeps the registered ops), bit for bit."""
+    import dataclasses
+
+    from dsc.kernels.registry import cpu_function
+
+    program, _ = tiny_optimized
+    program = dataclasses.replace(program, _modules={})
+    ep = program.entries["decode"]
+    ops = {n.target for n in ep.graph.nodes if n.op == "call_function" and cpu_function(n.target)}
+    assert {str(op) for op in ops} >= {"dsc.sparse_mla.default", "dsc.indexer_topk.default", "dsc.add_rms_norm.default"}
+    targets = {n.target for n in program.module("decode").graph.nodes if n.op == "call_function"}
+    assert not targets & ops and {cpu_function(op) for op in ops} <= targets
+    sc = make_scenario(program.config, seed=2)
+    direct = run_scenario(program, sc)
+    program._modules["decode"] = ep.module(check_guards=False)  # through torch.ops.dsc.*
+    program._modules["prefill"] = program.entries["prefill"].module(check_guards=False)
+    dispatched = run_scenario(program, sc)
+    for k in direct:
+        assert torch.equal(direct[k], dispatched[k]), k
+
+
 def test_clone_never_touches_the_original(tiny_program):
     code = tiny_program.entries["decode"].graph_module.code
     c = tiny_program.clone()
