@@ -68,7 +68,7 @@ def test_ties_go_to_the_earlier_token():
 
 
 def test_both_selection_paths_agree(monkeypatch):
-    """Short rows select by a stable sort, long ones by two top-k passes: the same indices, ties
+    """Short rows select by a stable sort, long ones by two top-k passes: the same sets, ties
     (quantised scores) and masked (-inf) slots and rows shorter than k included."""
     from dsc.kernels import dsa
 
@@ -81,7 +81,10 @@ def test_both_selection_paths_agree(monkeypatch):
         monkeypatch.setattr(dsa, "SORT_MAX_T", 0)
         by_topk = dsa._select(scores, k)
         monkeypatch.undo()
-        assert torch.equal(by_sort, by_topk), k
+        assert _as_sets([by_sort]) == _as_sets([by_topk]), k
+        for idx in (by_sort, by_topk):  # -1 pads the end of each row, never between indices
+            valid = idx >= 0
+            assert torch.equal(valid, valid.sum(-1, keepdim=True) > torch.arange(idx.shape[-1])), k
 
 
 def _mla_inputs(B, S, H, dc, dr, T, seed=0):
@@ -97,21 +100,44 @@ def _random_indices(B, S, T, K, seed=0):
     return idx
 
 
+SPARSE_PATHS = {  # FEW_ROWS, UNION_HEADS_PER_K, rows per block (None: ROW_BLOCK_VALUES as it is)
+    "own gather per row": (1 << 30, 4, None),
+    "union of a block": (0, 1e-9, None),
+    "union, one block per row": (0, 1e-9, 1),
+    "union, blocks of 2 rows": (0, 1e-9, 2),
+    "union or per row by its size": (0, 4, None),
+}
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
 @pytest.mark.parametrize("shape", [(1, 1, 4, 16, 8, 40, 12), (2, 3, 2, 8, 4, 9, 9), (2, 5, 3, 16, 8, 64, 20)])
-def test_sparse_mla_equals_masked_dense_attention(shape, monkeypatch):
+def test_sparse_mla_equals_masked_dense_attention(shape, path, monkeypatch):
     B, S, H, dc, dr, T, K = shape
     q_abs, q_pe, c, r = _mla_inputs(B, S, H, dc, dr, T)
     idx = _random_indices(B, S, T, K)
+    idx[-1, -1] = -1  # a row with no token
     dump = torch.where(idx >= 0, idx, T)  # -1 slots land in a column that is cut off
     mask = torch.full((B, S, T + 1), float("-inf")).scatter(-1, dump, 0.0)[..., :T]
     dense = mla_decode_ref(torch.cat((q_abs, q_pe), -1), torch.cat((c, r), -1), mask, 0.3, dc)
+    dense[-1, -1] = 0.0  # masked-dense attention over no token is NaN; the op's answer is zeros
     ref = dsa.sparse_mla_ref(q_abs, q_pe, c, r, idx, 0.3)
     torch.testing.assert_close(ref, dense, **TOL["fp32_reassoc"])
-    monkeypatch.setattr(dsa, "ROW_BLOCK_VALUES", K * (dc + dr))  # a block per query row
-    torch.testing.assert_close(torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.3), ref, **TOL["fp32_exact_graph"])
-    kv = torch.cat((c, r), -1)  # the latent cache's layout: [c ; k_pe] adjacent, read through one gather
-    fused = torch.ops.dsc.sparse_mla(q_abs, q_pe, kv[..., :dc], kv[..., dc:], idx, 0.3)
+    few, per_k, rows = SPARSE_PATHS[path]
+    monkeypatch.setattr(dsa, "FEW_ROWS", few)
+    monkeypatch.setattr(dsa, "UNION_HEADS_PER_K", per_k)
+    if rows:
+        monkeypatch.setattr(dsa, "ROW_BLOCK_VALUES", rows * H * T)
+    per_row = []
+    monkeypatch.setattr(dsa, "_sparse_mla_rows", lambda *a, f=dsa._sparse_mla_rows: per_row.append(1) or f(*a))
+    torch.testing.assert_close(torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.3), ref, **TOL["fp32_reassoc"])
+    kv = torch.zeros(B, T + 3, dc + dr)  # the latent cache's layout: [c ; k_pe] adjacent, a window of it
+    kv[:, :T] = torch.cat((c, r), -1)
+    fused = torch.ops.dsc.sparse_mla(q_abs, q_pe, kv[:, :T, :dc], kv[:, :T, dc:], idx, 0.3)
     torch.testing.assert_close(fused, ref, **TOL["fp32_reassoc"])
+    if path == "union or per row by its size":  # 5 rows of 20 of 64 tokens share little: per row
+        assert bool(per_row) == (shape[-1] < shape[-2] and S > 1)
+    elif S > 1:
+        assert bool(per_row) == (path == "own gather per row")
 
 
 def test_sparse_mla_row_without_a_token_is_zero():
