@@ -9,11 +9,13 @@ attention at context T in four forms, the model's sizes: per-head K/V cache, a l
 re-decompressed every step, the absorbed form in plain torch, and ``dsc::mla_decode``; checked to
 agree before they are timed) and ``speculative`` (greedy generation of ``generate`` tokens from a
 code prompt, plain and with n MTP drafts per step, for eager and the Programs with a draft: the
-same tokens, checked; tokens/s, tokens per verify step and acceptance per position). Each point: warm-up calls, then repeated timed calls; the median is
-reported, and every variant's ratio to ``eager`` (to ``per_head`` for attention).
+same tokens, checked; tokens/s, tokens per verify step and acceptance per position). Each point:
+each variant's warm-up calls, then rounds of one timed call of every variant in turn, so that the
+drift of a shared machine's speed reaches all variants alike; the median is reported, and every
+variant's ratio to ``eager`` (to ``per_head`` for attention).
 
-Memory: the process's resident set is sampled every few ms while a variant runs; "peak" is the
-highest RSS above the level before its run. Bandwidth: a large tensor copy measured in the same
+Memory: the process's resident set is sampled every few ms during a variant's warm-up calls;
+"peak" is its caches plus the highest RSS above the level before them. Bandwidth: a large tensor copy measured in the same
 run; ``bytes / bandwidth`` from the cost model is each point's lower bound, and ``x_bound`` says how
 far above it the measured time is.
 """
@@ -116,18 +118,45 @@ def measure_bandwidth(nbytes: int = 256 * 2**20, repeat: int = 5) -> float:
     return 2 * nbytes / statistics.median(times[1:])
 
 
-def _time(fn, warmup: int, repeat: int, budget: float) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    t_end = time.perf_counter() + budget
+def _time_side_by_side(
+    calls: dict, warmup: int, repeat: int, budget: float, memory: dict | None = None
+) -> dict[str, tuple[float, list[float]]]:
+    """Each call's median time and its times: warm-up calls of one call after another (with
+    ``memory``, each call's under an RSS sampler: its peak above the level before, in bytes, into
+    ``memory``), then ``repeat`` rounds of one timed call each, in turn. Taking turns gives every
+    variant the same machine: on a shared host the speed drifts over seconds, which a block of one
+    variant's calls, then the next's, turns into a false ratio. Fewer rounds once the budget (per
+    call) is spent."""
+    for name, fn in calls.items():
+        with _RssSampler() as mem:
+            for _ in range(max(warmup, 1 if memory is not None else 0)):
+                fn()
+        if memory is not None:
+            memory[name] = mem.above_base
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    t_end = time.perf_counter() + budget * len(calls)
     for i in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
         if time.perf_counter() > t_end and i >= 1:
             break
-    return statistics.median(times), times
+    return {name: (statistics.median(ts), ts) for name, ts in times.items()}
+
+
+def _shared_caches(pool: list, spec, length: int, gen: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Batch-1 caches of ``length`` positions for ``spec``: the set already in ``pool`` for an equal
+    spec, else a new one (random contents when ``gen`` is given) added to it."""
+    for other, caches in pool:
+        if other == spec:
+            return caches
+    caches = spec.allocate(1, length)
+    if gen is not None:
+        for c in caches:
+            _fill(c, gen)
+    pool.append((spec, caches))
+    return caches
 
 
 def _fill(cache: torch.Tensor, gen: torch.Generator, block: int = 512) -> None:
@@ -230,15 +259,15 @@ def measure_speed(backends: dict, config, context: int = 1024, prompt: int = 128
     tok, pos = torch.randint(0, vocab, (1, 1), generator=gen), torch.tensor([[context]])
     ptoks = torch.randint(0, vocab, (1, prompt), generator=gen)
     out = {"decode": {"context": context}, "prefill": {"tokens": prompt}, "threads": torch.get_num_threads()}
+    steps, fills, pool = {}, {}, []
     for name, backend in backends.items():
-        caches = backend.cache.allocate(1, context + 1)
-        for c in caches:
-            _fill(c, gen)
-        step = _time(lambda b=backend, c=caches: b.decode(tok, pos, c), 2, 7, budget_s)[0]
+        caches = _shared_caches(pool, backend.cache, context + 1, gen)
+        steps[name] = lambda b=backend, c=caches: b.decode(tok, pos, c)
         fresh = backend.cache.allocate(1, prompt)
-        fill = _time(lambda b=backend, c=fresh: prefill(b, ptoks, c), 1, 3, budget_s)[0]
-        out["decode"][f"{name}_ms"] = round(step * 1e3, 3)
-        out["prefill"][f"{name}_ms"] = round(fill * 1e3, 3)
+        fills[name] = lambda b=backend, c=fresh: prefill(b, ptoks, c)
+    for kind, calls, warmup, repeat in (("decode", steps, 2, 7), ("prefill", fills, 1, 3)):
+        for name, (median, _) in _time_side_by_side(calls, warmup, repeat, budget_s).items():
+            out[kind][f"{name}_ms"] = round(median * 1e3, 3)
     return out
 
 
@@ -322,35 +351,39 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
                 runs = forms
             else:
                 runs = {name: (backend, None) for name, backend in variants.items()}
-            for name, (backend, nbytes) in runs.items():
-                gc.collect()
-                with _RssSampler() as mem:
-                    if scenario == "attention":
-                        call = backend
-                    elif scenario == "decode":
-                        caches = backend.cache.allocate(1, n + 1)
-                        for c in caches:
-                            _fill(c, gen)
-                        tok = torch.randint(0, vocab, (1, 1), generator=gen)
-                        pos = torch.tensor([[n]])
-
-                        def call(backend=backend, caches=caches, tok=tok, pos=pos):
-                            backend.decode(tok, pos, caches)
-                    else:
-                        caches = backend.cache.allocate(1, n)
-                        tok = torch.randint(0, vocab, (1, n), generator=gen)
-
-                        def call(backend=backend, caches=caches, tok=tok):
-                            prefill(backend, tok, caches)  # as generate runs it: chunked past prefill_chunk
-
-                    median, times = _time(call, cfg.warmup, cfg.repeat, cfg.budget_s)
-                    caches = None
+            # the calls hold their caches until the last timed call; variants with one cache layout share
+            # one set (each call writes its own positions before it reads them)
+            calls, cache_bytes, pool = {}, {}, []
+            for name, (backend, _) in runs.items():
+                caches = []
+                if scenario == "attention":
+                    calls[name] = backend
+                elif scenario == "decode":
+                    caches = _shared_caches(pool, backend.cache, n + 1, gen)
+                    tok = torch.randint(0, vocab, (1, 1), generator=gen)
+                    pos = torch.tensor([[n]])
+                    calls[name] = lambda backend=backend, caches=caches, tok=tok, pos=pos: backend.decode(
+                        tok, pos, caches
+                    )
+                else:
+                    caches = _shared_caches(pool, backend.cache, n)
+                    tok = torch.randint(0, vocab, (1, n), generator=gen)
+                    # as generate runs it: chunked past prefill_chunk
+                    calls[name] = lambda backend=backend, caches=caches, tok=tok: prefill(backend, tok, caches)
+                cache_bytes[name] = sum(c.numel() * c.element_size() for c in caches)
+            del caches, pool
+            gc.collect()
+            peaks: dict[str, int] = {}
+            timed = _time_side_by_side(calls, cfg.warmup, cfg.repeat, cfg.budget_s, memory=peaks)
+            del calls
+            for name, (_, nbytes) in runs.items():
+                median, times = timed[name]
                 bound = (nbytes if nbytes is not None else bound_bytes(name, scenario, n)) / bw
                 if name == ("per_head" if scenario == "attention" else "eager"):
                     base_time = median
                 point = {
                     "scenario": scenario, "variant": name, "tokens": n, "median_ms": round(median * 1e3, 3),
-                    "times_ms": [round(t * 1e3, 3) for t in times], "peak_rss_mb": round(mem.above_base / 2**20, 1),
+                    "times_ms": [round(t * 1e3, 3) for t in times], "peak_rss_mb": round((cache_bytes[name] + peaks[name]) / 2**20, 1),
                     "bytes_moved": bound * bw, "bandwidth_bound_ms": round(bound * 1e3, 3),
                     "x_bound": round(median / bound, 2) if bound else None,
                     "speedup_vs_eager": round(base_time / median, 3) if base_time else None,
