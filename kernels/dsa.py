@@ -26,9 +26,9 @@ NEG_INF = float("-inf")
 ROW_BLOCK_VALUES = 1 << 24  # values (fp32) of one block's score / gather intermediates: 64 MB
 SORT_MAX_T = 4096  # rows up to this long select by one stable sort; longer ones by two top-k passes
 FEW_ROWS = 4  # sparse_mla: up to this many query rows gather each row's selection on its own
-# sparse_mla: a block of query rows attends over the union U of its selections while U <= K * H / this
+# sparse_mla: a block of query rows attends over the union U of its selections while U <= K * max(2, H / this)
 # (the union's products have H x rows query rows, each row's own only H: measured on 2 AVX2 cores,
-# the union wins to U ~ K at 4 heads and past 3K at 16)
+# the union wins to U ~ 2K at 4 heads and to at least 4K at 16)
 UNION_HEADS_PER_K = 4
 
 
@@ -311,8 +311,10 @@ def _sparse_mla_rows(q_abs, q_pe, latent, rope, kv, indices, scale) -> Tensor:
         c, r = gather(latent), gather(rope)
         qa, qp = q_abs.float().view(B * S, H, dc), q_pe.float().view(B * S, H, -1)
         scores = torch.baddbmm(torch.bmm(qp, r.transpose(1, 2)), qa, c.transpose(1, 2))
-    scores = scores.mul_(scale).masked_fill_(~valid, NEG_INF)
-    p = torch.where(valid.any(-1, keepdim=True), scores.softmax(-1), 0.0)  # no valid slot: zeros, not NaN
+    p = scores.mul_(scale).masked_fill_(~valid, NEG_INF).softmax(-1)
+    empty = ~valid.any(-1).view(-1)
+    if bool(empty.any()):  # a row with no valid slot: zeros, not the NaN of an all -inf softmax
+        p[empty] = 0.0
     return torch.bmm(p, c).view(B, S, H, dc).to(q_abs.dtype)
 
 
@@ -367,12 +369,12 @@ def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
         for s0 in range(0, S, rows):
             idx = indices[b, s0 : s0 + rows]  # (n, K)
             n = idx.shape[0]
-            member = torch.zeros(n, T + 1, dtype=torch.bool, device=idx.device)
-            member.scatter_(1, torch.where(idx < 0, T, idx), True)  # -1: an extra column, cut off
-            member = member[:, :T]
-            used = member.any(0)
+            # each row's set as an additive mask (0 / -inf); -1 slots land in an extra column, cut off
+            bias = torch.full((n, T + 1), NEG_INF, device=idx.device)
+            bias = bias.scatter_(1, idx.masked_fill(idx < 0, T), 0.0)[:, :T]
+            used = (bias == 0).any(0)
             U = int(used.sum())
-            if U > K * max(1, H // UNION_HEADS_PER_K):  # little shared: each row's own gather is cheaper
+            if U > K * max(2, H // UNION_HEADS_PER_K):  # little shared: each row's own gather is cheaper
                 sl = slice(s0, s0 + n)
                 out[b : b + 1, sl] = _sparse_mla_rows(
                     q_abs[b : b + 1, sl], q_pe[b : b + 1, sl], latent[b : b + 1], rope[b : b + 1],
@@ -380,7 +382,8 @@ def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
                 )  # fmt: skip
                 continue
             cols = None if U == T else used.nonzero().squeeze(1)
-            chosen = member if cols is None else member[:, cols]
+            if cols is not None:
+                bias = bias[:, cols]
 
             qa = q_abs[b, s0 : s0 + n].float().reshape(n * H, dc)
             qp = q_pe[b, s0 : s0 + n].float().reshape(n * H, -1)
@@ -391,8 +394,10 @@ def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
             else:
                 c, r = _rows(latent[b], cols), _rows(rope[b], cols)
                 scores = torch.addmm(qp @ r.T, qa, c.T)
-            scores = scores.mul_(scale).view(n, H, -1).masked_fill_(~chosen.unsqueeze(1), NEG_INF)
-            p = torch.where(chosen.any(-1)[:, None, None], scores.softmax(-1), 0.0)  # no valid slot: zeros
+            p = scores.mul_(scale).view(n, H, -1).add_(bias.unsqueeze(1)).softmax(-1)
+            empty = ~(idx >= 0).any(-1)
+            if bool(empty.any()):  # a row with no valid slot: zeros, not the NaN of an all -inf softmax
+                p[empty] = 0.0
             out[b, s0 : s0 + n] = (p.view(n * H, -1) @ c).view(n, H, dc).to(q_abs.dtype)
     return out
 
