@@ -25,6 +25,7 @@ from torch import Tensor
 NEG_INF = float("-inf")
 ROW_BLOCK_VALUES = 1 << 24  # values (fp32) of one block's score / gather intermediates: 64 MB
 SORT_MAX_T = 4096  # rows up to this long select by one stable sort; longer ones by two top-k passes
+KEYS_MAJOR_MIN_T = 8192  # the indexer's decode rows from this context on: K qᵀ (1.5x faster at 32K, slower at 1K)
 FEW_ROWS = 4  # sparse_mla: up to this many query rows gather each row's selection on its own
 # sparse_mla: a block of query rows attends over the union U of its selections while U <= K * max(2, H / this)
 # (the union's products have H x rows query rows, each row's own only H: measured on 2 AVX2 cores,
@@ -101,15 +102,23 @@ def observe_indexer(fn):
 def _select(scores: Tensor, topk: int) -> Tensor:
     """(R, T) scores, -inf where not visible -> (R, topk) indices, -1 padded at the end: the topk
     largest finite scores, ties to the earlier index. Short rows: one stable sort (the indices in
-    descending score order, as the reference's); long rows: exact without sorting the row (the
-    indices in increasing order). Nothing downstream depends on the order within a set."""
+    descending score order, as the reference's); long rows: one top-k, and where ties at the k-th
+    value cross the cut, exact selection without sorting the row (the indices in increasing
+    order). Nothing downstream depends on the order within a set."""
     R, T = scores.shape
     k = min(topk, T)
     if T <= SORT_MAX_T:  # short rows: a stable sort keeps equal scores in index order, earliest first
         vals, order = scores.sort(dim=-1, descending=True, stable=True)
         idx = order[:, :k].masked_fill(vals[:, :k] == NEG_INF, -1)
         return torch.cat((idx, idx.new_full((R, topk - k), -1)), dim=-1) if k < topk else idx
-    kth = scores.topk(k, dim=-1).values[:, -1:]  # the k-th largest value of each row
+    vals, top = scores.topk(k, dim=-1)
+    kth = vals[:, -1:]  # the k-th largest value of each row
+    # where no value equal to the k-th is left out (or fewer than k are visible), top-k's set is the
+    # tie rule's set whatever order top-k met the ties in: one pass
+    exact = ((scores == kth).sum(-1) == (vals == kth).sum(-1)) | (kth.squeeze(-1) == NEG_INF)
+    if bool(exact.all()):
+        idx = top.masked_fill(vals == NEG_INF, -1)
+        return torch.cat((idx, idx.new_full((R, topk - k), -1)), dim=-1) if k < topk else idx
     finite = scores > NEG_INF
     above = (scores > kth) & finite
     tied = (scores == kth) & finite
@@ -141,23 +150,27 @@ def indexer_topk_cpu(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: in
     tpos = torch.arange(T, device=q.device)
     kf = keys.float()
 
-    def select(qs: Tensor, ws: Tensor, ls: Tensor, kt: Tensor) -> Tensor:  # (Bq, n, H, D) rows -> (Bq, n, topk)
+    def select(qs: Tensor, ws: Tensor, ls: Tensor, k: Tensor) -> Tensor:  # (Bq, n, H, D) rows -> (Bq, n, topk)
         Bq, n = qs.shape[:2]
-        per_head = torch.bmm(qs.float().reshape(Bq, n * H, D), kt).relu_().view(Bq * n, H, T)
-        scores = torch.bmm(ws.float().reshape(Bq * n, 1, H), per_head).view(Bq, n, T)
+        if n == 1 and T >= KEYS_MAJOR_MIN_T:  # K qᵀ: the keys read row by row as they lie in the cache
+            per_head = torch.matmul(k, qs.float().reshape(Bq, H, D).transpose(1, 2)).relu_()  # (Bq, T, H)
+            scores = torch.bmm(per_head, ws.float().reshape(Bq, H, 1)).view(Bq, 1, T)
+        else:  # q Kᵀ: the block's rows and heads as the rows of one product
+            per_head = torch.bmm(qs.float().reshape(Bq, n * H, D), k.transpose(1, 2)).relu_().view(Bq * n, H, T)
+            scores = torch.bmm(ws.float().reshape(Bq * n, 1, H), per_head).view(Bq, n, T)
         scores = scores.masked_fill_(tpos > ls.unsqueeze(-1), NEG_INF)
-        return _select(scores.flatten(0, 1), topk).view(Bq, n, topk)
+        return _select(scores.reshape(Bq * n, T), topk).view(Bq, n, topk)
 
     if bool(need.all()):  # decode steps and long extends: every row, all batch rows at once
         for s0 in range(0, S, rows):
             sl = slice(s0, s0 + rows)
-            out[:, sl] = select(q[:, sl], w[:, sl], limit[:, sl], kf.transpose(1, 2))
+            out[:, sl] = select(q[:, sl], w[:, sl], limit[:, sl], kf)
         return out
     for b in range(B):
         chosen = need[b].nonzero().squeeze(1)
         for s0 in range(0, chosen.numel(), rows):
             r = chosen[s0 : s0 + rows]
-            out[b, r] = select(q[b, r][None], w[b, r][None], limit[b, r][None], kf[b].T[None])[0]
+            out[b, r] = select(q[b, r][None], w[b, r][None], limit[b, r][None], kf[b : b + 1])[0]
     return out
 
 

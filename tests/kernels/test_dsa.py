@@ -46,8 +46,10 @@ def test_indexer_topk_cpu_equals_reference(case, ties, monkeypatch):
     q, w, keys, limit = _indexer_inputs(B, S, H, D, T, ties=ties)
     want = dsa.indexer_topk_ref(q, w, keys, limit, k)
     assert want.shape == (B, S, k) and want.dtype == torch.int64
-    for block in (dsa.ROW_BLOCK_VALUES, H * T):  # one block; a block per query row
+    # one block; a block per query row (with K qᵀ products for those single rows, as at long decode contexts)
+    for block, keys_major in ((dsa.ROW_BLOCK_VALUES, 1 << 30), (H * T, 1 << 30), (H * T, 0)):
         monkeypatch.setattr(dsa, "ROW_BLOCK_VALUES", block)
+        monkeypatch.setattr(dsa, "KEYS_MAJOR_MIN_T", keys_major)
         got = torch.ops.dsc.indexer_topk(q, w, keys, limit, k)
         assert _as_sets(got) == _as_sets(want)
     # k = min(topk, visible): each row selects exactly that many, all visible
@@ -68,15 +70,17 @@ def test_ties_go_to_the_earlier_token():
 
 
 def test_both_selection_paths_agree(monkeypatch):
-    """Short rows select by a stable sort, long ones by two top-k passes: the same sets, ties
-    (quantised scores) and masked (-inf) slots and rows shorter than k included."""
+    """Short rows select by a stable sort, long ones by a top-k (and where ties cross the cut, two
+    top-k passes): the same sets, ties (quantised scores) and masked (-inf) slots and rows shorter
+    than k included."""
     from dsc.kernels import dsa
 
     g = torch.Generator().manual_seed(0)
-    scores = (torch.randn(64, 300, generator=g) * 3).round()  # many exact ties
-    scores[:, 250:] = float("-inf")
-    scores[5, 3:] = float("-inf")  # a row with 3 visible keys: -1 padding
-    for k in (1, 16, 64, 400):
+    tied = (torch.randn(64, 300, generator=g) * 3).round()  # many exact ties
+    distinct = torch.randn(64, 300, generator=g)  # no ties: one top-k pass decides
+    for scores, k in [(s, k) for s in (tied, distinct) for k in (1, 16, 64, 400)]:
+        scores[:, 250:] = float("-inf")
+        scores[5, 3:] = float("-inf")  # a row with 3 visible keys: -1 padding
         by_sort = dsa._select(scores, k)
         monkeypatch.setattr(dsa, "SORT_MAX_T", 0)
         by_topk = dsa._select(scores, k)
