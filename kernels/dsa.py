@@ -322,7 +322,7 @@ def _sparse_mla_rows(q_abs, q_pe, latent, rope, kv, indices, scale) -> Tensor:
         scores = torch.bmm(torch.cat((q_abs, q_pe), -1).float().view(B * S, H, -1), g.transpose(1, 2))
     else:
         c, r = gather(latent), gather(rope)
-        qa, qp = q_abs.float().view(B * S, H, dc), q_pe.float().view(B * S, H, -1)
+        qa, qp = q_abs.float().reshape(B * S, H, dc), q_pe.float().reshape(B * S, H, -1)
         scores = torch.baddbmm(torch.bmm(qp, r.transpose(1, 2)), qa, c.transpose(1, 2))
     p = scores.mul_(scale).masked_fill_(~valid, NEG_INF).softmax(-1)
     empty = ~valid.any(-1).view(-1)

@@ -138,6 +138,10 @@ def test_sparse_mla_equals_masked_dense_attention(shape, path, monkeypatch):
     kv[:, :T] = torch.cat((c, r), -1)
     fused = torch.ops.dsc.sparse_mla(q_abs, q_pe, kv[:, :T, :dc], kv[:, :T, dc:], idx, 0.3)
     torch.testing.assert_close(fused, ref, **TOL["fp32_reassoc"])
+    # queries as views of one (B, H, S, .) tensor, as transformers' code makes them
+    q = torch.cat((q_abs, q_pe), -1).transpose(1, 2).contiguous().transpose(1, 2)
+    strided = torch.ops.dsc.sparse_mla(q[..., :dc], q[..., dc:], c, r, idx, 0.3)
+    torch.testing.assert_close(strided, ref, **TOL["fp32_reassoc"])
     if path == "union or per row by its size":  # 5 rows of 20 of 64 tokens share little: per row
         assert bool(per_row) == (shape[-1] < shape[-2] and S > 1)
     elif S > 1:
