@@ -331,39 +331,6 @@ def _sparse_mla_rows(q_abs, q_pe, latent, rope, kv, indices, scale) -> Tensor:
     return torch.bmm(p, c).view(B, S, H, dc).to(q_abs.dtype)
 
 
-def _rows(t: Tensor, cols: Tensor | None) -> Tensor:
-    """The rows ``cols`` of t (T, C) in fp32 (all of them for None): one ``index_select``, an order
-    of magnitude faster on CPU than the same gather by advanced indexing."""
-    return (t if cols is None else t.index_select(0, cols)).float()
-
-
-def _sparse_mla_step(q_abs, q_pe, latent, rope, kv, indices, scale) -> Tensor:
-    """One query row per batch row (a decode step): each row's K selected latents gathered
-    (``index_select`` per batch row), then batched matmuls over the batch with the heads as rows."""
-    B, _, H, dc = q_abs.shape
-    K = indices.shape[-1]
-    safe = indices.clamp(min=0).view(B, K)
-    valid = (indices >= 0).view(B, 1, K)
-
-    def gather(t: Tensor) -> Tensor:
-        g = t.new_empty(B, K, t.shape[-1])
-        for b in range(B):
-            torch.index_select(t[b], 0, safe[b], out=g[b])
-        return g.float()
-
-    if kv is not None:
-        g = gather(kv)
-        c = g[..., :dc]
-        scores = torch.bmm(torch.cat((q_abs, q_pe), -1).float().view(B, H, -1), g.transpose(1, 2))
-    else:
-        c, r = gather(latent), gather(rope)
-        qa, qp = q_abs.float().view(B, H, dc), q_pe.float().view(B, H, -1)
-        scores = torch.baddbmm(torch.bmm(qp, r.transpose(1, 2)), qa, c.transpose(1, 2))
-    scores = scores.mul_(scale).masked_fill_(~valid, NEG_INF)
-    p = torch.where(valid.any(-1, keepdim=True), scores.softmax(-1), 0.0)  # no valid slot: zeros, not NaN
-    return torch.bmm(p, c).view(B, 1, H, dc).to(q_abs.dtype)
-
-
 def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
     """Decode and verify steps: ``_sparse_mla_rows``. More query rows: blocks of rows of one batch row,
     each attending over the union U of its rows' selections: one gather of those U latents (none
@@ -374,10 +341,10 @@ def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
     B, S, H, dc = q_abs.shape
     T, K = latent.shape[1], indices.shape[-1]
     rows = max(1, ROW_BLOCK_VALUES // max(1, H * T))  # the scores of a block fit, however large U is
-    out = torch.empty(B, S, H, dc, dtype=q_abs.dtype, device=q_abs.device)
     kv = _fused_view(latent, rope)  # [c ; k_pe] adjacent in one cache: one gather, one score product
     if S <= FEW_ROWS:
         return _sparse_mla_rows(q_abs, q_pe, latent, rope, kv, indices, scale)
+    out = torch.empty(B, S, H, dc, dtype=q_abs.dtype, device=q_abs.device)
     for b in range(B):
         for s0 in range(0, S, rows):
             idx = indices[b, s0 : s0 + rows]  # (n, K)
