@@ -10,8 +10,8 @@ groups of 128) and ``dsc::fp8_linear`` (e4m3 weights with one fp32 scale per 128
 Ragged edges: a last K group shorter than 128 has its own scale; weight blocks past the edge are
 padded as the checkpoint format says (``dsc.model.fp8``). The references are the specification and
 ``fp8_linear_decomposed`` — one fp32 matmul over the dequantised operands (the block scales factor
-out of each K block exactly in real arithmetic: fp32 re-association) — is both the CPU path and
-what the exporters lower ``fp8_linear`` with.
+out of each K block exactly in real arithmetic: fp32 re-association) — is what the exporters lower
+``fp8_linear`` with, and the CPU path where the native kernel (``kernels/native.py``) is missing.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from dsc.kernels import native
 from dsc.kernels.registry import custom_op
 from torch import Tensor
 
@@ -82,6 +83,22 @@ def fp8_linear_decomposed(
     return y + bias.float() if bias is not None else y
 
 
+def fp8_linear_cpu(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``fp8_linear`` on this CPU: the e4m3 weight widened inside the dot product for up to
+    ``native.ROWS_MAX`` rows (decode, verify), dequantised a cache-sized band at a time into a GEMM
+    for longer prompts; W8A8 activations dequantised exactly first. Without the native kernel (see
+    ``kernels/native.py``), the decomposition: the same numbers up to fp32 re-association."""
+    if not native.usable(x, w):
+        return fp8_linear_decomposed(x, x_scale, w, w_scale, bias)
+    N, K = w.shape
+    flat = x.reshape(-1, K)
+    xf = flat.float() if x_scale is None else native.dequant(flat, x_scale.reshape(-1, x_scale.shape[-1]), 1)
+    y = native.rows(xf, w, w_scale) if xf.shape[0] <= native.ROWS_MAX else native.matmul(xf, w, w_scale)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], N)
+
+
 @custom_op("dsc::act_quant")
 def act_quant(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
     """Activations (..., K) -> (e4m3 (..., K), fp32 scales (..., ceil(K / block)))."""
@@ -98,7 +115,7 @@ def _(x, block=BLOCK, ue8m0=False):
 def fp8_linear(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., K) e4m3 with ``x_scale`` (..., ceil(K/128)) from ``act_quant`` (W8A8), or a high-precision
     x with ``x_scale`` None (W8A16); w (N, K) e4m3, w_scale (ceil(N/128), ceil(K/128)) -> fp32 (..., N)."""
-    return fp8_linear_decomposed(x, x_scale, w, w_scale, bias)  # the CPU path, for now (see the README)
+    return fp8_linear_cpu(x, x_scale, w, w_scale, bias)
 
 
 @fp8_linear.register_fake
