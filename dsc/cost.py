@@ -23,6 +23,7 @@ import torch
 from torch import fx
 from torch.export import ExportedProgram
 
+import dsc.kernels  # noqa: F401  (registers the dsc:: ops this file prices)
 from dsc.fx_utils import VIEW_OPS, dim_names, val
 from dsc.match.attention import softmax_scores
 from dsc.match.ops import CONTRACTIONS
@@ -36,6 +37,7 @@ ZERO_COST = VIEW_OPS | {
     aten.ones_like.default, aten.full.default, aten.zeros.default, aten.empty.memory_format, operator.getitem,
 }  # fmt: skip
 MATMUL_LIKE = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default}
+MOE = (torch.ops.dsc.moe_experts.default, torch.ops.dsc.moe_experts_fp8.default)
 
 
 def _expr(x) -> sympy.Expr:
@@ -76,12 +78,12 @@ def node_flops(n: fx.Node) -> sympy.Expr:
     t, out = n.target, val(n)
     if t in ZERO_COST or t is operator.getitem:
         return sympy.Integer(0)
-    if t in MATMUL_LIKE:
+    if t in MATMUL_LIKE or t is torch.ops.dsc.fp8_linear.default:
         a = val(n.args[0] if t is not aten.addmm.default else n.args[1])
         return 2 * _numel(out) * _expr(a.shape[-1])
     if t is aten.einsum.default:
         return _einsum_flops(n.args[0], n.args[1])
-    if t is torch.ops.dsc.moe_experts.default:
+    if t in MOE:
         x, idx, gate_w = val(n.args[0]), val(n.args[1]), n.args[3]
         F, D = val(gate_w[0]).shape
         return 2 * 3 * _numel(idx) * int(F) * int(D) + _numel(x)
@@ -127,7 +129,7 @@ def node_bytes(n: fx.Node, interior: frozenset = frozenset()) -> sympy.Expr:
     reads = sympy.Add(*[_bytes(val(a)) for a in inputs])
     if n in interior:
         return reads
-    if t is torch.ops.dsc.moe_experts.default:  # only the routed experts' weights are read
+    if t in MOE:  # only the routed experts' weights are read (FP8: a byte each, scales aside)
         idx = val(n.args[1])
         per_expert = sum(int(val(w[0]).numel()) * val(w[0]).element_size() for w in n.args[3:6])
         E = len(n.args[3])

@@ -165,19 +165,46 @@ def mla_decode(q, kv, mask, scale: float, dv: int, indices=None):
     return op.CastLike(op.MatMul(p, op.Slice(kvf, _i64(0), _i64(dv), _i64(-1))), q)
 
 
-def moe_experts(x, idx, wts, gate_w, up_w, down_w):
-    """Σ_i wts[n,i]·down_e(silu(gate_e x)·up_e x), e = idx[n,i], as the reference computes it: every
-    expert on every token, weighted by that token's mixture weight for it (0 when not routed)."""
+def _mixture(x, idx, wts, n_experts: int, ffn):
+    """Σ_i wts[n,i]·ffn(e, x)[n], e = idx[n,i], as the reference computes it: every expert on every
+    token, weighted by that token's mixture weight for it (0 when not routed)."""
     w = op.CastLike(wts, x)
     y = None
-    for e, (g, u, d) in enumerate(zip(gate_w, up_w, down_w)):
+    for e in range(n_experts):
         weight = op.ReduceSum(op.Where(op.Equal(idx, op.Constant(value_int=e)), w, op.CastLike(_f(0.0), x)),
                               _i64(-1), keepdims=1)  # fmt: skip
-        gate = op.MatMul(x, op.Transpose(g, perm=[1, 0]))
-        h = op.Mul(op.Mul(gate, op.Sigmoid(gate)), op.MatMul(x, op.Transpose(u, perm=[1, 0])))
-        term = op.Mul(weight, op.MatMul(h, op.Transpose(d, perm=[1, 0])))
+        term = op.Mul(weight, ffn(e))
         y = term if y is None else op.Add(y, term)
     return y
+
+
+def moe_experts(x, idx, wts, gate_w, up_w, down_w):
+    """Σ_i wts[n,i]·down_e(silu(gate_e x)·up_e x), e = idx[n,i], every expert on every token."""
+
+    def ffn(e):
+        gate = op.MatMul(x, op.Transpose(gate_w[e], perm=[1, 0]))
+        h = op.Mul(op.Mul(gate, op.Sigmoid(gate)), op.MatMul(x, op.Transpose(up_w[e], perm=[1, 0])))
+        return op.MatMul(h, op.Transpose(down_w[e], perm=[1, 0]))
+
+    return _mixture(x, idx, wts, len(gate_w), ffn)
+
+
+def moe_experts_fp8(x, idx, wts, gate_w, up_w, down_w, gate_s, up_s, down_s, act_quant: bool = True,
+                    ue8m0: bool = False):  # fmt: skip
+    """The same mixture on e4m3 experts: each matmul the ``fp8_linear`` translation, its input
+    through the ``act_quant`` one first with W8A8 (gate and up share the quantised x)."""
+
+    def quant(t, K: int):  # (the rows are 2-D: N tokens)
+        return _quantise(t, K, 2, 128, ue8m0) if act_quant else (t, None)
+
+    a = quant(x, _static(gate_w[0], 1))
+
+    def ffn(e):
+        gate = fp8_linear(*a, gate_w[e], gate_s[e])
+        h = op.Mul(op.Mul(gate, op.Sigmoid(gate)), fp8_linear(*a, up_w[e], up_s[e]))
+        return op.CastLike(fp8_linear(*quant(h, _static(down_w[e], 1)), down_w[e], down_s[e]), x)
+
+    return _mixture(x, idx, wts, len(gate_w), ffn)
 
 
 def _pow2_ceil(s):
@@ -196,10 +223,15 @@ def act_quant(x, block: int = 128, ue8m0: bool = False):
     K = _static(x, -1)
     if K is None:
         raise NotImplementedError("act_quant needs a static last dimension to export")
+    return _quantise(x, K, len(x.shape), block, ue8m0)
+
+
+def _quantise(x, K: int, rank: int, block: int, ue8m0: bool):
+    """``act_quant`` of x (rank ``rank``, last dimension K: given where the exporter has not inferred
+    the shape of a tensor made inside a translation)."""
     G = math.ceil(K / block)
     xf = op.Cast(x, to=FLOAT)
     if G * block != K:  # the last group is zero-padded, as the reference pads it
-        rank = len(x.shape)
         xf = op.Pad(xf, _i64(*[0] * (2 * rank - 1), G * block - K))
     groups = op.Reshape(xf, op.Concat(op.Shape(x, end=-1), _i64(G, block), axis=0))
     s = op.Div(op.Max(op.ReduceMax(op.Abs(groups), _i64(-1), keepdims=0), _f(1e-4)), _f(FP8_MAX))
@@ -240,6 +272,7 @@ TABLE = {
     dsc.sparse_mla.default: sparse_mla,
     dsc.mla_decode.default: mla_decode,
     dsc.moe_experts.default: moe_experts,
+    dsc.moe_experts_fp8.default: moe_experts_fp8,
     dsc.act_quant.default: act_quant,
     dsc.fp8_linear.default: fp8_linear,
 }
@@ -254,6 +287,7 @@ FUSION = {
     "materialised (no online softmax)",
     "moe_experts": "reference decomposition: every routed expert runs on every token (E / top-k times the "
     "expert FLOPs of the dispatching kernel), weighted 0 where not routed",
+    "moe_experts_fp8": "reference decomposition, as moe_experts, each expert matmul as fp8_linear's (e4m3 on disk)",
     "act_quant": "standard ops: ReduceMax per 128-group, Div, Clip, Cast to FLOAT8E4M3FN",
     "fp8_linear": "FP8 weights stay e4m3 on disk: DequantizeLinear (block_size 128) then an fp32 MatMul "
     "(no FP8 tensor-core GEMM unless the runtime fuses Q/DQ)",

@@ -12,6 +12,7 @@ DECOMPOSITIONS = {
     torch.ops.dsc.add_rms_norm.default: add_rms_norm.add_rms_norm_ref,
     torch.ops.dsc.mla_decode.default: mla_decode.mla_decode_ref,
     torch.ops.dsc.moe_experts.default: moe.moe_experts_ref,
+    torch.ops.dsc.moe_experts_fp8.default: moe.moe_experts_fp8_ref,
     torch.ops.dsc.indexer_topk.default: dsa.indexer_topk_ref,
     torch.ops.dsc.sparse_mla.default: dsa.sparse_mla_ref,
     torch.ops.dsc.act_quant.default: fp8.act_quant_ref,

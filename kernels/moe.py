@@ -9,19 +9,26 @@ A registered op gives the model a static-shape, exportable MoE: the data-depende
 (which tokens go to which expert) lives inside the op, not in Python control flow of the graph.
 ``moe_experts_ref`` is the specification (dense: every expert on every token, weighted by a
 scattered combine matrix); the CPU implementation gathers only each expert's tokens.
+``dsc::moe_experts_fp8`` is the same mixture on e4m3 expert weights (what ``lower_fp8`` makes).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dsc.kernels import fp8
 from dsc.kernels.registry import custom_op
 from torch import Tensor
 
 
+def _combine(x: Tensor, idx: Tensor, wts: Tensor, n_experts: int) -> Tensor:
+    """(N, E): each token's mixture weight for each expert, 0 where not routed."""
+    combine = torch.zeros(x.shape[0], n_experts, dtype=x.dtype, device=x.device)
+    return combine.scatter_add(1, idx, wts.to(x.dtype))  # functional: it is also the decomposition
+
+
 def moe_experts_ref(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -> Tensor:
-    combine = torch.zeros(x.shape[0], len(gate_w), dtype=x.dtype, device=x.device)
-    combine = combine.scatter_add(1, idx, wts.to(x.dtype))  # (N, E); functional: it is also the decomposition
+    combine = _combine(x, idx, wts, len(gate_w))
     y = torch.zeros_like(x)
     for e, (g, u, d) in enumerate(zip(gate_w, up_w, down_w)):
         y = y + combine[:, e : e + 1] * (F.silu(x @ g.T) * (x @ u.T)) @ d.T
@@ -31,27 +38,20 @@ def moe_experts_ref(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -
 FEW_TOKENS = 4  # decode and verify steps: token by token, straight from the routing
 
 
-def _one_token(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -> Tensor:
-    """The same sum for one token (a decode step): its experts in one read of the routing, no
-    sort, gather or scatter."""
-    w = wts.to(x.dtype)
-    y = torch.zeros_like(x)
-    for i, e in sorted(enumerate(idx[0].tolist()), key=lambda p: p[1]):  # experts in order, as below
-        y += (F.silu(x @ gate_w[e].T) * (x @ up_w[e].T)) @ down_w[e].T * w[:, i : i + 1]
-    return y
-
-
-@custom_op("dsc::moe_experts")
-def moe_experts(
-    x: Tensor, idx: Tensor, wts: Tensor, gate_w: list[Tensor], up_w: list[Tensor], down_w: list[Tensor]
-) -> Tensor:
-    if x.shape[0] <= FEW_TOKENS:
-        return torch.cat([_one_token(x[n : n + 1], idx[n : n + 1], wts[n : n + 1], gate_w, up_w, down_w)
-                          for n in range(x.shape[0])])  # fmt: skip
+def _dispatch(x: Tensor, idx: Tensor, wts: Tensor, n_experts: int, ffn) -> Tensor:
+    """Σ_i wts[n, i] · ffn(e, x[n]) over each token's routed experts e = idx[n, i], computing each
+    expert once on the tokens routed to it. ``ffn(e, rows)`` -> (len(rows), D)."""
+    if x.shape[0] <= FEW_TOKENS:  # a decode step: its experts in one read of the routing, no sort or scatter
+        y = torch.zeros_like(x)
+        w = wts.to(x.dtype)
+        for n in range(x.shape[0]):
+            for i, e in sorted(enumerate(idx[n].tolist()), key=lambda p: p[1]):  # experts in order, as below
+                y[n : n + 1] += ffn(e, x[n : n + 1]) * w[n : n + 1, i : i + 1]
+        return y
     y = torch.zeros_like(x)
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=len(gate_w)).tolist()
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
     token_of = order // idx.shape[1]  # (N*K,) token of each sorted slot
     w_sorted = wts.reshape(-1)[order].to(x.dtype)
     start = 0
@@ -59,15 +59,67 @@ def moe_experts(
         if c == 0:
             continue
         rows = token_of[start : start + c]
-        xe = x.index_select(0, rows)
-        h = F.silu(xe @ gate_w[e].T) * (xe @ up_w[e].T)
-        y.index_add_(0, rows, (h @ down_w[e].T) * w_sorted[start : start + c, None])
+        y.index_add_(0, rows, ffn(e, x.index_select(0, rows)) * w_sorted[start : start + c, None])
         start += c
     return y
 
 
+@custom_op("dsc::moe_experts")
+def moe_experts(
+    x: Tensor, idx: Tensor, wts: Tensor, gate_w: list[Tensor], up_w: list[Tensor], down_w: list[Tensor]
+) -> Tensor:
+    def ffn(e: int, xe: Tensor) -> Tensor:
+        return (F.silu(xe @ gate_w[e].T) * (xe @ up_w[e].T)) @ down_w[e].T
+
+    return _dispatch(x, idx, wts, len(gate_w), ffn)
+
+
 @moe_experts.register_fake
 def _(x, idx, wts, gate_w, up_w, down_w):
+    return torch.empty_like(x)
+
+
+def _fp8_ffn(weights, act_quant: bool, ue8m0: bool, linear, quant):
+    """ffn(e, rows) of e4m3 experts with 128x128 block scales: each of the three matmuls is
+    ``fp8_linear``, its input quantised per token in 1x128 groups first (W8A8; gate and up share
+    one quantisation of x) or not (W8A16)."""
+    gate_q, up_q, down_q, gate_s, up_s, down_s = weights
+
+    def ffn(e: int, xe: Tensor) -> Tensor:
+        a = quant(xe, 128, ue8m0) if act_quant else (xe, None)
+        h = F.silu(linear(*a, gate_q[e], gate_s[e])) * linear(*a, up_q[e], up_s[e])
+        b = quant(h, 128, ue8m0) if act_quant else (h, None)
+        return linear(*b, down_q[e], down_s[e]).to(xe.dtype)
+
+    return ffn
+
+
+def moe_experts_fp8_ref(x, idx, wts, gate_w, up_w, down_w, gate_s, up_s, down_s, act_quant=True, ue8m0=False):
+    """The specification: the mixture of ``moe_experts_ref`` with every expert matmul an ``fp8_linear``."""
+    ffn = _fp8_ffn((gate_w, up_w, down_w, gate_s, up_s, down_s), act_quant, ue8m0,
+                   fp8.fp8_linear_decomposed, fp8.act_quant_ref)  # fmt: skip
+    combine = _combine(x, idx, wts, len(gate_w))
+    y = torch.zeros_like(x)
+    for e in range(len(gate_w)):
+        y = y + combine[:, e : e + 1] * ffn(e, x)
+    return y
+
+
+@custom_op("dsc::moe_experts_fp8")
+def moe_experts_fp8(
+    x: Tensor, idx: Tensor, wts: Tensor, gate_w: list[Tensor], up_w: list[Tensor], down_w: list[Tensor],
+    gate_s: list[Tensor], up_s: list[Tensor], down_s: list[Tensor], act_quant: bool = True, ue8m0: bool = False,
+) -> Tensor:  # fmt: skip
+    """``moe_experts`` on e4m3 expert weights (``lower_fp8``): gate_w / up_w (F, D) and down_w (D, F)
+    e4m3, each with its (ceil(rows/128), ceil(cols/128)) fp32 block scales; ``act_quant``: W8A8 (the
+    activations in e4m3 too, as deployed) or W8A16. Each expert runs on its own tokens only."""
+    ffn = _fp8_ffn((gate_w, up_w, down_w, gate_s, up_s, down_s), act_quant, ue8m0,
+                   fp8.fp8_linear_cpu, fp8.act_quant_ref)  # fmt: skip
+    return _dispatch(x, idx, wts, len(gate_w), ffn)
+
+
+@moe_experts_fp8.register_fake
+def _(x, idx, wts, gate_w, up_w, down_w, gate_s, up_s, down_s, act_quant=True, ue8m0=False):
     return torch.empty_like(x)
 
 

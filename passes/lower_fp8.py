@@ -14,8 +14,10 @@ NaN / Inf weights are an error naming the tensor. A weight loaded from an FP8 ch
 ``weight_scale_inv``) keeps the checkpoint's bytes and scales as they are, when the Program still
 holds exactly their dequantisation.
 
-Not lowered yet, and said so in the record: weights read other than by a linear (``absorb_mla``'s
-W_UK / W_UV slices in einsums, the experts inside ``dsc::moe_experts``).
+The routed experts inside a ``dsc::moe_experts`` become ``dsc::moe_experts_fp8`` (the same mixture,
+each expert matmul an ``fp8_linear``), all of one op's experts or none: the record has one line for
+them. Not lowered yet, and said so in the record: weights read other than by a linear or the MoE op
+(``absorb_mla``'s W_UK / W_UV slices in einsums).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
+import os
 
 import torch
 from dsc.model.fp8 import block_dequant, block_quant
@@ -32,7 +35,7 @@ from dsc.errors import DscError
 from dsc.fx_utils import add_constant_input, constant_of, drop_unused_inputs, finalize, is_call, refresh_meta, tag
 from dsc.program import logits_hidden
 from dsc.registry import TEXT, register_pass
-from dsc.verify import TOLERANCES, make_scenario, run_scenario
+from dsc.verify import SQNR_FLOORS_DB, TOLERANCES, make_scenario, run_scenario
 
 aten = torch.ops.aten
 dsc_ops = torch.ops.dsc
@@ -61,14 +64,47 @@ def module_path(target: str) -> str:
     return path[2:] if path.startswith("m.") else path
 
 
-def _weight_of(ep, n: fx.Node) -> tuple[str, torch.Tensor] | None:
-    """(state-dict name, tensor) when linear n's weight is a parameter placeholder."""
-    w = n.args[1]
+def _param(ep, w) -> tuple[str, torch.Tensor] | None:
+    """(state-dict name, tensor) when w is a 2-D parameter placeholder."""
     t = constant_of(ep, w)
     if t is None or t.ndim != 2:
         return None
     spec = next(s for s in ep.graph_signature.input_specs if s.arg.name == w.name)
     return spec.target, t
+
+
+def _weight_of(ep, n: fx.Node) -> tuple[str, torch.Tensor] | None:
+    """(state-dict name, tensor) when linear n's weight is a parameter placeholder."""
+    return _param(ep, n.args[1])
+
+
+def _expert_weights(ep, n: fx.Node) -> list[list[tuple[str, torch.Tensor]]] | None:
+    """[gate, up, down] of a ``dsc::moe_experts`` node: (state-dict name, tensor) per expert, when
+    every one is a parameter."""
+    groups = []
+    for ws in n.args[3:6]:
+        g = [_param(ep, w) for w in ws]
+        if any(x is None for x in g):
+            return None
+        groups.append(g)
+    return groups
+
+
+def _experts_path(ep, n: fx.Node) -> str:
+    """The experts' common module path (``model.layers.1.mlp.experts``), else the node's name."""
+    paths = [module_path(t) for t, _ in (_param(ep, w) or ("", None) for w in n.args[3])]
+    prefix = os.path.commonprefix(paths)
+    return prefix[: prefix.rfind(".")] if "." in prefix else n.name
+
+
+def _fp8_linear(g: fx.Graph, n: fx.Node, wq: fx.Node, ws: fx.Node, w8a8: bool, ue8m0: bool) -> fx.Node:
+    x, bias = n.args[0], n.args[2] if len(n.args) > 2 else None
+    if w8a8:
+        aq = tag(g.call_function(dsc_ops.act_quant.default, (x, 128, ue8m0)), NAME)
+        xq, xs = (g.call_function(operator.getitem, (aq, i)) for i in (0, 1))
+    else:
+        xq, xs = x, None
+    return tag(g.call_function(dsc_ops.fp8_linear.default, (xq, xs, wq, ws, bias)), NAME)
 
 
 def decide(path: str, include: list[str], exclude: list[str]) -> tuple[bool, str]:
@@ -109,54 +145,86 @@ def lower_fp8(program, ctx):
     quantised: dict[str, tuple] = {}  # one FP8 copy of each weight, shared by every entry
     matmuls: dict[str, dict] = {}
     used = set()
-    total = n_reused = 0
+    n_reused = 0
     originals: dict[str, torch.Tensor] = {}  # state-dict name -> the high-precision weight
     summary = None
+
+    def decide_one(target: str) -> tuple[bool, str]:
+        path = module_path(target)
+        used.update(p for p in include + exclude if fnmatch.fnmatchcase(path, p))
+        return decide(path, include, exclude)
+
+    def quantise(target: str, w: torch.Tensor) -> None:
+        nonlocal n_reused
+        if target in quantised:
+            return
+        if not torch.isfinite(w).all():
+            raise DscError(f"lower_fp8: weight {module_path(target)} holds NaN or Inf values; fix the checkpoint")
+        quantised[target], reused = _fp8_weight(program, target, w, ue8m0)
+        originals[target] = w.detach()
+        if reused:
+            n_reused += 1
+        return reused
+
+    total = 0
     for entry, ep in program.entries.items():
-        sites = []
+        sites = []  # (node, [[(target, weight)], ...]): a linear's one weight, a MoE's three lists
         for n in ep.graph.nodes:
-            if not is_call(n, aten.linear.default):
-                continue
-            got = _weight_of(ep, n)
-            if got is None:
-                matmuls.setdefault(f"{entry}:{n.name}", {"decision": "kept", "reason": "the weight is not a parameter"})
-                continue
-            target, w = got
-            path = module_path(target)
-            lower, why = decide(path, include, exclude)
-            used |= {p for p in include + exclude if fnmatch.fnmatchcase(path, p)}
-            matmuls[path] = {"shape": list(w.shape), "decision": "fp8" if lower else "kept", "reason": why}
-            if lower:
-                sites.append((n, target, w))
-        inputs: dict[str, tuple] = {}  # this entry's placeholders of the FP8 weights
-        for n, target, w in sites:
-            if target not in quantised:
-                if not torch.isfinite(w).all():
-                    raise DscError(
-                        f"lower_fp8: weight {module_path(target)} holds NaN or Inf values; fix the checkpoint"
+            if is_call(n, aten.linear.default):
+                got = _weight_of(ep, n)
+                if got is None:
+                    matmuls.setdefault(
+                        f"{entry}:{n.name}", {"decision": "kept", "reason": "the weight is not a parameter"}
                     )
-                quantised[target], reused = _fp8_weight(program, target, w, ue8m0)
-                originals[target] = w.detach()
-                if reused:
-                    matmuls[module_path(target)]["reason"] += "; the checkpoint's own FP8 bytes and scales"
-                    n_reused += 1
-            if target not in inputs:
-                wq, ws = quantised[target]
-                inputs[target] = (
-                    add_constant_input(ep, f"{target}_fp8", wq),
-                    add_constant_input(ep, f"{target}_fp8_scale", ws),
-                )
-            wq_n, ws_n = inputs[target]
+                    continue
+                target, w = got
+                lower, why = decide_one(target)
+                matmuls[module_path(target)] = {
+                    "shape": list(w.shape),
+                    "decision": "fp8" if lower else "kept",
+                    "reason": why,
+                }
+                if lower:
+                    sites.append((n, [[got]]))
+            elif is_call(n, dsc_ops.moe_experts.default):
+                groups = _expert_weights(ep, n)
+                path = _experts_path(ep, n)
+                if groups is None:
+                    matmuls.setdefault(path, {"decision": "kept", "reason": "the expert weights are not parameters"})
+                    continue
+                decisions = [decide_one(t) for g in groups for t, _ in g]
+                lower = all(d for d, _ in decisions)
+                why = decisions[0][1] if lower else next(r for d, r in decisions if not d)
+                if not lower and any(d for d, _ in decisions):
+                    why += "; the experts of one dsc::moe_experts are lowered together, and this pattern keeps some"
+                shape = [len(groups[0]), *groups[0][0][1].shape]  # experts, F, D
+                matmuls[path] = {"shape": shape, "decision": "fp8" if lower else "kept", "reason": why, "experts": True}
+                if lower:
+                    sites.append((n, groups))
+        inputs: dict[str, tuple] = {}  # this entry's placeholders of the FP8 weights
+        for n, groups in sites:
+            for g in groups:
+                for target, w in g:
+                    if quantise(target, w):
+                        key = module_path(target) if n.target is aten.linear.default else _experts_path(ep, n)
+                        if "checkpoint" not in matmuls[key]["reason"]:
+                            matmuls[key]["reason"] += "; the checkpoint's own FP8 bytes and scales"
+                    if target not in inputs:
+                        wq, ws = quantised[target]
+                        inputs[target] = (
+                            add_constant_input(ep, f"{target}_fp8", wq),
+                            add_constant_input(ep, f"{target}_fp8_scale", ws),
+                        )
             g = ep.graph
-            x, bias = n.args[0], n.args[2] if len(n.args) > 2 else None
             with g.inserting_before(n):
-                if w8a8:
-                    aq = tag(g.call_function(dsc_ops.act_quant.default, (x, 128, ue8m0)), NAME)
-                    xq, xs = (g.call_function(operator.getitem, (aq, i)) for i in (0, 1))
+                if n.target is aten.linear.default:
+                    y = _fp8_linear(g, n, *inputs[groups[0][0][0]], w8a8, ue8m0)
+                    y.meta["fp8_of"] = (groups[0][0][0], n.args[0])  # the weight and the input, for matmul_sqnr
                 else:
-                    xq, xs = x, None
-                y = tag(g.call_function(dsc_ops.fp8_linear.default, (xq, xs, wq_n, ws_n, bias)), NAME)
-                y.meta["fp8_of"] = (target, x)  # the weight and the high-precision input, for matmul_sqnr
+                    q = [[inputs[t][0] for t, _ in grp] for grp in groups]
+                    s = [[inputs[t][1] for t, _ in grp] for grp in groups]
+                    y = tag(g.call_function(dsc_ops.moe_experts_fp8.default, (*n.args[:3], *q, *s, w8a8, ue8m0)), NAME)
+                    y.meta["fp8_of"] = ([[t for t, _ in grp] for grp in groups], _experts_path(ep, n))
             n.replace_all_uses_with(y)
             g.erase_node(n)
             total += 1
@@ -178,18 +246,23 @@ def lower_fp8(program, ctx):
             matmuls[path]["sqnr_db"] = db
         if sqnr:
             vals = sorted(sqnr.values())
+            floors = {
+                p: SQNR_FLOORS_DB["fp8_experts" if matmuls[p].get("experts") else "fp8_weight_dequant"] for p in sqnr
+            }
             summary = {
                 "matmuls": len(vals),
                 "min": vals[0],
                 "median": vals[len(vals) // 2],
                 "worst": min(sqnr, key=sqnr.get),
+                # typical block-FP8 floors on well-scaled data: a matmul below one is where FP8 hurts this model
+                # most, a candidate for --fp8-exclude
+                "below_floor": {p: {"sqnr_db": db, "floor_db": floors[p]} for p, db in sqnr.items() if db < floors[p]},
             }
     stats = {
         "mode": o["mode"], "scales": o["scales"], "matmuls": matmuls,
         "weights": {"lowered": len(quantised), "from_checkpoint": n_reused, "bytes_before": before, "bytes_after": after},
         "sqnr_db": summary,
-        "not_lowered_yet": "weights read as slices in einsums (absorb_mla's W_UK / W_UV) and the MoE experts "
-        "inside dsc::moe_experts stay in high precision",
+        "not_lowered_yet": "weights read as slices in einsums (absorb_mla's W_UK / W_UV) stay in high precision",
     }  # fmt: skip
     return total, stats
 
@@ -205,15 +278,21 @@ class _Probe(fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         got = n.meta.get("fp8_of")
-        if got is not None and n.target is dsc_ops.fp8_linear.default:
+        if got is None:
+            return out
+        if n.target is dsc_ops.fp8_linear.default:
             target, x = got
             bias = self.env[n.args[4]] if isinstance(n.args[4], fx.Node) else None
             ref = torch.nn.functional.linear(self.env[x].float(), self.originals[target].float(), bias)
-            sig, noise = self.acc.setdefault(target, [0.0, 0.0])
-            self.acc[target] = [
-                sig + ref.double().pow(2).sum().item(),
-                noise + (out - ref).double().pow(2).sum().item(),
-            ]
+            key = module_path(target)
+        elif n.target is dsc_ops.moe_experts_fp8.default:
+            groups, key = got
+            x, idx, wts = (self.env[a] for a in n.args[:3])
+            ref = dsc_ops.moe_experts(x, idx, wts, *[[self.originals[t] for t in g] for g in groups])
+        else:
+            return out
+        sig, noise = self.acc.setdefault(key, [0.0, 0.0])
+        self.acc[key] = [sig + ref.double().pow(2).sum().item(), noise + (out - ref).double().pow(2).sum().item()]
         return out
 
 
@@ -254,10 +333,10 @@ class _ProbedProgram:
 
 
 def matmul_sqnr(program, originals: dict[str, torch.Tensor], seed: int = 0) -> dict[str, float]:
-    """Per lowered matmul (module path): output SQNR in dB over the verification inputs (one
+    """Per lowered matmul (module path; a MoE's experts together): output SQNR in dB over the verification inputs (one
     prefill, decode steps, S > 1 extends), each FP8 product against the original weight's."""
     if program.config is None or not {"prefill", "decode"} <= set(program.entries):
         return {}
     acc: dict[str, list] = {}
     run_scenario(_ProbedProgram(program, originals, acc), make_scenario(program.config, seed))
-    return {module_path(t): round(10 * math.log10(s / n), 2) if n > 0 else float("inf") for t, (s, n) in acc.items()}
+    return {path: round(10 * math.log10(s / n), 2) if n > 0 else float("inf") for path, (s, n) in acc.items()}

@@ -132,6 +132,26 @@ def test_moe_experts_matches_the_op():
     torch.testing.assert_close(got, dsc.moe_experts(x, idx, wts, gate, up, down), **TOL["fp32_reassoc"])
 
 
+@pytest.mark.parametrize("act_quant", [True, False])
+def test_moe_experts_fp8_matches_the_op(act_quant):
+    g = _gen(6)
+    E, k, D, inter, N = 4, 2, 200, 136, 9  # ragged 128-blocks both ways
+    q = [
+        [block_quant(torch.randn(*s, generator=g) * 0.2) for _ in range(E)]
+        for s in ((inter, D), (inter, D), (D, inter))
+    ]
+    wq, ws = [[a for a, _ in grp] for grp in q], [[b for _, b in grp] for grp in q]
+    x = torch.randn(N, D, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    wts = torch.rand(N, k, generator=g)
+
+    def fn(a, i, w):
+        return dsc.moe_experts_fp8(a, i, w, *wq, *ws, act_quant, False)
+
+    (got,) = _run_onnx(fn, (x, idx, wts))
+    torch.testing.assert_close(got, fn(x, idx, wts), **TOL["fp32_reassoc"])
+
+
 def test_stable_sort_is_topk_with_ties_to_the_lower_index():
     x = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0, 3.0]])
     vals, idx = _run_onnx(lambda t: torch.sort(t, dim=-1, descending=True, stable=True), (x,))

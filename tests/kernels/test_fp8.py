@@ -3,8 +3,12 @@ group and 128x128 weight block, ragged edges, zero groups, UE8M0, W8A8 and W8A16
 
 import pytest
 import torch
-from dsc.kernels import fp8
+from dsc.kernels import fp8, moe, native
 from dsc.model.fp8 import block_dequant, block_quant
+
+from tests.tolerances import TOL
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no native FP8 kernel on this machine")
 
 
 def test_act_quant_groups_scales_and_edges():
@@ -25,7 +29,7 @@ def test_act_quant_groups_scales_and_edges():
         assert ((back - x).abs() <= x.abs().amax(-1, keepdim=True) / 16 + 1e-6).all()  # e4m3: 3 mantissa bits
 
 
-@pytest.mark.parametrize("shape", [(4, 256, 384), (1, 300, 200), (7, 128, 130)])  # M, K, N: ragged K and N
+@pytest.mark.parametrize("shape", [(4, 256, 384), (1, 300, 200), (7, 128, 130), (40, 300, 260)])  # M, K, N
 def test_fp8_linear_cpu_equals_the_block_scaled_reference(shape):
     M, K, N = shape
     g = torch.Generator().manual_seed(1)
@@ -60,3 +64,75 @@ def test_fake_shapes_under_export():
     ep = torch.export.export(M(), (torch.randn(2, 3, 300),))
     out = [n for n in ep.graph.nodes if n.op == "output"][0].args[0][0]
     assert tuple(out.meta["val"].shape) == (2, 3, 200)
+
+
+@needs_native
+def test_native_dequant_is_torchs_cast_bit_for_bit():
+    """Every e4m3 byte but NaN (subnormals and -0 included), against scales of every kind: the
+    widening inside the kernel is exact and its product rounded once, as torch's."""
+    g = torch.Generator().manual_seed(2)
+    b = torch.arange(256, dtype=torch.uint8)
+    b = b[(b & 0x7F) != 0x7F]
+    q = b[torch.randint(0, len(b), (300, 333), generator=g)].view(torch.float8_e4m3fn)  # ragged both ways
+    for s in (torch.rand(3, 3, generator=g) * 1e-2, torch.exp2(torch.randint(-20, 3, (3, 3), generator=g).float())):
+        want = q.float() * s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :333]
+        assert torch.equal(native.dequant(q, s, 128), want)
+    s = torch.rand(300, 3, generator=g)  # activations: one scale per row and group
+    assert torch.equal(native.dequant(q, s, 1), q.float() * s.repeat_interleave(128, 1)[:, :333])
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, native.ROWS_MAX, native.ROWS_MAX + 1, 70])
+@pytest.mark.parametrize("NK", [(260, 300), (5, 16), (128, 1000)])
+def test_native_matmul_equals_the_block_scaled_reference(M, NK):
+    """The decode path (rows streamed through the weight, 1-4 rows a tile, ragged N and K tails) and
+    the prompt path (a band of dequantised blocks into a GEMM) against fp8_linear's specification."""
+    N, K = NK
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g)
+    wq, ws = block_quant(torch.randn(N, K, generator=g))
+    ref = fp8.fp8_linear_ref(x, None, wq, ws)
+    got = native.rows(x, wq, ws) if M <= native.ROWS_MAX else native.matmul(x, wq, ws, chunk_bytes=1 << 17)
+    torch.testing.assert_close(got, ref, **TOL["fp32_reassoc"])
+    xq, xs = fp8.act_quant_ref(x)
+    torch.testing.assert_close(
+        fp8.fp8_linear_cpu(xq, xs, wq, ws), fp8.fp8_linear_ref(xq, xs, wq, ws), **TOL["fp32_reassoc"]
+    )
+
+
+def test_without_the_native_kernel_one_warning_and_the_same_numbers(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    x, (wq, ws) = torch.randn(3, 200, generator=g), block_quant(torch.randn(150, 200, generator=g))
+    native.library.cache_clear()
+    monkeypatch.setenv("CC", "/no/such/compiler")
+    try:
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            assert native.library() is None
+        torch.testing.assert_close(fp8.fp8_linear_cpu(x, None, wq, ws), fp8.fp8_linear_ref(x, None, wq, ws),
+                                   **TOL["fp32_reassoc"])  # fmt: skip
+    finally:
+        native.library.cache_clear()
+
+
+def _experts(g, E=4, D=200, F=136):
+    return [[torch.randn(*shape, generator=g) * 0.1 for _ in range(E)] for shape in ((F, D), (F, D), (D, F))]
+
+
+@pytest.mark.parametrize("tokens", [3, 11])  # the decode path (token by token) and the sorted dispatch
+@pytest.mark.parametrize("act_quant", [True, False])
+def test_moe_experts_fp8_equals_its_specification(tokens, act_quant):
+    g = torch.Generator().manual_seed(4)
+    weights = _experts(g)
+    q = [[block_quant(w) for w in ws] for ws in weights]
+    wq, sc = [[a for a, _ in ws] for ws in q], [[b for _, b in ws] for ws in q]
+    x = torch.randn(tokens, 200, generator=g)
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(tokens)])
+    wts = torch.rand(tokens, 2, generator=g)
+    got = torch.ops.dsc.moe_experts_fp8(x, idx, wts, *wq, *sc, act_quant, False)
+    ref = moe.moe_experts_fp8_ref(x, idx, wts, *wq, *sc, act_quant, False)
+    torch.testing.assert_close(got, ref, **TOL["fp32_reassoc"])
+    if not act_quant:  # weights only: the fp32 mixture over the dequantised experts
+        deq = [[block_dequant(a, b) for a, b in ws] for ws in q]
+        torch.testing.assert_close(got, torch.ops.dsc.moe_experts(x, idx, wts, *deq), **TOL["fp32_reassoc"])
+    exact = torch.ops.dsc.moe_experts(x, idx, wts, *weights)
+    assert 10 * torch.log10(exact.pow(2).sum() / (got - exact).pow(2).sum()) > 21

@@ -36,17 +36,22 @@ def test_reference_model(tiny_program, tiny_cfg, mode, tmp_path):
     assert all("spec §7.5" in mm[k]["reason"] for k in KEPT)
     lowered = {k for k, v in mm.items() if v["decision"] == "fp8"}
     assert "model.layers.0.self_attn.q_a_proj" in lowered and "model.layers.0.mlp.down_proj" in lowered
+    experts = {f"model.layers.{i}.mlp.experts" for i in (1, 2)}  # the routed experts, one line per MoE
+    assert experts <= lowered and all(mm[k]["experts"] and mm[k]["shape"] == [8, 32, 64] for k in experts)
     for entry in out.entries:
         h = ops(out, entry)
         assert h.get(FP8_LINEAR, 0) > 0 and (
             h.get(ACT_QUANT, 0) == h[FP8_LINEAR] if mode == "w8a8" else ACT_QUANT not in h
         )
-    # every lowered matmul's output SQNR on the verification inputs, against its fp32 product
-    floor = SQNR_DB["fp8_weight_dequant"]
-    assert all(mm[k]["sqnr_db"] >= floor for k in lowered), {k: mm[k]["sqnr_db"] for k in lowered}
-    assert rec.stats["sqnr_db"]["matmuls"] == len(lowered) and rec.stats["sqnr_db"]["min"] >= floor
-    w = rec.stats["weights"]
-    assert w["lowered"] == len(lowered) and w["bytes_after"] < w["bytes_before"] / 3.5
+        assert "dsc.moe_experts.default" not in h
+    assert sum(ops(out, e).get("dsc.moe_experts_fp8.default", 0) for e in out.entries) >= 2
+    # every lowered matmul's output SQNR on the verification inputs, against its fp32 product (a MoE's
+    # experts: two quantised matmuls deep, their own floor)
+    floor = {k: SQNR_DB["fp8_experts" if k in experts else "fp8_weight_dequant"] for k in lowered}
+    assert all(mm[k]["sqnr_db"] >= floor[k] for k in lowered), {k: mm[k]["sqnr_db"] for k in lowered}
+    assert rec.stats["sqnr_db"]["matmuls"] == len(lowered) and rec.stats["sqnr_db"]["below_floor"] == {}
+    w = rec.stats["weights"]  # every weight tensor: the linears' and 3 x 8 experts' in each MoE
+    assert w["lowered"] == len(lowered) - 2 + 2 * 3 * 8 and w["bytes_after"] < w["bytes_before"] / 3.5
     # the e4m3 weights dequantise to the fp32 ones within e4m3's precision, and the original is gone
     weights = out.weights()
     name = "m.model.layers.0.self_attn.q_a_proj.weight"
@@ -70,6 +75,11 @@ def test_include_exclude_and_bad_inputs(tiny_program):
     mm = stats["matmuls"]
     assert mm["lm_head"]["decision"] == "fp8" and "included by 'lm_head'" in mm["lm_head"]["reason"]
     assert all(v["decision"] == "kept" for k, v in mm.items() if ".mlp." in k or ".indexer." in k)
+    # the experts of one MoE op go together: a pattern that keeps one expert keeps them all, and says so
+    _, _, stats = apply("lower_fp8", base, {"exclude": "*.experts.3.*"})
+    moe = stats["matmuls"]["model.layers.1.mlp.experts"]
+    assert moe["decision"] == "kept" and "lowered together" in moe["reason"]
+    assert stats["matmuls"]["model.layers.1.mlp.shared_experts.up_proj"]["decision"] == "fp8"
     with pytest.raises(DscError, match="match no matmul"):
         apply("lower_fp8", base, {"exclude": "*.no_such_module"})
     with pytest.raises(DscError, match="mode must be one of"):
