@@ -114,6 +114,15 @@ def select_passes(passes: list[str] | None = None, disable: list[str] | None = N
     return [reg[n] for n in names]
 
 
+def with_pass(names: list[str], name: str) -> list[str]:
+    """``names`` with pass ``name`` added at its place in pipeline order (an opt-in pass such as lower_fp8)."""
+    if name in names:
+        return names
+    order = registry()[name].order
+    at = next((i for i, n in enumerate(names) if registry()[n].order > order), len(names))
+    return [*names[:at], name, *names[at:]]
+
+
 def parse_pass_options(items: list[str] | None) -> dict[str, dict[str, str]]:
     """``["absorb_mla.products=always"]`` -> ``{"absorb_mla": {"products": "always"}}``, checked against the registry."""
     reg, out = registry(), {}
@@ -188,6 +197,8 @@ def run_pipeline(
             if work.cache != program.cache:  # a new cache layout: compare outputs, not cache tensors
                 after_out = {k: v for k, v in after_out.items() if not k.startswith("cache.")}
             numerics, violations = compare(before_out, after_out, ctx.tolerance or info.tolerance)
+            for w in numerics.warnings:
+                emit("warn", f"{info.name}: {w} (reported, not gated: see its tolerance)")
             if violations:
                 where = dump_dir or Path(tempfile.mkdtemp(prefix="dsc-dump-"))
                 dump_pass(where, i, info.name, program, work)

@@ -8,7 +8,7 @@ and (when both Programs share a cache layout) every cache tensor is compared.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ class Tolerance:
     rtol: float
     min_top1: float = 0.95
     min_sqnr_db: float = 60.0
+    # False: a top-1 agreement below min_top1 is reported as a warning, not a violation (lossy
+    # numerics, whose contract is the SQNR: see the FP8 rows below)
+    gate_top1: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,14 +47,18 @@ TOLERANCES = {
     # the distribution's (top-1, SQNR), with the elementwise bound that of a changed selection
     "fp8_index_cache": Tolerance(atol=2.0, rtol=0.5, min_top1=0.9, min_sqnr_db=20.0),
     # e4m3 weights in 128x128 blocks with 1x128 e4m3 activations (W8A8), or weights only (W8A16):
-    # 3 mantissa bits per operand, each matmul ~30 dB; judged by the distribution, not elementwise
-    "fp8_w8a8": Tolerance(atol=2.0, rtol=0.5, min_top1=0.8, min_sqnr_db=15.0),
-    "fp8_w8a16": Tolerance(atol=2.0, rtol=0.5, min_top1=0.85, min_sqnr_db=20.0),
+    # 3 mantissa bits per operand, each matmul ~30 dB (lower_fp8 checks every lowered matmul against
+    # SQNR_FLOORS_DB); end to end judged by the SQNR. Top-1 agreement is reported, not gated: where a
+    # model's top-1 margins are below FP8's error (a random-weight model's are ~0.05 against ~0.3;
+    # routing and DSA selections near a tie flip too) it measures the model's indecision, not the rewrite
+    "fp8_w8a8": Tolerance(atol=2.0, rtol=0.5, min_top1=0.8, min_sqnr_db=15.0, gate_top1=False),
+    "fp8_w8a16": Tolerance(atol=2.0, rtol=0.5, min_top1=0.85, min_sqnr_db=20.0, gate_top1=False),
 }
 EXACT = TOLERANCES["exact"]
 FP32_REASSOC = TOLERANCES["fp32_rewrite"]
 # lossy numerics are judged by SQNR floors (dB)
-SQNR_FLOORS_DB = {"fp8_weight_dequant": 25.0}
+# (a MoE's experts are two quantised matmuls deep, gate/up then down: their noise adds, ~3 dB below one)
+SQNR_FLOORS_DB = {"fp8_weight_dequant": 25.0, "fp8_experts": 21.0}
 
 
 @dataclass
@@ -61,10 +68,13 @@ class Numerics:
     top1_agreement: float
     sqnr_db: float
     worst: str  # the tensor with the largest violation / error
+    kl_nats: float = 0.0  # mean KL(reference || result) of the next-token distributions
+    warnings: list[str] = field(default_factory=list)  # below an ungated floor (Tolerance.gate_top1)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["sqnr_db"] = None if math.isinf(self.sqnr_db) else round(self.sqnr_db, 2)  # null: bit-identical
+        d["kl_nats"] = float(f"{self.kl_nats:.3g}")
         return d
 
 
@@ -137,7 +147,8 @@ def compare(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerance) -> t
     max_abs = max_rel = 0.0
     worst, worst_score = "", -1.0
     agree = total = 0
-    sig = noise = 0.0
+    sig = noise = kl = 0.0
+    margins, moves = [], []
     for k in ref:
         if k not in got:
             continue
@@ -165,10 +176,21 @@ def compare(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerance) -> t
         if k.endswith("logits"):
             agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
             total += a.shape[:-1].numel()
+            lp, lq = b.log_softmax(-1), a.log_softmax(-1)
+            kl += (lp.exp() * (lp - lq)).sum().item()
+            if b.shape[-1] > 1:
+                top2 = b.topk(2, -1).values
+                margins.append((top2[..., 0] - top2[..., 1]).flatten())
+                moves.append(err.amax(-1).flatten())
     top1 = agree / total if total else 1.0
     sqnr = math.inf if noise == 0 else 10 * math.log10(max(sig, 1e-300) / noise)
+    warnings = []
     if top1 < tol.min_top1:
-        violations.append(f"top-1 agreement {top1:.3f} below {tol.min_top1}")
+        why = f"top-1 agreement {top1:.3f} below {tol.min_top1}"
+        if margins:  # how decided the reference's choices were, against how far the logits moved
+            why += (f" (the reference's median top-1 margin {torch.cat(margins).median().item():.3g}, "
+                    f"the median largest logit change {torch.cat(moves).median().item():.3g})")  # fmt: skip
+        (violations if tol.gate_top1 else warnings).append(why)
     if sqnr < tol.min_sqnr_db:
         violations.append(f"SQNR {sqnr:.1f} dB below {tol.min_sqnr_db} dB")
-    return Numerics(max_abs, max_rel, top1, sqnr, worst), violations
+    return Numerics(max_abs, max_rel, top1, sqnr, worst, max(kl / total, 0.0) if total else 0.0, warnings), violations
