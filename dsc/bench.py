@@ -9,10 +9,12 @@ attention at context T in four forms, the model's sizes: per-head K/V cache, a l
 re-decompressed every step, the absorbed form in plain torch, and ``dsc::mla_decode``; checked to
 agree before they are timed) and ``speculative`` (greedy generation of ``generate`` tokens from a
 code prompt, plain and with n MTP drafts per step, for eager and the Programs with a draft: the
-same tokens, checked; tokens/s, tokens per verify step and acceptance per position). Each point:
+same tokens, checked; tokens/s, tokens per verify step and acceptance per position) and ``gemv``
+(one token's row against an n x n weight in fp32 and in FP8 as ``lower_fp8`` makes it: the decode
+matmul on its own, against the bandwidth limit of its bytes). Each point:
 each variant's warm-up calls, then rounds of one timed call of every variant in turn, so that the
 drift of a shared machine's speed reaches all variants alike; the median is reported, and every
-variant's ratio to ``eager`` (to ``per_head`` for attention).
+variant's ratio to ``eager`` (to ``per_head`` for attention, ``fp32`` for gemv).
 
 Memory: the process's resident set is sampled every few ms during a variant's warm-up calls;
 "peak" is its caches plus the highest RSS above the level before them. Bandwidth: a large tensor copy measured in the same
@@ -46,12 +48,16 @@ log = logging.getLogger(__name__)
 VARIANTS = ("eager", "compile", "dsc")
 # dsc+inductor: the Program's entries under Inductor (minutes of compilation on big models); dsc+onnx: its
 # prefill and decode exported to ONNX and run by onnxruntime (the 'onnx' extra)
-# dsc+aoti: its prefill and decode as AOTInductor packages (minutes of compilation)
-OPT_IN_VARIANTS = ("dsc+inductor", "dsc+onnx", "dsc+aoti")
-SCENARIOS = ("decode", "prefill", "attention", "speculative")
+# dsc+aoti: its prefill and decode as AOTInductor packages (minutes of compilation); dsc+fp8: the default
+# pipeline with lower_fp8 (W8A8)
+OPT_IN_VARIANTS = ("dsc+inductor", "dsc+onnx", "dsc+aoti", "dsc+fp8")
+SCENARIOS = ("decode", "prefill", "attention", "speculative", "gemv")
 # a prompt for the speculative scenario on byte-level models (the demo model writes Python)
 CODE_PROMPT = b"import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        "
 ATTENTION_FORMS = ("per_head", "redecompress", "absorbed_torch", "mla_decode")
+GEMV_FORMS = ("fp32", "fp8_w8a16", "fp8_w8a8")
+# the scenarios timed as forms of one computation (checked to agree), with the form the others are compared to
+FORM_SCENARIOS = {"attention": "per_head", "gemv": "fp32"}
 
 
 @dataclass
@@ -67,11 +73,12 @@ class BenchConfig:
     threads: int = 0
     generate: int = 256  # speculative: greedy tokens generated per timed call
     drafts: tuple[int, ...] = (0, 1, 2, 3)  # speculative: drafted tokens per step (0: plain decoding)
+    gemv_sizes: tuple[int, ...] = (1024, 4096)  # gemv: n of the n x n weight
 
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
         quick = {"model": "tiny", "contexts": (256, 768), "prompts": (128, 512), "warmup": 1, "repeat": 3,
-                 "generate": 48, "drafts": (0, 2)}  # fmt: skip
+                 "generate": 48, "drafts": (0, 2), "gemv_sizes": (512,)}  # fmt: skip
         return cls(**(quick | kw))
 
 
@@ -179,7 +186,7 @@ class BenchResult:
 
 def build_variants(cfg: BenchConfig, on_event=print):
     from dsc.frontends.reference import capture, load_model
-    from dsc.pass_manager import run_pipeline, select_passes
+    from dsc.pass_manager import run_pipeline, select_passes, with_pass
 
     model, _ = load_model(cfg.model)
     variants = {}
@@ -202,6 +209,12 @@ def build_variants(cfg: BenchConfig, on_event=print):
             program, _ = run_pipeline(reference, select_passes(passes))
             variants[v] = program
             costs[v] = program
+    if "dsc+fp8" in cfg.variants:
+        on_event("variant", "dsc+fp8: the verified pipeline with lower_fp8 (W8A8)")
+        variants["dsc+fp8"], _ = run_pipeline(
+            reference, select_passes(with_pass([p.name for p in select_passes()], "lower_fp8"))
+        )
+        costs["dsc+fp8"] = variants["dsc+fp8"]
     if "dsc+inductor" in cfg.variants:
         on_event("variant", "dsc+inductor: the verified Program, each entry compiled by Inductor on first call")
         program = variants.get("dsc") or run_pipeline(reference, select_passes())[0]
@@ -309,6 +322,23 @@ def attention_forms(mcfg, T: int, gen: torch.Generator) -> dict[str, tuple]:
     }
 
 
+def gemv_forms(mcfg, n: int, gen: torch.Generator) -> dict[str, tuple]:
+    """One token's row against an n x n weight: fp32, and FP8 e4m3 with 128x128 block scales as
+    ``lower_fp8`` makes it (weights only, and W8A8 with the row quantised by ``act_quant``)
+    {form: (call, bytes it has to read: the weight at 4 or 1 bytes a value, plus its scales)}."""
+    from dsc.kernels.fp8 import fp8_linear_cpu
+    from dsc.model.fp8 import block_quant
+
+    x, w = torch.randn(1, n, generator=gen), torch.randn(n, n, generator=gen) * n**-0.5
+    wq, ws = block_quant(w)
+    fp8_bytes = wq.numel() + ws.numel() * 4
+    return {
+        "fp32": (lambda: x @ w.T, w.numel() * 4),
+        "fp8_w8a16": (lambda: fp8_linear_cpu(x, None, wq, ws), fp8_bytes),
+        "fp8_w8a8": (lambda: fp8_linear_cpu(*torch.ops.dsc.act_quant(x), wq, ws), fp8_bytes),
+    }
+
+
 @torch.no_grad()
 def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
     if cfg.threads:
@@ -337,17 +367,22 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
         if scenario == "speculative":
             res.points += speculative_points(cfg, mcfg, variants, on_event)
             continue
-        sizes = cfg.prompts if scenario == "prefill" else cfg.contexts
+        sizes = {"prefill": cfg.prompts, "gemv": cfg.gemv_sizes}.get(scenario, cfg.contexts)
         for n in sizes:
-            if n + 1 > limit:
+            if n + 1 > limit and scenario != "gemv":
                 on_event("skip", f"{scenario} at {n}: beyond max_position_embeddings {limit}")
                 continue
             base_time = None
-            if scenario == "attention":
-                forms = attention_forms(mcfg, n, gen)
+            base = FORM_SCENARIOS.get(scenario, "eager")
+            if scenario in FORM_SCENARIOS:
+                forms = (attention_forms if scenario == "attention" else gemv_forms)(mcfg, n, gen)
                 outs = {name: fn() for name, (fn, _) in forms.items()}
                 for name, out in outs.items():  # a form that computes something else is not a speed-up
-                    torch.testing.assert_close(out, outs["per_head"], atol=1e-4, rtol=1e-3, msg=f"{name} at {n}")
+                    if scenario == "attention":
+                        torch.testing.assert_close(out, outs[base], atol=1e-4, rtol=1e-3, msg=f"{name} at {n}")
+                    else:  # FP8: e4m3 has 3 mantissa bits (SQNR ~30 dB for a weight, ~26 with the row)
+                        noise = (out - outs[base]).pow(2).sum() / outs[base].pow(2).sum()
+                        assert noise < 10**-2.2, f"{name} at {n}: SQNR {-10 * noise.log10().item():.1f} dB"
                 runs = forms
             else:
                 runs = {name: (backend, None) for name, backend in variants.items()}
@@ -356,7 +391,7 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
             calls, cache_bytes, pool = {}, {}, []
             for name, (backend, _) in runs.items():
                 caches = []
-                if scenario == "attention":
+                if scenario in FORM_SCENARIOS:
                     calls[name] = backend
                 elif scenario == "decode":
                     caches = _shared_caches(pool, backend.cache, n + 1, gen)
@@ -379,7 +414,7 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
             for name, (_, nbytes) in runs.items():
                 median, times = timed[name]
                 bound = (nbytes if nbytes is not None else bound_bytes(name, scenario, n)) / bw
-                if name == ("per_head" if scenario == "attention" else "eager"):
+                if name == base:
                     base_time = median
                 point = {
                     "scenario": scenario, "variant": name, "tokens": n, "median_ms": round(median * 1e3, 3),
@@ -392,7 +427,7 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
                 on_event(
                     "point",
                     f"{scenario:9s} {tokens_label(n):>5s} {name:14s} {median * 1e3:10.2f} ms  "
-                    f"x{point['speedup_vs_eager'] or float('nan'):.2f} vs {'per_head' if scenario == 'attention' else 'eager'}"
+                    f"x{point['speedup_vs_eager'] or float('nan'):.2f} vs {base}"
                     f"  peak +{point['peak_rss_mb']:.0f} MB",
                 )
     return res
@@ -470,11 +505,13 @@ def plot_svgs(res: BenchResult) -> dict[str, str]:
         "decode": "decode step latency (ms) vs context",
         "prefill": "prefill latency (ms) vs prompt length",
         "attention": "one MLA layer's decode attention (ms) vs context",
+        "gemv": "one row against an n x n weight (ms), fp32 and FP8",
     }
     out = {}
     for scenario, title in titles.items():
         series = []
-        for v in res.config["variants"] if scenario != "attention" else ATTENTION_FORMS:
+        forms = {"attention": ATTENTION_FORMS, "gemv": GEMV_FORMS}
+        for v in forms.get(scenario, res.config["variants"]):
             pts = [p for p in res.points if p["scenario"] == scenario and p["variant"] == v]
             if pts:
                 series.append(

@@ -149,16 +149,12 @@ def _finite(text: str) -> float:
 
 def _fp8_flags(args) -> tuple[list[str] | None, list[str]]:
     """--fp8 / --fp8-include / --fp8-exclude as the pipeline and lower_fp8's options."""
-    from dsc.pass_manager import registry, select_passes
+    from dsc.pass_manager import select_passes, with_pass
 
     passes, options = _split(args.passes, "--passes"), list(args.pass_option or [])
     if args.fp8:
         names = passes or [p.name for p in select_passes(None, _split(args.disable_pass, "--disable-pass"))]
-        if "lower_fp8" not in names:
-            order = registry()["lower_fp8"].order
-            at = next((i for i, n in enumerate(names) if registry()[n].order > order), len(names))
-            names.insert(at, "lower_fp8")
-        passes = names
+        passes = with_pass(names, "lower_fp8")
         options.append(f"lower_fp8.mode={args.fp8}")
     for flag, key in ((args.fp8_include, "include"), (args.fp8_exclude, "exclude")):
         if flag:
@@ -508,7 +504,8 @@ def cmd_bench(args) -> int:
             if bad:
                 raise DscError(f"{flag}: unknown {bad}; choose from {', '.join(choices)}")
             kw["variants" if flag == "--variants" else "scenarios"] = chosen
-    for name, flag in (("contexts", "--contexts"), ("prompts", "--prompts"), ("drafts", "--drafts")):
+    for name, flag in (("contexts", "--contexts"), ("prompts", "--prompts"), ("drafts", "--drafts"),
+                       ("gemv_sizes", "--gemv-sizes")):  # fmt: skip
         v = _ints(getattr(args, name), flag, 0 if name == "drafts" else 1)
         if v:
             kw[name] = v
@@ -529,7 +526,7 @@ def cmd_bench(args) -> int:
     t = Table(
         title=f"dsc bench {escape(cfg.model)} — memory bandwidth {res.bandwidth_gbs} GB/s, {res.config['threads']} threads",
         caption="speed-up against eager (decode, prefill, speculative: eager's plain decoding) or the per-head form "
-        "(attention); speculative n: drafted tokens per step (0: plain), median ms per generate call",
+        "(attention) or the fp32 matmul (gemv); speculative n: drafted tokens per step (0: plain), median ms per generate call",
     )
     for col in (
         "scenario",
@@ -636,15 +633,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency and memory of eager / torch.compile / dsc side by side")
     p.add_argument("model", nargs="?", help="checkpoint, model.pt or preset (default: small; tiny with --quick)")
-    p.add_argument("--scenario", help="comma-separated: decode, prefill, attention, speculative (default: all)")
+    p.add_argument("--scenario", help="comma-separated: decode, prefill, attention, speculative, gemv (default: all)")
     p.add_argument(
         "--variants",
         help="comma-separated: eager, compile, dsc, dsc+inductor (the Program's entries under torch.compile), "
         "dsc+onnx (its prefill and decode exported to ONNX, run by onnxruntime), dsc+aoti (the same as AOTInductor "
-        "packages), or dsc:PASS+PASS ablations (default: "
+        "packages), dsc+fp8 (the default pipeline with lower_fp8, W8A8), or dsc:PASS+PASS ablations (default: "
         "eager,compile,dsc)",
     )
     p.add_argument("--contexts", help="decode / attention context lengths (default 1024,8192,32768)")
+    p.add_argument("--gemv-sizes", help="gemv: n of the n x n weights, fp32 against FP8 (default 1024,4096)")
     p.add_argument("--prompts", help="prefill prompt lengths (default 1024,4096)")
     p.add_argument("--repeat", type=_at_least(1), help="timed calls per point (default 5)")
     p.add_argument("--warmup", type=_at_least(0), help="untimed calls per point (default 2)")
