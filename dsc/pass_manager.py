@@ -188,6 +188,8 @@ def run_pipeline(
         work = program.clone()
         ctx = info.context((options or {}).get(info.name), machine)
         matches, stats = info.fn(work, ctx)
+        for w in stats.get("warnings", []) if isinstance(stats, dict) else []:
+            emit("warn", f"{info.name}: {w}")
         seconds = time.perf_counter() - t0
         changed = graph_code(work) != graph_code(program) or work.cache != program.cache
         numerics = None

@@ -258,7 +258,12 @@ def lower_fp8(program, ctx):
                 # most, a candidate for --fp8-exclude
                 "below_floor": {p: {"sqnr_db": db, "floor_db": floors[p]} for p, db in sqnr.items() if db < floors[p]},
             }
+    low = (summary or {}).get("below_floor", {})
+    warnings = [f"the FP8 product of {p} keeps {v['sqnr_db']} dB of its high-precision one on the verification "
+                f"inputs (typical: >= {v['floor_db']} dB); --fp8-exclude '{p}' keeps it in high precision"
+                for p, v in low.items()]  # fmt: skip
     stats = {
+        "warnings": warnings,
         "mode": o["mode"], "scales": o["scales"], "matmuls": matmuls,
         "weights": {"lowered": len(quantised), "from_checkpoint": n_reused, "bytes_before": before, "bytes_after": after},
         "sqnr_db": summary,

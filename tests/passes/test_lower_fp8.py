@@ -190,3 +190,20 @@ def test_an_fp8_checkpoint_keeps_its_bytes(tiny, tmp_path, capsys):
         got = weights[f"m.{name}_fp8"]
         assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), tensors[name].view(torch.uint8))
         assert torch.equal(weights[f"m.{name}_fp8_scale"], tensors[name + "_scale_inv"])
+
+
+def test_a_matmul_below_its_floor_is_named_with_the_way_out(tiny_program, monkeypatch):
+    """A lowered matmul whose FP8 product keeps less than the typical SQNR is a warning naming it and
+    the --fp8-exclude that keeps it in high precision (here every linear: the floor raised to 100 dB)."""
+    from dsc.verify import SQNR_FLOORS_DB
+
+    monkeypatch.setitem(SQNR_FLOORS_DB, "fp8_weight_dequant", 100.0)
+    events = []
+    _, records = run_pipeline(
+        tiny_program, select_passes(["lower_fp8"]), verify=False, on_event=lambda k, m: events.append((k, m))
+    )
+    stats = records[-1].stats
+    low = stats["sqnr_db"]["below_floor"]
+    assert "model.layers.0.self_attn.q_a_proj" in low and not any(p.endswith(".mlp.experts") for p in low)
+    warned = [m for k, m in events if k == "warn"]
+    assert len(warned) == len(low) and any("--fp8-exclude 'model.layers.0.self_attn.q_a_proj'" in m for m in warned)
