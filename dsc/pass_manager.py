@@ -111,6 +111,9 @@ def select_passes(passes: list[str] | None = None, disable: list[str] | None = N
                 names.insert(names.index(p.name), req)
             elif names.index(req) > names.index(p.name):
                 raise DscError(f"pass {p.name!r} needs {req!r} before it; list {req} first")
+        for first in p.after:
+            if first in names and names.index(first) > names.index(p.name):
+                raise DscError(f"pass {p.name!r} must run after {first!r} when both run; list {first} first")
     return [reg[n] for n in names]
 
 

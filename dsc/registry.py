@@ -22,6 +22,7 @@ class PassInfo:
     default: bool = True
     options: dict[str, tuple] = field(default_factory=dict)  # option -> allowed values, the first the default
     requires: tuple[str, ...] = ()  # passes that must have run before this one
+    after: tuple[str, ...] = ()  # passes that, when they run too, must run before this one
 
     def context(self, options: dict[str, str] | None = None, machine: Machine | None = None) -> PassContext:
         """The pass's context: its options' defaults overridden by ``options``, the target machine."""
@@ -47,12 +48,14 @@ REGISTRY: dict[str, PassInfo] = {}
 def register_pass(
     name: str, order: int, purpose: str, tolerance: Tolerance, default: bool = True, options: dict | None = None,
     requires: tuple[str, ...] = (),
+    after: tuple[str, ...] = (),
 ):  # fmt: skip
-    """``requires``: passes that must run before this one (``select_passes`` adds them and checks the order)."""
+    """``requires``: passes that must run before this one (``select_passes`` adds them and checks the order);
+    ``after``: passes that must run before this one when they run at all (checked, not added)."""
 
     def deco(fn):
         assert name not in REGISTRY, f"pass {name!r} registered twice"
-        REGISTRY[name] = PassInfo(name, order, purpose, tolerance, fn, default, dict(options or {}), tuple(requires))
+        REGISTRY[name] = PassInfo(name, order, purpose, tolerance, fn, default, dict(options or {}), tuple(requires), tuple(after))
         return fn
 
     return deco

@@ -247,18 +247,22 @@ def _quantise(x, K: int, rank: int, block: int, ue8m0: bool):
 def fp8_linear(x, x_scale, w, w_scale, bias=None):
     """y = dequant(x)·dequant(w)ᵀ (+ bias) in fp32. The e4m3 weight stays FP8 in the file and feeds
     DequantizeLinear with 1-D blocks of 128 along K: its (N/128, K/128) block scales are repeated
-    along N, the form onnxruntime runs (a 2-D block scale passes the checker but not the runtime)."""
-    N, K = _static(w, 0), _static(w, 1)
-    if N is None or K is None:
+    along N, the form onnxruntime runs (a 2-D block scale passes the checker but not the runtime).
+    A per-head weight (H, N, K) the same way per head, against x (..., H, K)."""
+    dims = [_static(w, i) for i in range(len(w.shape))]
+    if None in dims:
         raise NotImplementedError("fp8_linear needs a static weight shape to export")
+    *H, N, K = dims
     Nb, Kb = math.ceil(N / 128), math.ceil(K / 128)
-    rows = op.Reshape(op.Expand(op.Unsqueeze(w_scale, _i64(1)), _i64(Nb, 128, Kb)), _i64(Nb * 128, Kb))
-    rows = op.Slice(rows, _i64(0), _i64(N), _i64(0))  # (N, K/128): row n's block scales
-    wf = op.DequantizeLinear(w, rows, axis=1, block_size=128)  # (N, K) fp32
+    rows = op.Reshape(op.Expand(op.Unsqueeze(w_scale, _i64(-2)), _i64(*H, Nb, 128, Kb)), _i64(*H, Nb * 128, Kb))
+    rows = op.Slice(rows, _i64(0), _i64(N), _i64(-2))  # (.., N, K/128): row n's block scales
+    wf = op.DequantizeLinear(w, rows, axis=-1, block_size=128)  # (.., N, K) fp32
     if x_scale is None:
         xf = op.Cast(x, to=FLOAT)
     else:
         xf = op.DequantizeLinear(x, op.Cast(x_scale, to=FLOAT), axis=-1, block_size=128)
+    if H:  # (..., H, 1, K) @ (H, K, N)
+        return op.Squeeze(op.MatMul(op.Unsqueeze(xf, _i64(-2)), op.Transpose(wf, perm=[0, 2, 1])), _i64(-2))
     y = op.MatMul(xf, op.Transpose(wf, perm=[1, 0]))
     return y if bias is None else op.Add(y, op.Cast(bias, to=FLOAT))
 

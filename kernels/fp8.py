@@ -48,8 +48,15 @@ def act_quant_ref(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[T
 
 
 def _expand_w_scale(w_scale: Tensor, N: int, K: int, block: int = BLOCK) -> Tensor:
-    """(ceil(N / block), ceil(K / block)) -> (N, K): each weight's block scale."""
-    return w_scale.float().repeat_interleave(block, 0)[:N].repeat_interleave(block, 1)[:, :K]
+    """([H,] ceil(N / block), ceil(K / block)) -> ([H,] N, K): each weight's block scale."""
+    return w_scale.float().repeat_interleave(block, -2)[..., :N, :].repeat_interleave(block, -1)[..., :K]
+
+
+def _per_head(fn, x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor) -> Tensor:
+    """A per-head weight (H, N, K) against x (..., H, K): fn on each head's (N, K), stacked -> (..., H, N)."""
+    heads = [fn(x[..., h, :], None if x_scale is None else x_scale[..., h, :], w[h], w_scale[h], None)
+             for h in range(w.shape[0])]  # fmt: skip
+    return torch.stack(heads, -2)
 
 
 def _expand_x_scale(x_scale: Tensor, K: int, block: int = BLOCK) -> Tensor:
@@ -59,7 +66,10 @@ def _expand_x_scale(x_scale: Tensor, K: int, block: int = BLOCK) -> Tensor:
 def fp8_linear_ref(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """The specification: per 128-wide K block, the fp32 product of the e4m3 operands times both
     scales, summed over the blocks in fp32. With ``x_scale`` None, x is the high-precision
-    activation and only the weight is FP8 (W8A16). Returns fp32 (..., N)."""
+    activation and only the weight is FP8 (W8A16). Returns fp32 (..., N). A weight (H, N, K) with
+    scales (H, ceil(N/128), ceil(K/128)) is one such matmul per head h of x (..., H, K)."""
+    if w.ndim == 3:
+        return _per_head(fp8_linear_ref, x, x_scale, w, w_scale)
     N, K = w.shape
     if x_scale is None:
         y = x.float() @ (w.float() * _expand_w_scale(w_scale, N, K)).T
@@ -77,9 +87,12 @@ def fp8_linear_decomposed(
 ) -> Tensor:
     """The exporters' ATen form: one matmul of the dequantised operands (the block scales factor out
     of each K block), so a long prompt never materialises the per-block partial products."""
-    N, K = w.shape
+    N, K = w.shape[-2:]
     xf = x.float() if x_scale is None else x.float() * _expand_x_scale(x_scale, K)
-    y = xf @ (w.float() * _expand_w_scale(w_scale, N, K)).T
+    wf = w.float() * _expand_w_scale(w_scale, N, K)
+    if w.ndim == 3:  # per head: (..., H, 1, K) @ (H, K, N)
+        return (xf.unsqueeze(-2) @ wf.transpose(-1, -2)).squeeze(-2)
+    y = xf @ wf.T
     return y + bias.float() if bias is not None else y
 
 
@@ -90,6 +103,8 @@ def fp8_linear_cpu(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor
     ``kernels/native.py``), the decomposition: the same numbers up to fp32 re-association."""
     if not native.usable(x, w):
         return fp8_linear_decomposed(x, x_scale, w, w_scale, bias)
+    if w.ndim == 3:
+        return _per_head(fp8_linear_cpu, x, x_scale, w, w_scale)
     N, K = w.shape
     flat = x.reshape(-1, K)
     xf = flat.float() if x_scale is None else native.dequant(flat, x_scale.reshape(-1, x_scale.shape[-1]), 1)
@@ -114,10 +129,12 @@ def _(x, block=BLOCK, ue8m0=False):
 @custom_op("dsc::fp8_linear")
 def fp8_linear(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., K) e4m3 with ``x_scale`` (..., ceil(K/128)) from ``act_quant`` (W8A8), or a high-precision
-    x with ``x_scale`` None (W8A16); w (N, K) e4m3, w_scale (ceil(N/128), ceil(K/128)) -> fp32 (..., N)."""
+    x with ``x_scale`` None (W8A16); w (N, K) e4m3, w_scale (ceil(N/128), ceil(K/128)) -> fp32 (..., N).
+    Per head (absorbed MLA's W_UK / W_UV): w (H, N, K), w_scale (H, ceil(N/128), ceil(K/128)), x
+    (..., H, K) -> (..., H, N), no bias."""
     return fp8_linear_cpu(x, x_scale, w, w_scale, bias)
 
 
 @fp8_linear.register_fake
 def _(x, x_scale, w, w_scale, bias=None):
-    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
+    return x.new_empty((*x.shape[:-1], w.shape[-2]), dtype=torch.float32)

@@ -28,7 +28,7 @@ import operator
 import os
 
 import torch
-from dsc.model.fp8 import block_dequant, block_quant
+from dsc.model.fp8 import BLOCK, block_dequant, block_quant
 from torch import fx
 
 from dsc.errors import DscError
@@ -97,14 +97,145 @@ def _experts_path(ep, n: fx.Node) -> str:
     return prefix[: prefix.rfind(".")] if "." in prefix else n.name
 
 
+VIEWS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dims, aten.select.int,
+    aten.alias.default, aten.unflatten.int, aten.expand.default,
+}  # fmt: skip
+
+
+def _through_views(ep, n) -> tuple[str, torch.Tensor, list[fx.Node]] | None:
+    """(state-dict name, the parameter, the view ops from it to n, in order) when n reads a
+    parameter through views only (absorb_mla's W_UK / W_UV are views of W_kv_b)."""
+    chain = []
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in VIEWS:
+        chain.append(n)
+        n = n.args[0]
+    t = constant_of(ep, n)
+    if t is None or t.ndim not in (2, 3):
+        return None
+    spec = next(s for s in ep.graph_signature.input_specs if s.arg.name == n.name)
+    return spec.target, t, chain[::-1]
+
+
+def _evaluate(t: torch.Tensor, chain: list[fx.Node]) -> torch.Tensor:
+    for n in chain:
+        t = n.target(t, *n.args[1:], **n.kwargs)
+    return t
+
+
+def _per_head_roles(eq: str, w_first: bool) -> tuple[str, str, str, str, str, str] | None:
+    """For a two-operand einsum with a 3-D weight operand: (x labels, w labels, out labels, h, k, n) when
+    it is a matmul per head h (in x, w and out) contracting k (in x and w) into n (in w and out)."""
+    if "." in eq or "->" not in eq:
+        return None
+    ins, out = eq.replace(" ", "").split("->")
+    parts = ins.split(",")
+    if len(parts) != 2:
+        return None
+    xl, wl = (parts[1], parts[0]) if w_first else parts
+    if len(wl) != 3 or any(len(set(s)) != len(s) for s in (xl, wl, out)):
+        return None
+    h = [c for c in wl if c in xl and c in out]
+    k = [c for c in wl if c in xl and c not in out]
+    n = [c for c in wl if c not in xl and c in out]
+    if not (len(h) == len(k) == len(n) == 1) or set(out) != (set(xl) - set(k)) | set(n):
+        return None
+    return xl, wl, out, h[0], k[0], n[0]
+
+
+def _per_head_quant(w: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q = [block_quant(w[h], ue8m0=ue8m0) for h in range(w.shape[0])]
+    return torch.stack([a for a, _ in q]), torch.stack([b for _, b in q])
+
+
+def _checkpoint_heads(program, target: str, chain: list[fx.Node], perm: list[int], w: torch.Tensor):
+    """The checkpoint's own e4m3 bytes and scales for the per-head weight ``w`` (H, N, K) that ``chain``
+    views out of a 2-D FP8 weight and ``perm`` lays out, when each head's rows are whole 128-row
+    blocks of it (W_kv_b at DeepSeek's sizes: 128 + 128 rows a head) and they dequantise to ``w``."""
+    own = program.fp8_source.get(module_path(target) + ".weight")
+    if own is None or not chain or chain[0].target is not aten.view.default or len(chain) > 2:
+        return None
+    wq, s = own
+    shape = list(chain[0].args[1])
+    if len(shape) != 3 or tuple(wq.shape) != (shape[0] * shape[1], shape[2]):
+        return None
+    H, S, C = shape
+    off, end = 0, S
+    if len(chain) == 2:
+        sl = chain[1]
+        if sl.target is not aten.slice.Tensor or sl.args[1] != 1 or (len(sl.args) > 4 and sl.args[4] != 1):
+            return None
+        off, end = sl.args[2] or 0, min(sl.args[3], S)
+    if S % BLOCK or off % BLOCK or end % BLOCK:
+        return None
+    q = wq.view(H, S, C)[:, off:end].permute(perm).contiguous()
+    sc = s.float().view(H, S // BLOCK, -1)[:, off // BLOCK : end // BLOCK].permute(perm).contiguous()
+    if tuple(q.shape) != tuple(w.shape) or not all(torch.equal(block_dequant(q[h], sc[h]), w[h]) for h in range(H)):
+        return None
+    return q, sc
+
+
 def _fp8_linear(g: fx.Graph, n: fx.Node, wq: fx.Node, ws: fx.Node, w8a8: bool, ue8m0: bool) -> fx.Node:
-    x, bias = n.args[0], n.args[2] if len(n.args) > 2 else None
+    return _fp8_call(g, n.args[0], n.args[2] if len(n.args) > 2 else None, wq, ws, w8a8, ue8m0)
+
+
+def _fp8_call(g: fx.Graph, x: fx.Node, bias, wq: fx.Node, ws: fx.Node, w8a8: bool, ue8m0: bool) -> fx.Node:
     if w8a8:
         aq = tag(g.call_function(dsc_ops.act_quant.default, (x, 128, ue8m0)), NAME)
         xq, xs = (g.call_function(operator.getitem, (aq, i)) for i in (0, 1))
     else:
         xq, xs = x, None
     return tag(g.call_function(dsc_ops.fp8_linear.default, (xq, xs, wq, ws, bias)), NAME)
+
+
+def absorbed_site(ep, n: fx.Node) -> dict | None:
+    """An einsum that is a matmul per head against a constant weight read through views (absorbed
+    MLA's ``bshd,hdc->bshc`` with W_UK, ``bshc,hvc->bshv`` with W_UV, or the products' W_UQ·W_UK),
+    however its labels are named and ordered: what ``_lower_absorbed`` needs."""
+    eq, ops = n.args[0], n.args[1]
+    for wi in (1, 0):
+        got = _through_views(ep, ops[wi])
+        if got is None:
+            continue
+        roles = _per_head_roles(eq, w_first=wi == 0)
+        if roles is None:  # a constant weight, but not a matmul per head: in the record as kept
+            return {"target": got[0], "key": f"{module_path(got[0])} ({eq})", "w": got[1], "unsupported": True}
+        target, t, chain = got
+        xl, wl, out, h, k, nl = roles
+        w = _evaluate(t.detach().float(), chain)
+        if w.ndim != 3:
+            continue
+        perm = [wl.index(c) for c in (h, nl, k)]
+        key = f"{module_path(target)} ({eq})"
+        return {"target": target, "chain": chain, "perm": perm, "w": w.permute(perm).contiguous(), "w_einsum": w,
+                "x": ops[1 - wi], "w_first": wi == 0, "roles": roles, "key": key, "eq": eq}  # fmt: skip
+    return None
+
+
+def _lower_absorbed(ep, n: fx.Node, site: dict, name: str, fp8: tuple, inputs: dict, w8a8: bool, ue8m0: bool):
+    """einsum(x, W) -> fp8_linear per head: x laid out (..., h, k), W as (h, n, k) e4m3 (``fp8``: its
+    bytes and scales, ``name``: what they go by), the result laid out as the einsum's output."""
+    if name not in inputs:
+        inputs[name] = (
+            add_constant_input(ep, f"{name}_fp8", fp8[0]),
+            add_constant_input(ep, f"{name}_fp8_scale", fp8[1]),
+        )
+    xl, _, out, h, k, nl = site["roles"]
+    g = ep.graph
+    with g.inserting_before(n):
+        others = [c for c in xl if c not in (h, k)]
+        order = others + [h, k]
+        x = site["x"]
+        if list(xl) != order:
+            x = tag(g.call_function(aten.permute.default, (x, [xl.index(c) for c in order])), NAME)
+        y = _fp8_call(g, x, None, *inputs[name], w8a8, ue8m0)
+        got = others + [h, nl]
+        if got != list(out):
+            y = tag(g.call_function(aten.permute.default, (y, [got.index(c) for c in out])), NAME)
+    y.meta["fp8_of"] = ("einsum", site["key"], site["eq"], site["x"], name, site["w_first"])
+    n.replace_all_uses_with(y)
+    g.erase_node(n)
 
 
 def decide(path: str, include: list[str], exclude: list[str]) -> tuple[bool, str]:
@@ -134,6 +265,7 @@ def _fp8_weight(program, target: str, w: torch.Tensor, ue8m0: bool) -> tuple[tup
 @register_pass(
     NAME, order=40, purpose="FP8 e4m3 matmuls: 128x128 weight blocks, 1x128 activation groups",
     tolerance=TOLERANCES["fp8_w8a8"], default=False, requires=("canonicalize", "normalize"),
+    after=("draft_mtp", "absorb_mla", "fuse_dsa"),  # they match the high-precision linears it replaces
     options={"mode": MODES, "scales": SCALES, "include": TEXT, "exclude": TEXT},
 )  # fmt: skip
 def lower_fp8(program, ctx):
@@ -147,6 +279,7 @@ def lower_fp8(program, ctx):
     used = set()
     n_reused = 0
     originals: dict[str, torch.Tensor] = {}  # state-dict name -> the high-precision weight
+    absorbed: dict[str, torch.Tensor] = {}  # per-head FP8 copy -> the weight as its einsum read it
     summary = None
 
     def decide_one(target: str) -> tuple[bool, str]:
@@ -165,6 +298,27 @@ def lower_fp8(program, ctx):
         if reused:
             n_reused += 1
         return reused
+
+    heads: dict[tuple, str] = {}  # (weight, its views, layout) -> the name its FP8 copy goes by
+
+    def quantise_heads(site: dict) -> str:
+        """One FP8 copy per distinct per-head weight, shared by every entry; its name."""
+        nonlocal n_reused
+        sig = (site["target"], tuple((str(v.target), repr(v.args[1:])) for v in site["chain"]), tuple(site["perm"]))
+        if sig not in heads:
+            name = heads[sig] = f"{site['target'].removesuffix('.weight')}.heads{len(heads)}"
+            w = site["w"]
+            if not torch.isfinite(w).all():
+                raise DscError(
+                    f"lower_fp8: weight {module_path(site['target'])} holds NaN or Inf values; fix the checkpoint"
+                )
+            own = _checkpoint_heads(program, site["target"], site["chain"], site["perm"], w)
+            quantised[name] = own if own is not None else _per_head_quant(w, ue8m0)
+            absorbed[name] = site["w_einsum"]
+            if own is not None:
+                n_reused += 1
+                matmuls[site["key"]]["reason"] += "; the checkpoint's own FP8 bytes and scales"
+        return heads[sig]
 
     total = 0
     for entry, ep in program.entries.items():
@@ -201,8 +355,27 @@ def lower_fp8(program, ctx):
                 matmuls[path] = {"shape": shape, "decision": "fp8" if lower else "kept", "reason": why, "experts": True}
                 if lower:
                     sites.append((n, groups))
+            elif is_call(n, aten.einsum.default) and len(n.args[1]) == 2:
+                got = absorbed_site(ep, n)
+                if got is None:
+                    continue
+                if got.get("unsupported"):
+                    matmuls[got["key"]] = {"shape": list(got["w"].shape), "decision": "kept",
+                                           "reason": "an einsum on a constant weight that is no matmul per head "
+                                           "(not lowered yet)"}  # fmt: skip
+                    continue
+                lower, why = decide_one(got["target"])
+                matmuls[got["key"]] = {"shape": list(got["w"].shape), "decision": "fp8" if lower else "kept",
+                                       "reason": why + f" (per head: {n.args[0]})"}  # fmt: skip
+                if lower:
+                    sites.append((n, got))
         inputs: dict[str, tuple] = {}  # this entry's placeholders of the FP8 weights
         for n, groups in sites:
+            if isinstance(groups, dict):  # a per-head product of an absorbed attention
+                name = quantise_heads(groups)
+                _lower_absorbed(ep, n, groups, name, quantised[name], inputs, w8a8, ue8m0)
+                total += 1
+                continue
             for g in groups:
                 for target, w in g:
                     if quantise(target, w):
@@ -239,9 +412,9 @@ def lower_fp8(program, ctx):
             f"{', '.join(sorted(matmuls)[:3])}"
         )
     before = sum(w.numel() * w.element_size() for w in originals.values())
-    after = sum(q.numel() + 4 * s.numel() for q, s in quantised.values())
+    after = sum(q.numel() + 4 * s.numel() for t, (q, s) in quantised.items() if t in originals)
     if total:
-        sqnr = matmul_sqnr(program, originals)
+        sqnr = matmul_sqnr(program, originals | absorbed)
         for path, db in sqnr.items():
             matmuls[path]["sqnr_db"] = db
         if sqnr:
@@ -265,9 +438,10 @@ def lower_fp8(program, ctx):
     stats = {
         "warnings": warnings,
         "mode": o["mode"], "scales": o["scales"], "matmuls": matmuls,
-        "weights": {"lowered": len(quantised), "from_checkpoint": n_reused, "bytes_before": before, "bytes_after": after},
+        "weights": {"lowered": len(originals), "from_checkpoint": n_reused, "bytes_before": before, "bytes_after": after},
+        # absorb_mla's W_UK / W_UV: views of W_kv_b in high precision, FP8 copies laid out per head here
+        "per_head": {"weights": len(absorbed), "bytes": sum(q.numel() + 4 * s.numel() for t, (q, s) in quantised.items() if t in absorbed)},
         "sqnr_db": summary,
-        "not_lowered_yet": "weights read as slices in einsums (absorb_mla's W_UK / W_UV) stay in high precision",
     }  # fmt: skip
     return total, stats
 
@@ -285,7 +459,11 @@ class _Probe(fx.Interpreter):
         got = n.meta.get("fp8_of")
         if got is None:
             return out
-        if n.target is dsc_ops.fp8_linear.default:
+        if got[0] == "einsum":
+            _, key, eq, x, name, w_first = got
+            xw = (self.env[x].float(), self.originals[name])
+            ref = torch.einsum(eq, *(xw[::-1] if w_first else xw))
+        elif n.target is dsc_ops.fp8_linear.default:
             target, x = got
             bias = self.env[n.args[4]] if isinstance(n.args[4], fx.Node) else None
             ref = torch.nn.functional.linear(self.env[x].float(), self.originals[target].float(), bias)

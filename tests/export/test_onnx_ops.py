@@ -78,6 +78,21 @@ def test_fp8_linear_matches_the_op(N, K, w8a8, bias):
     torch.testing.assert_close(y, dsc.fp8_linear(xq, xs, wq, ws, b), **TOL["fp32_reassoc"])
 
 
+@pytest.mark.parametrize("w8a8", [True, False])
+def test_fp8_linear_per_head_matches_the_op(w8a8):
+    g = _gen(7)
+    q = [block_quant(torch.randn(200, 136, generator=g) * 0.05) for _ in range(3)]  # 3 heads, ragged blocks
+    wq, ws = torch.stack([a for a, _ in q]), torch.stack([b for _, b in q])
+    x = torch.randn(2, 5, 3, 136, generator=g)
+    xq, xs = dsc.act_quant(x, 128, False) if w8a8 else (x, None)
+
+    def fn(xq, *rest):
+        return dsc.fp8_linear(xq, rest[0] if w8a8 else None, wq, ws, None)
+
+    (y,) = _run_onnx(fn, (xq, xs) if w8a8 else (xq,))
+    torch.testing.assert_close(y, dsc.fp8_linear(xq, xs, wq, ws, None), **TOL["fp32_reassoc"])
+
+
 def test_add_rms_norm_matches_the_op():
     g = _gen(2)
     x, r, w = torch.randn(2, 5, 64, generator=g), torch.randn(2, 5, 64, generator=g), torch.randn(64, generator=g)

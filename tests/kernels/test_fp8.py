@@ -136,3 +136,21 @@ def test_moe_experts_fp8_equals_its_specification(tokens, act_quant):
         torch.testing.assert_close(got, torch.ops.dsc.moe_experts(x, idx, wts, *deq), **TOL["fp32_reassoc"])
     exact = torch.ops.dsc.moe_experts(x, idx, wts, *weights)
     assert 10 * torch.log10(exact.pow(2).sum() / (got - exact).pow(2).sum()) > 21
+
+
+@pytest.mark.parametrize("w8a8", [True, False])
+def test_fp8_linear_per_head(w8a8):
+    """A per-head weight (H, N, K) against x (..., H, K): head h's rows through head h's weight, as
+    absorbed MLA's W_UK / W_UV are applied; the CPU path and the exporters' decomposition agree."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 200, 136, generator=g) * 0.05
+    q = [block_quant(w[h]) for h in range(3)]
+    wq, ws = torch.stack([a for a, _ in q]), torch.stack([b for _, b in q])
+    x = torch.randn(2, 5, 3, 136, generator=g)
+    xq, xs = fp8.act_quant_ref(x) if w8a8 else (x, None)
+    got = torch.ops.dsc.fp8_linear(xq, xs, wq, ws, None)
+    assert got.shape == (2, 5, 3, 200)
+    for h in range(3):
+        head = fp8.fp8_linear_ref(xq[..., h, :], None if xs is None else xs[..., h, :], wq[h], ws[h])
+        torch.testing.assert_close(got[..., h, :], head, **TOL["fp32_reassoc"])
+    torch.testing.assert_close(fp8.fp8_linear_decomposed(xq, xs, wq, ws), got, **TOL["fp32_reassoc"])

@@ -207,3 +207,52 @@ def test_a_matmul_below_its_floor_is_named_with_the_way_out(tiny_program, monkey
     assert "model.layers.0.self_attn.q_a_proj" in low and not any(p.endswith(".mlp.experts") for p in low)
     warned = [m for k, m in events if k == "warn"]
     assert len(warned) == len(low) and any("--fp8-exclude 'model.layers.0.self_attn.q_a_proj'" in m for m in warned)
+
+
+def test_absorbed_w_uk_w_uv_per_head_from_the_checkpoints_bytes(tmp_path, capsys):
+    """absorb_mla's W_UK / W_UV (views of W_kv_b) lowered per head: with DeepSeek's 128 + 128 rows a
+    head each head's rows are whole 128-row blocks of the checkpoint's kv_b_proj, so the per-head FP8
+    weights are its e4m3 bytes and weight_scale_inv laid out per head, bit for bit."""
+    import dataclasses
+
+    from dsc.model.checkpoint import Checkpoint, checkpoint_from_model, save_hf
+    from dsc.model.config import preset
+    from dsc.model.fp8 import block_quant
+    from dsc.model.model import DeepseekV32ForCausalLM
+
+    cfg = dataclasses.replace(preset("tiny"), qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=256,
+                              num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    ckpt = checkpoint_from_model(DeepseekV32ForCausalLM(cfg).init_weights(0).eval())
+    tensors = {}
+    for k, t in ckpt.tensors.items():
+        if k.endswith("kv_b_proj.weight"):
+            tensors[k], tensors[k + "_scale_inv"] = block_quant(t, ue8m0=True)
+        else:
+            tensors[k] = t
+    cfg.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    save_hf(Checkpoint(cfg, tensors), tmp_path / "m")
+    args = ["optimize", str(tmp_path / "m"), "-o", str(tmp_path / "out"), "--passes", "absorb_mla,lower_fp8"]
+    assert main([*args, "--fp8-include", "*.kv_b_proj", "--json", "--no-measure"]) == 0
+    rec = next(p for p in json.loads(capsys.readouterr().out)["passes"] if p["name"] == "lower_fp8")
+    per_head = {k: v for k, v in rec["stats"]["matmuls"].items() if "kv_b_proj (" in k}
+    assert {k.split(" ")[0] for k in per_head} >= {f"model.layers.{i}.self_attn.kv_b_proj" for i in (0, 1)} and all(
+        v["decision"] == "fp8" and "checkpoint's own" in v["reason"] for v in per_head.values()
+    )
+    assert all(v["sqnr_db"] >= SQNR_DB["fp8_weight_dequant"] for v in per_head.values())
+    weights = Program.load(tmp_path / "out").weights()
+    kv = tensors["model.layers.0.self_attn.kv_b_proj.weight"].view(torch.uint8).view(2, 256, 256)  # (h, dn + dv, c)
+    sc = tensors["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"].view(2, 2, 2)
+    heads = {
+        tuple(w.shape): k
+        for k, w in weights.items()
+        if ".layers.0.self_attn.kv_b_proj.heads" in k and k.endswith("_fp8")
+    }
+    uk, uv = heads[(2, 256, 128)], heads[(2, 128, 256)]  # W_UK as (h, c, d): contracted over d; W_UV (h, v, c)
+    assert torch.equal(weights[uk].view(torch.uint8), kv[:, :128].transpose(1, 2))
+    assert torch.equal(weights[uk + "_scale"], sc[:, :1].transpose(1, 2))
+    assert torch.equal(weights[uv].view(torch.uint8), kv[:, 128:]) and torch.equal(weights[uv + "_scale"], sc[:, 1:])
+
+
+def test_lower_fp8_runs_after_the_passes_whose_matches_it_would_hide():
+    with pytest.raises(DscError, match="must run after 'absorb_mla'"):
+        select_passes(["canonicalize", "normalize", "lower_fp8", "absorb_mla"])
