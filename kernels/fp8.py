@@ -96,6 +96,13 @@ def fp8_linear_decomposed(
     return y + bias.float() if bias is not None else y
 
 
+def act_quant_cpu(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+    """``act_quant`` on this CPU: the native kernel (fp32 scales), else the reference."""
+    if block == BLOCK and not ue8m0 and x.numel() and native.usable(x):
+        return native.act_quant(x)
+    return act_quant_ref(x, block, ue8m0)
+
+
 def fp8_linear_cpu(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """``fp8_linear`` on this CPU: the e4m3 weight widened inside the dot product for up to
     ``native.ROWS_MAX`` rows (decode, verify), dequantised a cache-sized band at a time into a GEMM
@@ -103,11 +110,15 @@ def fp8_linear_cpu(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor
     ``kernels/native.py``), the decomposition: the same numbers up to fp32 re-association."""
     if not native.usable(x, w):
         return fp8_linear_decomposed(x, x_scale, w, w_scale, bias)
-    if w.ndim == 3:
-        return _per_head(fp8_linear_cpu, x, x_scale, w, w_scale)
-    N, K = w.shape
+    N, K = w.shape[-2:]
     flat = x.reshape(-1, K)
     xf = flat.float() if x_scale is None else native.dequant(flat, x_scale.reshape(-1, x_scale.shape[-1]), 1)
+    if w.ndim == 3:  # per head: x (..., H, K)
+        H = w.shape[0]
+        xf = xf.view(-1, H, K)
+        if xf.shape[0] <= native.ROWS_MAX:
+            return native.rows_heads(xf, w, w_scale).view(*x.shape[:-1], N)
+        return torch.stack([native.matmul(xf[:, h], w[h], w_scale[h]) for h in range(H)], 1).view(*x.shape[:-1], N)
     y = native.rows(xf, w, w_scale) if xf.shape[0] <= native.ROWS_MAX else native.matmul(xf, w, w_scale)
     if bias is not None:
         y = y + bias.float()
@@ -117,7 +128,7 @@ def fp8_linear_cpu(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor
 @custom_op("dsc::act_quant")
 def act_quant(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
     """Activations (..., K) -> (e4m3 (..., K), fp32 scales (..., ceil(K / block)))."""
-    return act_quant_ref(x, block, ue8m0)
+    return act_quant_cpu(x, block, ue8m0)
 
 
 @act_quant.register_fake

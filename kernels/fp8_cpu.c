@@ -11,10 +11,14 @@
  *   dsc_fp8_dequant: out[r, k] = e4m3(q[r, k]) * s[(r / row_block) * s_stride + k / 128]
  *                    (bit-identical to torch's q.float() * s: the widening is exact, the product
  *                    is rounded once)
+ *   dsc_act_quant:   per row and group of 128: s = max(amax, 1e-4) / 448, q = e4m3(clamp(x / s))
+ *                    (bit-identical to the torch reference: the same fp32 division, then the
+ *                    cast's round-to-nearest-even done on the bits)
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define BLOCK 128
 
@@ -31,9 +35,10 @@ static void init_lut(void) {
 
 /* 16 e4m3 bytes -> 16 fp32 values times 2^-8 */
 static inline void widen16(const uint8_t *p, __m256 *lo, __m256 *hi) {
-    __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    __m256i f = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8),
-                                _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)), 7));
+    /* sign-extended to 16 bits and shifted up by 7: the sign lands on bit 15, exponent and mantissa on
+     * bits 13..7, and bit 14 (a copy of the sign) is cleared */
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    __m256i f = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBF80));
     *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(f));
     *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(f, 1));
 }
@@ -119,6 +124,14 @@ void dsc_fp8_rows(const float *x, int64_t M, int64_t ldx, const uint8_t *w, cons
     }
 }
 
+/* per head: x (M, H, K) rows, w (H, N, K), ws (H, ceil(N/128), ceil(K/128)), y (M, H, N); all contiguous */
+void dsc_fp8_rows_heads(const float *x, int64_t M, int64_t H, const uint8_t *w, const float *ws, float *y, int64_t N,
+                        int64_t K, int threads) {
+    const int64_t nbs = ((N + BLOCK - 1) / BLOCK) * ((K + BLOCK - 1) / BLOCK);
+    for (int64_t h = 0; h < H; h++)
+        dsc_fp8_rows(x + h * K, M, H * K, w + h * N * K, ws + h * nbs, y + h * N, H * N, N, K, threads);
+}
+
 void dsc_fp8_dequant(const uint8_t *q, const float *s, float *out, int64_t R, int64_t K, int64_t row_block,
                      int64_t s_stride, int threads) {
     if (!lut_ready) init_lut(), lut_ready = 1;
@@ -139,6 +152,47 @@ void dsc_fp8_dequant(const uint8_t *q, const float *s, float *out, int64_t R, in
                 _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(hi, s8));
             }
             for (; k < k1; k++) o[k] = LUT[qr[k]] * sc;
+        }
+    }
+}
+
+/* fp32 -> e4m3fn, round to nearest even, for |v| <= 448 or NaN (the callers clamp first) */
+static inline uint8_t to_e4m3(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    const uint8_t sign = (u >> 24) & 0x80;
+    u &= 0x7FFFFFFF;
+    if (u > 0x7F800000) return sign | 0x7F;  /* NaN */
+    if (u < 0x3C800000) {                     /* below 2^-6: a subnormal m * 2^-9 (m = 8: the smallest normal) */
+        float a;
+        memcpy(&a, &u, 4);
+        return sign | (uint8_t)nearbyintf(a * 512.0f);
+    }
+    u += 0x7FFFF + ((u >> 20) & 1); /* round the 23-bit mantissa to 3 bits, ties to even; a carry bumps the exponent */
+    return sign | (uint8_t)((((u >> 23) - 120) << 3) | ((u >> 20) & 7));
+}
+
+/* x (M, K) fp32 rows ldx apart -> q (M, K) e4m3, s (M, ceil(K / 128)) fp32 */
+void dsc_act_quant(const float *x, int64_t M, int64_t ldx, int64_t K, uint8_t *q, float *s) {
+    const int64_t G = (K + BLOCK - 1) / BLOCK;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * ldx;
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t k0 = g * BLOCK, k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
+            float amax = 0.0f;
+            int nan = 0;
+            for (int64_t k = k0; k < k1; k++) {
+                const float a = fabsf(xr[k]);
+                nan |= a != a;
+                amax = a > amax ? a : amax;
+            }
+            const float sc = nan ? NAN : (amax > 1e-4f ? amax : 1e-4f) / 448.0f;
+            s[m * G + g] = sc;
+            for (int64_t k = k0; k < k1; k++) {
+                float v = xr[k] / sc;
+                v = v > 448.0f ? 448.0f : v < -448.0f ? -448.0f : v;
+                q[m * K + k] = to_e4m3(v);
+            }
         }
     }
 }

@@ -114,7 +114,7 @@ def moe_experts_fp8(
     e4m3, each with its (ceil(rows/128), ceil(cols/128)) fp32 block scales; ``act_quant``: W8A8 (the
     activations in e4m3 too, as deployed) or W8A16. Each expert runs on its own tokens only."""
     ffn = _fp8_ffn((gate_w, up_w, down_w, gate_s, up_s, down_s), act_quant, ue8m0,
-                   fp8.fp8_linear_cpu, fp8.act_quant_ref)  # fmt: skip
+                   fp8.fp8_linear_cpu, fp8.act_quant_cpu)  # fmt: skip
     return _dispatch(x, idx, wts, len(gate_w), ffn)
 
 

@@ -86,7 +86,10 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dsc_fp8_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.dsc_fp8_dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-    lib.dsc_fp8_rows.restype = lib.dsc_fp8_dequant.restype = None
+    lib.dsc_act_quant.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.dsc_fp8_rows_heads.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.dsc_fp8_rows_heads.restype = None
+    lib.dsc_fp8_rows.restype = lib.dsc_fp8_dequant.restype = lib.dsc_act_quant.restype = None
     return lib
 
 
@@ -126,6 +129,17 @@ def matmul(x: Tensor, w: Tensor, w_scale: Tensor, chunk_bytes: int = 1 << 21) ->
     return y
 
 
+def act_quant(x: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 x (..., K) -> (e4m3 (..., K), fp32 scales (..., ceil(K / 128))): ``act_quant_ref`` with fp32
+    scales, bit for bit, in one pass over the rows."""
+    K = x.shape[-1]
+    flat = x.reshape(-1, K).float().contiguous()
+    q = torch.empty(flat.shape, dtype=torch.float8_e4m3fn)
+    s = torch.empty(flat.shape[0], -(-K // 128), dtype=torch.float32)
+    library().dsc_act_quant(flat.data_ptr(), flat.shape[0], K, K, q.data_ptr(), s.data_ptr())
+    return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
+
+
 def rows(x: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
     """fp32 x (M, K) against e4m3 w (N, K) with 128x128 block scales -> fp32 (M, N): the sum of
     each 128-wide K block scaled by its block scale, as ``fp8_linear`` specifies."""
@@ -134,5 +148,16 @@ def rows(x: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
     y = torch.empty(M, N, dtype=torch.float32)
     library().dsc_fp8_rows(
         x.data_ptr(), M, K, w.data_ptr(), w_scale.data_ptr(), y.data_ptr(), N, N, K, torch.get_num_threads()
+    )
+    return y
+
+
+def rows_heads(x: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
+    """Per head: fp32 x (M, H, K) against e4m3 w (H, N, K) with its per-head block scales -> (M, H, N)."""
+    x, w, w_scale = x.float().contiguous(), w.contiguous(), w_scale.float().contiguous()
+    (M, H, K), N = x.shape, w.shape[1]
+    y = torch.empty(M, H, N, dtype=torch.float32)
+    library().dsc_fp8_rows_heads(
+        x.data_ptr(), M, H, w.data_ptr(), w_scale.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads()
     )
     return y

@@ -16,8 +16,16 @@ holds exactly their dequantisation.
 
 The routed experts inside a ``dsc::moe_experts`` become ``dsc::moe_experts_fp8`` (the same mixture,
 each expert matmul an ``fp8_linear``), all of one op's experts or none: the record has one line for
-them. Not lowered yet, and said so in the record: weights read other than by a linear or the MoE op
-(``absorb_mla``'s W_UK / W_UV slices in einsums).
+them. A two-operand einsum that is a matmul per head against a weight read through views
+(``absorb_mla``'s ``q_nope · W_UK`` and ``o_lat · W_UV``, views of W_kv_b) becomes ``fp8_linear`` on a
+per-head weight (H, N, K), quantised per head, or the checkpoint's bytes laid out per head where
+each head's rows are whole 128-row blocks. An einsum on a constant weight of another shape is in
+the record as kept (not lowered yet: the products' ``W_UQ·W_UK``). The pass runs after draft_mtp,
+absorb_mla and fuse_dsa, which match the high-precision linears it replaces.
+
+Checks: each lowered matmul's output SQNR against its high-precision product on the verification
+inputs, in the record; one below the typical floor (``SQNR_FLOORS_DB``) is a warning naming the
+``--fp8-exclude`` that keeps it. The pass's contract is ``fp8_w8a8`` / ``fp8_w8a16``.
 """
 
 from __future__ import annotations

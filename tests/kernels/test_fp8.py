@@ -82,6 +82,22 @@ def test_native_dequant_is_torchs_cast_bit_for_bit():
 
 
 @needs_native
+def test_native_act_quant_is_the_reference_bit_for_bit():
+    """Every magnitude e4m3 meets (subnormals, ties, the 448 edge), zero groups, -0, NaN, ragged K."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 333, generator=g) * 10.0 ** torch.randint(-6, 4, (7, 333), generator=g).float()
+    x[0, :128], x[1, 5], x[2, 7] = 0.0, -0.0, float("nan")
+    x[3, :128] = torch.arange(128) / 127 * 448 * 2**-9  # a group whose values land on e4m3's subnormal grid and halfway
+    ties = torch.tensor([448.0, 1.0625, 1.1875, 2.125, 3.25, 240.0, 1.5 * 2**-9, 2.5 * 2**-9, 7.5 * 2**-9])
+    x[4, : len(ties)] = torch.cat([ties[:1], ties[1:], -ties[1:]])[: len(ties)]  # halfway: ties to even (scale 1)
+    x[4, len(ties) : 2 * len(ties) - 1] = -ties[1:]
+    q, s = native.act_quant(x)
+    want_q, want_s = fp8.act_quant_ref(x)
+    assert torch.equal(s[~s.isnan()], want_s[~want_s.isnan()]) and s.isnan().equal(want_s.isnan())
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@needs_native
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, native.ROWS_MAX, native.ROWS_MAX + 1, 70])
 @pytest.mark.parametrize("NK", [(260, 300), (5, 16), (128, 1000)])
 def test_native_matmul_equals_the_block_scaled_reference(M, NK):
@@ -138,18 +154,19 @@ def test_moe_experts_fp8_equals_its_specification(tokens, act_quant):
     assert 10 * torch.log10(exact.pow(2).sum() / (got - exact).pow(2).sum()) > 21
 
 
+@pytest.mark.parametrize("lead", [(2, 5), (1, 1), (4, 5)])  # decode-sized rows, and more than ROWS_MAX
 @pytest.mark.parametrize("w8a8", [True, False])
-def test_fp8_linear_per_head(w8a8):
+def test_fp8_linear_per_head(w8a8, lead):
     """A per-head weight (H, N, K) against x (..., H, K): head h's rows through head h's weight, as
     absorbed MLA's W_UK / W_UV are applied; the CPU path and the exporters' decomposition agree."""
     g = torch.Generator().manual_seed(5)
     w = torch.randn(3, 200, 136, generator=g) * 0.05
     q = [block_quant(w[h]) for h in range(3)]
     wq, ws = torch.stack([a for a, _ in q]), torch.stack([b for _, b in q])
-    x = torch.randn(2, 5, 3, 136, generator=g)
+    x = torch.randn(*lead, 3, 136, generator=g)
     xq, xs = fp8.act_quant_ref(x) if w8a8 else (x, None)
     got = torch.ops.dsc.fp8_linear(xq, xs, wq, ws, None)
-    assert got.shape == (2, 5, 3, 200)
+    assert got.shape == (*lead, 3, 200)
     for h in range(3):
         head = fp8.fp8_linear_ref(xq[..., h, :], None if xs is None else xs[..., h, :], wq[h], ws[h])
         torch.testing.assert_close(got[..., h, :], head, **TOL["fp32_reassoc"])
