@@ -103,6 +103,20 @@ def evaluate(model: DeepseekV32ForCausalLM, windows: torch.Tensor, batch: int = 
     }
 
 
+@torch.no_grad()
+def program_bits_per_byte(program, windows: torch.Tensor, batch: int = 8) -> float:
+    """Held-out bits per byte of a Program's prefill: its served numerics (absorbed or MHA attention,
+    sparse where fuse_dsa made it so, FP8 after lower_fp8), each window's next bytes from its logits."""
+    ce, n = 0.0, 0
+    for start in range(0, len(windows), batch):
+        toks = windows[start : start + batch, :-1]
+        logits, _ = program.prefill(toks, program.cache.window(program.cache.allocate(*toks.shape), toks.shape[1]))
+        target = windows[start : start + batch, 1:]
+        ce += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="sum").item()
+        n += target.numel()
+    return round(ce / n / math.log(2), 4)
+
+
 def ship(run_dir: Path, dest: Path = ASSETS) -> Path:
     """train_state.pt -> an HF directory with bf16 weights (fp32 gate biases), written atomically."""
     from dsc.model import preset
@@ -124,6 +138,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ship", metavar="RUN_DIR", help="write RUN_DIR/train_state.pt to dsc/assets/demo first")
     ap.add_argument("--windows", type=int, default=48, help="held-out windows (default 48)")
     ap.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
+    ap.add_argument(
+        "--program", metavar="DIR", help="also the bits per byte of a saved Program's prefill (dsc optimize -o DIR)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     from dsc.frontends.reference import load_model
@@ -134,6 +151,10 @@ def main(argv=None) -> None:
     cfg = model.config
     windows = eval_windows(load_corpus("heldout", cfg.bos_token_id, cfg.eos_token_id), args.seq_len, args.windows)
     res = evaluate(model, windows)
+    if args.program:
+        from dsc.program import Program
+
+        res["bits_per_byte_program"] = program_bits_per_byte(Program.load(args.program), windows)
     if args.ship:
         (ASSETS / "metrics.json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in res.items()))

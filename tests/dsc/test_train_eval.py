@@ -60,3 +60,14 @@ def test_evaluate_reports_every_figure():
     assert 0 < res["indexer_topk_recall"] <= 1
     assert len(res["expert_load_per_moe_layer"]) == 2  # layer 1 and the MTP layer
     assert 0 <= res["mtp_first_draft_acceptance"] <= 1
+
+
+def test_a_programs_bits_per_byte_are_its_models(tiny, tiny_optimized):
+    """The optimized Program's prefill scores the held-out bytes as the model does
+    in its served (sparse) form: dsc.evaluate --program."""
+    from dsc.evaluate import program_bits_per_byte
+
+    windows = eval_windows(load_corpus("heldout", 256, 257), 40, 3)
+    want = evaluate(tiny, windows, batch=2)["bits_per_byte_sparse"]
+    program, _ = tiny_optimized
+    assert abs(program_bits_per_byte(program, windows, batch=2) - want) < 2e-3
