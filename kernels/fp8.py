@@ -21,6 +21,7 @@ import math
 import torch
 from dsc.kernels import native
 from dsc.kernels.registry import custom_op
+from dsc.kernels.triton_utils import HAVE_TRITON, interpret_mode, tl, triton, warn_no_triton
 from torch import Tensor
 
 BLOCK = 128
@@ -149,3 +150,135 @@ def fp8_linear(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bi
 @fp8_linear.register_fake
 def _(x, x_scale, w, w_scale, bias=None):
     return x.new_empty((*x.shape[:-1], w.shape[-2]), dtype=torch.float32)
+
+
+# --- GPU: Triton kernels (the CPU interpreter, TRITON_INTERPRET=1, runs them in the tests) ---------
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _act_quant_kernel(X, Q, S, K, G, UE8M0: tl.constexpr, BLOCK: tl.constexpr):
+        row, g = tl.program_id(0), tl.program_id(1)
+        offs = g * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < K
+        x = tl.load(X + row * K + offs, mask=ok, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4) / 448.0
+        if UE8M0:
+            s = tl.exp2(tl.ceil(tl.log2(s)))
+        q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+        tl.store(Q + row * K + offs, q.to(Q.dtype.element_ty), mask=ok)
+        tl.store(S + row * G + g, s)
+
+    @triton.jit
+    def _fp8_matmul_kernel(
+        X, XS, W, WS, Y, M, N, K, KB, stride_xm, stride_ym,
+        HAS_XS: tl.constexpr, FP8_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """y[m, n] = Σ_kb (Σ_{k in kb} x[m, k] w[n, k]) · xs[m, kb] · ws[n // 128, kb]: each 128-wide K
+        block's product in fp32 (an FP8 tensor-core dot with ``FP8_DOT``), scaled, accumulated in fp32."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = offs_m < M, offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for kb in range(0, KB):
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(
+                X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            w = tl.load(W + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if FP8_DOT:
+                part = tl.dot(x, tl.trans(w))
+            else:  # fp32 operands (the values are e4m3's exactly; the interpreter's fp8 dot is not checked)
+                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            ws = tl.load(WS + (offs_n // BLOCK_K) * KB + kb, mask=n_ok, other=0.0)
+            if HAS_XS:
+                xs = tl.load(XS + offs_m * KB + kb, mask=m_ok, other=0.0)
+                part = part * xs[:, None]
+            acc += part * ws[None, :]
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _fp8_gemv_kernel(
+        X, XS, W, WS, Y, M, N, K, KB, HAS_XS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+    ):
+        """The decode shape: one activation row against BLOCK_N weight rows, no tensor-core dot (a
+        row is too thin for one): the weight streamed once, widened in registers."""
+        m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for kb in range(0, KB):
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(X + m * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(W + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            part = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if HAS_XS:
+                part = part * tl.load(XS + m * KB + kb)
+            acc += part * tl.load(WS + (offs_n // BLOCK_K) * KB + kb, mask=n_ok, other=0.0)
+        tl.store(Y + m * N + offs_n, acc, mask=n_ok)
+
+
+GEMV_ROWS = 4  # up to this many activation rows, the GEMV kernel (the weight read once a row)
+
+
+def act_quant_triton(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+    assert HAVE_TRITON and block == BLOCK, "act_quant_triton: triton and 128-wide groups"
+    K = x.shape[-1]
+    flat = x.reshape(-1, K).contiguous()
+    G = math.ceil(K / block)
+    q = torch.empty(flat.shape, dtype=FP8, device=x.device)
+    s = torch.empty(flat.shape[0], G, dtype=torch.float32, device=x.device)
+    if flat.shape[0]:
+        _act_quant_kernel[(flat.shape[0], G)](flat, q, s, K, G, UE8M0=ue8m0, BLOCK=block)
+    return q.view(x.shape), s.view(*x.shape[:-1], G)
+
+
+def fp8_linear_triton(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None = None,
+                      fp8_dot: bool | None = None) -> Tensor:  # fmt: skip
+    """``fp8_linear`` by the Triton kernels: the GEMV for up to ``GEMV_ROWS`` rows, else the block-scaled
+    GEMM (``fp8_dot``: FP8 tensor-core dots, default on a GPU for W8A8; fp32 dots of the same values in
+    the interpreter)."""
+    assert HAVE_TRITON, "triton is not installed (pip install 'dsc[gpu]')"
+    if w.ndim == 3:
+        return _per_head(fp8_linear_triton, x, x_scale, w, w_scale)
+    N, K = w.shape
+    KB = math.ceil(K / BLOCK)
+    flat = x.reshape(-1, K).contiguous()
+    xs = x_scale.reshape(-1, KB).float().contiguous() if x_scale is not None else flat
+    M = flat.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    ws = w_scale.float().contiguous()
+    w = w.contiguous()
+    if M <= GEMV_ROWS:
+        _fp8_gemv_kernel[(M, triton.cdiv(N, 64))](flat, xs, w, ws, y, M, N, K, KB, HAS_XS=x_scale is not None,
+                                                  BLOCK_N=64, BLOCK_K=BLOCK)  # fmt: skip
+    elif M:
+        if fp8_dot is None:
+            fp8_dot = x_scale is not None and x.is_cuda and not interpret_mode()
+        grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
+        _fp8_matmul_kernel[grid](flat, xs, w, ws, y, M, N, K, KB, flat.stride(0), y.stride(0),
+                                 HAS_XS=x_scale is not None, FP8_DOT=fp8_dot, BLOCK_M=64, BLOCK_N=64,
+                                 BLOCK_K=BLOCK)  # fmt: skip
+    if bias is not None:
+        y = y + bias.float()
+    return y.view(*x.shape[:-1], N)
+
+
+@act_quant.register_kernel("cuda")
+def _(x, block=BLOCK, ue8m0=False):
+    if not HAVE_TRITON:
+        warn_no_triton("act_quant")
+        return act_quant_ref(x, block, ue8m0)
+    return act_quant_triton(x, block, ue8m0)
+
+
+@fp8_linear.register_kernel("cuda")
+def _(x, x_scale, w, w_scale, bias=None):
+    if not HAVE_TRITON:
+        warn_no_triton("fp8_linear")
+        return fp8_linear_decomposed(x, x_scale, w, w_scale, bias)
+    return fp8_linear_triton(x, x_scale, w, w_scale, bias)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from dsc.kernels import fp8
 from dsc.kernels.registry import custom_op
+from dsc.kernels.triton_utils import HAVE_TRITON
 from torch import Tensor
 
 
@@ -115,6 +116,15 @@ def moe_experts_fp8(
     activations in e4m3 too, as deployed) or W8A16. Each expert runs on its own tokens only."""
     ffn = _fp8_ffn((gate_w, up_w, down_w, gate_s, up_s, down_s), act_quant, ue8m0,
                    fp8.fp8_linear_cpu, fp8.act_quant_cpu)  # fmt: skip
+    return _dispatch(x, idx, wts, len(gate_w), ffn)
+
+
+@moe_experts_fp8.register_kernel("cuda")
+def _(x, idx, wts, gate_w, up_w, down_w, gate_s, up_s, down_s, act_quant=True, ue8m0=False):
+    fns = (
+        (fp8.fp8_linear_triton, fp8.act_quant_triton) if HAVE_TRITON else (fp8.fp8_linear_decomposed, fp8.act_quant_ref)
+    )
+    ffn = _fp8_ffn((gate_w, up_w, down_w, gate_s, up_s, down_s), act_quant, ue8m0, *fns)
     return _dispatch(x, idx, wts, len(gate_w), ffn)
 
 
