@@ -78,7 +78,7 @@ def node_flops(n: fx.Node) -> sympy.Expr:
     t, out = n.target, val(n)
     if t in ZERO_COST or t is operator.getitem:
         return sympy.Integer(0)
-    if t in MATMUL_LIKE or t is torch.ops.dsc.fp8_linear.default:
+    if t in MATMUL_LIKE or t in (torch.ops.dsc.fp8_linear.default, torch.ops.dsc.fp8_linear_gathered.default):
         a = val(n.args[0] if t is not aten.addmm.default else n.args[1])
         return 2 * _numel(out) * _expr(a.shape[-1])
     if t is aten.einsum.default:
@@ -129,6 +129,10 @@ def node_bytes(n: fx.Node, interior: frozenset = frozenset()) -> sympy.Expr:
     reads = sympy.Add(*[_bytes(val(a)) for a in inputs])
     if n in interior:
         return reads
+    if t is torch.ops.dsc.fp8_linear_gathered.default:  # only the experts some row is routed to are read
+        x, ids, w = val(n.args[0]), val(n.args[2]), val(n.args[3])
+        per_expert = int(w[0].numel()) * w.element_size()
+        reads = _bytes(x) + _bytes(ids) + sympy.Min(_numel(ids), int(w.shape[0])) * per_expert
     if t in MOE:  # only the routed experts' weights are read (FP8: a byte each, scales aside)
         idx = val(n.args[1])
         per_expert = sum(int(val(w[0]).numel()) * val(w[0]).element_size() for w in n.args[3:6])

@@ -55,7 +55,9 @@ def register_pass(
 
     def deco(fn):
         assert name not in REGISTRY, f"pass {name!r} registered twice"
-        REGISTRY[name] = PassInfo(name, order, purpose, tolerance, fn, default, dict(options or {}), tuple(requires), tuple(after))
+        REGISTRY[name] = PassInfo(
+            name, order, purpose, tolerance, fn, default, dict(options or {}), tuple(requires), tuple(after)
+        )
         return fn
 
     return deco

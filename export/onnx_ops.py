@@ -244,11 +244,8 @@ def _quantise(x, K: int, rank: int, block: int, ue8m0: bool):
     return op.Cast(q, to=E4M3), s  # cast last: onnxruntime's Slice takes no FP8
 
 
-def fp8_linear(x, x_scale, w, w_scale, bias=None):
-    """y = dequant(x)·dequant(w)ᵀ (+ bias) in fp32. The e4m3 weight stays FP8 in the file and feeds
-    DequantizeLinear with 1-D blocks of 128 along K: its (N/128, K/128) block scales are repeated
-    along N, the form onnxruntime runs (a 2-D block scale passes the checker but not the runtime).
-    A per-head weight (H, N, K) the same way per head, against x (..., H, K)."""
+def _dequant_weight(w, w_scale):
+    """(leading dims, fp32 weight): e4m3 ([E,] N, K) with its ([E,] N/128, K/128) block scales."""
     dims = [_static(w, i) for i in range(len(w.shape))]
     if None in dims:
         raise NotImplementedError("fp8_linear needs a static weight shape to export")
@@ -256,11 +253,30 @@ def fp8_linear(x, x_scale, w, w_scale, bias=None):
     Nb, Kb = math.ceil(N / 128), math.ceil(K / 128)
     rows = op.Reshape(op.Expand(op.Unsqueeze(w_scale, _i64(-2)), _i64(*H, Nb, 128, Kb)), _i64(*H, Nb * 128, Kb))
     rows = op.Slice(rows, _i64(0), _i64(N), _i64(-2))  # (.., N, K/128): row n's block scales
-    wf = op.DequantizeLinear(w, rows, axis=-1, block_size=128)  # (.., N, K) fp32
+    return H, op.DequantizeLinear(w, rows, axis=-1, block_size=128)  # (.., N, K) fp32
+
+
+def _dequant_x(x, x_scale):
     if x_scale is None:
-        xf = op.Cast(x, to=FLOAT)
-    else:
-        xf = op.DequantizeLinear(x, op.Cast(x_scale, to=FLOAT), axis=-1, block_size=128)
+        return op.Cast(x, to=FLOAT)
+    return op.DequantizeLinear(x, op.Cast(x_scale, to=FLOAT), axis=-1, block_size=128)
+
+
+def fp8_linear_gathered(x, x_scale, ids, w, w_scale):
+    """Row r through expert ids[r]'s dequantised weight: Gather of the (E, N, K) fp32 weights by the
+    routing, then a batched MatMul (as the reference computes it)."""
+    _, wf = _dequant_weight(w, w_scale)
+    rows = op.Gather(wf, ids, axis=0)  # (R, N, K)
+    return op.Squeeze(op.MatMul(rows, op.Unsqueeze(_dequant_x(x, x_scale), _i64(-1))), _i64(-1))
+
+
+def fp8_linear(x, x_scale, w, w_scale, bias=None):
+    """y = dequant(x)·dequant(w)ᵀ (+ bias) in fp32. The e4m3 weight stays FP8 in the file and feeds
+    DequantizeLinear with 1-D blocks of 128 along K: its (N/128, K/128) block scales are repeated
+    along N, the form onnxruntime runs (a 2-D block scale passes the checker but not the runtime).
+    A per-head weight (H, N, K) the same way per head, against x (..., H, K)."""
+    H, wf = _dequant_weight(w, w_scale)
+    xf = _dequant_x(x, x_scale)
     if H:  # (..., H, 1, K) @ (H, K, N)
         return op.Squeeze(op.MatMul(op.Unsqueeze(xf, _i64(-2)), op.Transpose(wf, perm=[0, 2, 1])), _i64(-2))
     y = op.MatMul(xf, op.Transpose(wf, perm=[1, 0]))
@@ -279,6 +295,7 @@ TABLE = {
     dsc.moe_experts_fp8.default: moe_experts_fp8,
     dsc.act_quant.default: act_quant,
     dsc.fp8_linear.default: fp8_linear,
+    dsc.fp8_linear_gathered.default: fp8_linear_gathered,
 }
 
 # what each translation keeps of the fused op (the export report shows the ops a model holds)
@@ -292,6 +309,7 @@ FUSION = {
     "moe_experts": "reference decomposition: every routed expert runs on every token (E / top-k times the "
     "expert FLOPs of the dispatching kernel), weighted 0 where not routed",
     "moe_experts_fp8": "reference decomposition, as moe_experts, each expert matmul as fp8_linear's (e4m3 on disk)",
+    "fp8_linear_gathered": "every expert's weight dequantised (DequantizeLinear), gathered per row, batched MatMul",
     "act_quant": "standard ops: ReduceMax per 128-group, Div, Clip, Cast to FLOAT8E4M3FN",
     "fp8_linear": "FP8 weights stay e4m3 on disk: DequantizeLinear (block_size 128) then an fp32 MatMul "
     "(no FP8 tensor-core GEMM unless the runtime fuses Q/DQ)",

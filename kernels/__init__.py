@@ -17,6 +17,7 @@ DECOMPOSITIONS = {
     torch.ops.dsc.sparse_mla.default: dsa.sparse_mla_ref,
     torch.ops.dsc.act_quant.default: fp8.act_quant_ref,
     torch.ops.dsc.fp8_linear.default: fp8.fp8_linear_decomposed,
+    torch.ops.dsc.fp8_linear_gathered.default: fp8.fp8_linear_gathered_ref,
 }
 
 

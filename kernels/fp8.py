@@ -126,6 +126,46 @@ def fp8_linear_cpu(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor
     return y.reshape(*x.shape[:-1], N)
 
 
+def fp8_linear_gathered_ref(x: Tensor, x_scale: Tensor | None, ids: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
+    """Row r of x (R, K) through expert ids[r]'s e4m3 weight w[ids[r]] (E, N, K), scales (E, N/128, K/128):
+    the specification, and the exporters' ATen form (every row's weight dequantised and gathered)."""
+    N, K = w.shape[-2:]
+    xf = x.float() if x_scale is None else x.float() * _expand_x_scale(x_scale, K)
+    wf = (w.float() * _expand_w_scale(w_scale, N, K))[ids]
+    return torch.bmm(wf, xf.unsqueeze(-1)).squeeze(-1)
+
+
+def fp8_linear_gathered_cpu(x: Tensor, x_scale: Tensor | None, ids: Tensor, w: Tensor, w_scale: Tensor,
+                            linear=None) -> Tensor:  # fmt: skip
+    """The rows grouped by expert, each group one ``fp8_linear`` (``linear``, default this CPU's) of its
+    expert's weight."""
+    linear = linear or fp8_linear_cpu
+    y = torch.empty(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=w.shape[0]).tolist()
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            rows = order[start : start + c]
+            xs = None if x_scale is None else x_scale.index_select(0, rows)
+            y.index_copy_(0, rows, linear(x.index_select(0, rows), xs, w[e], w_scale[e]))
+            start += c
+    return y
+
+
+@custom_op("dsc::fp8_linear_gathered")
+def fp8_linear_gathered(x: Tensor, x_scale: Tensor | None, ids: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
+    """x (R, K) (e4m3 with ``x_scale`` (R, ceil(K/128)) for W8A8, or high precision), ids (R,) int64 into
+    the E experts of w (E, N, K) e4m3 with w_scale (E, ceil(N/128), ceil(K/128)) -> fp32 (R, N): what
+    ``lower_fp8`` makes of ``bmm(W[ids], x[..., None])`` (transformers' batched experts)."""
+    return fp8_linear_gathered_cpu(x, x_scale, ids, w, w_scale)
+
+
+@fp8_linear_gathered.register_fake
+def _(x, x_scale, ids, w, w_scale):
+    return x.new_empty((x.shape[0], w.shape[1]), dtype=torch.float32)
+
+
 @custom_op("dsc::act_quant")
 def act_quant(x: Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
     """Activations (..., K) -> (e4m3 (..., K), fp32 scales (..., ceil(K / block)))."""
@@ -274,6 +314,14 @@ def _(x, block=BLOCK, ue8m0=False):
         warn_no_triton("act_quant")
         return act_quant_ref(x, block, ue8m0)
     return act_quant_triton(x, block, ue8m0)
+
+
+@fp8_linear_gathered.register_kernel("cuda")
+def _(x, x_scale, ids, w, w_scale):
+    if not HAVE_TRITON:
+        warn_no_triton("fp8_linear_gathered")
+        return fp8_linear_gathered_ref(x, x_scale, ids, w, w_scale)
+    return fp8_linear_gathered_cpu(x, x_scale, ids, w, w_scale, linear=fp8_linear_triton)
 
 
 @fp8_linear.register_kernel("cuda")

@@ -40,7 +40,7 @@ from dsc.model.fp8 import BLOCK, block_dequant, block_quant
 from torch import fx
 
 from dsc.errors import DscError
-from dsc.fx_utils import add_constant_input, constant_of, drop_unused_inputs, finalize, is_call, refresh_meta, tag
+from dsc.fx_utils import add_constant_input, constant_of, drop_unused_inputs, finalize, is_call, refresh_meta, tag, val
 from dsc.program import logits_hidden
 from dsc.registry import TEXT, register_pass
 from dsc.verify import SQNR_FLOORS_DB, TOLERANCES, make_scenario, run_scenario
@@ -246,6 +246,44 @@ def _lower_absorbed(ep, n: fx.Node, site: dict, name: str, fp8: tuple, inputs: d
     g.erase_node(n)
 
 
+def gathered_site(ep, n: fx.Node) -> dict | None:
+    """``bmm(W[ids], v[..., None])`` with W (E, N, K) a parameter: row r of v through expert ids[r]'s
+    weight, as transformers' batched experts compute each routed slot (gate_up_proj, down_proj)."""
+    a, b = n.args
+    if not (is_call(a, aten.index.Tensor) and len(a.args[1]) == 1 and isinstance(a.args[1][0], fx.Node)):
+        return None
+    if not (is_call(b, aten.unsqueeze.default) and b.args[1] in (-1, 2)):
+        return None
+    t = constant_of(ep, a.args[0])
+    ids = a.args[1][0]
+    if t is None or t.ndim != 3 or val(ids).ndim != 1 or val(b.args[0]).ndim != 2:
+        return None
+    spec = next(s for s in ep.graph_signature.input_specs if s.arg.name == a.args[0].name)
+    return {"target": spec.target, "w": t, "ids": ids, "x": b.args[0], "key": module_path(spec.target)}
+
+
+def _lower_gathered(ep, n: fx.Node, site: dict, fp8: tuple, inputs: dict, w8a8: bool, ue8m0: bool):
+    name = site["target"]
+    if name not in inputs:
+        inputs[name] = (
+            add_constant_input(ep, f"{name}_fp8", fp8[0]),
+            add_constant_input(ep, f"{name}_fp8_scale", fp8[1]),
+        )
+    g = ep.graph
+    with g.inserting_before(n):
+        x = site["x"]
+        if w8a8:
+            aq = tag(g.call_function(dsc_ops.act_quant.default, (x, 128, ue8m0)), NAME)
+            xq, xs = (g.call_function(operator.getitem, (aq, i)) for i in (0, 1))
+        else:
+            xq, xs = x, None
+        y = tag(g.call_function(dsc_ops.fp8_linear_gathered.default, (xq, xs, site["ids"], *inputs[name])), NAME)
+        y.meta["fp8_of"] = ("gathered", site["key"], x, site["ids"], name)
+        out = tag(g.call_function(aten.unsqueeze.default, (y, -1)), NAME)  # the bmm's (R, N, 1)
+    n.replace_all_uses_with(out)
+    g.erase_node(n)
+
+
 def decide(path: str, include: list[str], exclude: list[str]) -> tuple[bool, str]:
     hit = next((p for p in exclude if fnmatch.fnmatchcase(path, p)), None)
     if hit:
@@ -328,6 +366,15 @@ def lower_fp8(program, ctx):
                 matmuls[site["key"]]["reason"] += "; the checkpoint's own FP8 bytes and scales"
         return heads[sig]
 
+    def quantise_stacked(site: dict) -> None:
+        """A stacked (E, N, K) expert weight: one FP8 copy, quantised per expert."""
+        target, w = site["target"], site["w"]
+        if target not in quantised:
+            if not torch.isfinite(w).all():
+                raise DscError(f"lower_fp8: weight {module_path(target)} holds NaN or Inf values; fix the checkpoint")
+            quantised[target] = _per_head_quant(w.detach().float(), ue8m0)
+            originals[target] = w.detach()
+
     total = 0
     for entry, ep in program.entries.items():
         sites = []  # (node, [[(target, weight)], ...]): a linear's one weight, a MoE's three lists
@@ -363,6 +410,12 @@ def lower_fp8(program, ctx):
                 matmuls[path] = {"shape": shape, "decision": "fp8" if lower else "kept", "reason": why, "experts": True}
                 if lower:
                     sites.append((n, groups))
+            elif is_call(n, aten.bmm.default) and (got := gathered_site(ep, n)) is not None:
+                lower, why = decide_one(got["target"])
+                matmuls[got["key"]] = {"shape": list(got["w"].shape), "decision": "fp8" if lower else "kept",
+                                       "reason": why + " (one weight per expert, gathered by the routing)"}  # fmt: skip
+                if lower:
+                    sites.append((n, got))
             elif is_call(n, aten.einsum.default) and len(n.args[1]) == 2:
                 got = absorbed_site(ep, n)
                 if got is None:
@@ -379,6 +432,11 @@ def lower_fp8(program, ctx):
                     sites.append((n, got))
         inputs: dict[str, tuple] = {}  # this entry's placeholders of the FP8 weights
         for n, groups in sites:
+            if isinstance(groups, dict) and "ids" in groups:  # a matmul through weights gathered per row
+                quantise_stacked(groups)
+                _lower_gathered(ep, n, groups, quantised[groups["target"]], inputs, w8a8, ue8m0)
+                total += 1
+                continue
             if isinstance(groups, dict):  # a per-head product of an absorbed attention
                 name = quantise_heads(groups)
                 _lower_absorbed(ep, n, groups, name, quantised[name], inputs, w8a8, ue8m0)
@@ -467,7 +525,11 @@ class _Probe(fx.Interpreter):
         got = n.meta.get("fp8_of")
         if got is None:
             return out
-        if got[0] == "einsum":
+        if got[0] == "gathered":
+            _, key, x, ids, name = got
+            w = self.originals[name].float()[self.env[ids]]
+            ref = torch.bmm(w, self.env[x].float().unsqueeze(-1)).squeeze(-1)
+        elif got[0] == "einsum":
             _, key, eq, x, name, w_first = got
             xw = (self.env[x].float(), self.originals[name])
             ref = torch.einsum(eq, *(xw[::-1] if w_first else xw))

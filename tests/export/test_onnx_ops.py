@@ -93,6 +93,16 @@ def test_fp8_linear_per_head_matches_the_op(w8a8):
     torch.testing.assert_close(y, dsc.fp8_linear(xq, xs, wq, ws, None), **TOL["fp32_reassoc"])
 
 
+def test_fp8_linear_gathered_matches_the_op():
+    g = _gen(8)
+    q = [block_quant(torch.randn(200, 136, generator=g) * 0.05) for _ in range(4)]
+    wq, ws = torch.stack([a for a, _ in q]), torch.stack([b for _, b in q])
+    x, ids = torch.randn(9, 136, generator=g), torch.tensor([3, 0, 3, 1, 1, 3, 0, 0, 3])
+    xq, xs = dsc.act_quant(x, 128, False)
+    (y,) = _run_onnx(lambda a, s, i: dsc.fp8_linear_gathered(a, s, i, wq, ws), (xq, xs, ids))
+    torch.testing.assert_close(y, dsc.fp8_linear_gathered(xq, xs, ids, wq, ws), **TOL["fp32_reassoc"])
+
+
 def test_add_rms_norm_matches_the_op():
     g = _gen(2)
     x, r, w = torch.randn(2, 5, 64, generator=g), torch.randn(2, 5, 64, generator=g), torch.randn(64, generator=g)

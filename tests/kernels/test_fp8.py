@@ -241,3 +241,19 @@ def test_triton_kernels_on_gpu():
         for args in ((xq, xs, wq, ws, None), (x, None, wq, ws, None)):
             got = torch.ops.dsc.fp8_linear(*(a.cuda() if a is not None else None for a in args))
             torch.testing.assert_close(got.cpu(), fp8.fp8_linear_ref(*args), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("w8a8", [True, False])
+def test_fp8_linear_gathered_is_each_rows_expert(w8a8):
+    """Row r through expert ids[r]'s weight (transformers' batched experts, lowered): grouped by
+    expert on CPU, against the specification and against one fp8_linear per row."""
+    g = torch.Generator().manual_seed(7)
+    q = [block_quant(torch.randn(200, 136, generator=g) * 0.05) for _ in range(4)]
+    wq, ws = torch.stack([a for a, _ in q]), torch.stack([b for _, b in q])
+    x, ids = torch.randn(9, 136, generator=g), torch.tensor([3, 0, 3, 1, 1, 3, 0, 0, 3])  # expert 2 unused
+    xq, xs = fp8.act_quant_ref(x) if w8a8 else (x, None)
+    got = torch.ops.dsc.fp8_linear_gathered(xq, xs, ids, wq, ws)
+    torch.testing.assert_close(got, fp8.fp8_linear_gathered_ref(xq, xs, ids, wq, ws), **TOL["fp32_reassoc"])
+    for r in (0, 3, 8):
+        one = fp8.fp8_linear_ref(xq[r : r + 1], None if xs is None else xs[r : r + 1], wq[ids[r]], ws[ids[r]])
+        torch.testing.assert_close(got[r : r + 1], one, **TOL["fp32_reassoc"])

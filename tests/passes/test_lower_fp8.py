@@ -133,8 +133,8 @@ def test_fp8_flags_need_the_pass(tmp_path, capsys):
 
 
 def test_transformers_deepseek_v32_code():
-    """HF's own modeling code: its projections lowered, lm_head / router / weights_proj kept, and the
-    logits within FP8's contract of HF's."""
+    """HF's own modeling code: its projections and its batched routed experts lowered, lm_head /
+    router / weights_proj kept, and the logits within FP8's contract of HF's."""
     pytest.importorskip("transformers")
     from dsc.program import CacheSpec
     from tests.passes.hf_models import export_case, fresh, hf_model, hf_output
@@ -149,6 +149,12 @@ def test_transformers_deepseek_v32_code():
         and mm["model.layers.0.self_attn.indexer.weights_proj"]["decision"] == "kept"
     )
     assert mm["model.layers.0.self_attn.q_b_proj"]["decision"] == "fp8" and matches >= 8 * m.config.num_hidden_layers
+    # its routed experts: stacked (E, N, K) weights gathered by the routing into batched matmuls
+    assert all(mm[f"model.layers.{i}.mlp.experts.{w}"]["decision"] == "fp8" for i in (1, 2)
+               for w in ("gate_up_proj", "down_proj"))  # fmt: skip
+    assert ops(out, "forward").get("dsc.fp8_linear_gathered.default") == 4 and "aten.bmm.default" not in ops(
+        out, "forward"
+    )
     args = inputs(2, 1)
     with torch.no_grad():
         want, got = hf_output(m, "decode", args), out.module("forward")(*fresh(args))
