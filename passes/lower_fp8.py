@@ -132,9 +132,11 @@ def _evaluate(t: torch.Tensor, chain: list[fx.Node]) -> torch.Tensor:
     return t
 
 
-def _per_head_roles(eq: str, w_first: bool) -> tuple[str, str, str, str, str, str] | None:
-    """For a two-operand einsum with a 3-D weight operand: (x labels, w labels, out labels, h, k, n) when
-    it is a matmul per head h (in x, w and out) contracting k (in x and w) into n (in w and out)."""
+def _per_head_roles(eq: str, w_first: bool) -> tuple[str, str, str, str | None, str, list[str]] | None:
+    """For a two-operand einsum with a 3-D weight operand: (x labels, w labels, out labels, h, k, ns) when
+    it is a matmul per head h (in x, w and out) contracting k (in x and w) into ns = [n] (in w and out),
+    or (h None) one linear contracting k into the two output labels ns of the weight (the products'
+    ``bsl,hcl->bshc``: W flattened to (h·c, l))."""
     if "." in eq or "->" not in eq:
         return None
     ins, out = eq.replace(" ", "").split("->")
@@ -147,9 +149,11 @@ def _per_head_roles(eq: str, w_first: bool) -> tuple[str, str, str, str, str, st
     h = [c for c in wl if c in xl and c in out]
     k = [c for c in wl if c in xl and c not in out]
     n = [c for c in wl if c not in xl and c in out]
-    if not (len(h) == len(k) == len(n) == 1) or set(out) != (set(xl) - set(k)) | set(n):
+    if len(k) != 1 or set(out) != (set(xl) - set(k)) | set(n):
         return None
-    return xl, wl, out, h[0], k[0], n[0]
+    if len(h) == len(n) == 1 or (not h and len(n) == 2):
+        return xl, wl, out, h[0] if h else None, k[0], n
+    return None
 
 
 def _per_head_quant(w: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,35 +214,41 @@ def absorbed_site(ep, n: fx.Node) -> dict | None:
         if roles is None:  # a constant weight, but not a matmul per head: in the record as kept
             return {"target": got[0], "key": f"{module_path(got[0])} ({eq})", "w": got[1], "unsupported": True}
         target, t, chain = got
-        xl, wl, out, h, k, nl = roles
+        xl, wl, out, h, k, ns = roles
         w = _evaluate(t.detach().float(), chain)
         if w.ndim != 3:
             continue
-        perm = [wl.index(c) for c in (h, nl, k)]
+        perm = [wl.index(c) for c in ([h] if h else []) + ns + [k]]
+        laid = w.permute(perm).contiguous()
         key = f"{module_path(target)} ({eq})"
-        return {"target": target, "chain": chain, "perm": perm, "w": w.permute(perm).contiguous(), "w_einsum": w,
-                "x": ops[1 - wi], "w_first": wi == 0, "roles": roles, "key": key, "eq": eq}  # fmt: skip
+        return {"target": target, "chain": chain, "perm": perm, "w": laid if h else laid.flatten(0, 1), "w_einsum": w,
+                "sizes": list(laid.shape[:2]), "x": ops[1 - wi], "w_first": wi == 0, "roles": roles, "key": key,
+                "eq": eq}  # fmt: skip
     return None
 
 
 def _lower_absorbed(ep, n: fx.Node, site: dict, name: str, fp8: tuple, inputs: dict, w8a8: bool, ue8m0: bool):
     """einsum(x, W) -> fp8_linear per head: x laid out (..., h, k), W as (h, n, k) e4m3 (``fp8``: its
-    bytes and scales, ``name``: what they go by), the result laid out as the einsum's output."""
+    bytes and scales, ``name``: what they go by), the result laid out as the einsum's output; without
+    a head label, one fp8_linear on W as (n1·n2, k), its output unflattened."""
     if name not in inputs:
         inputs[name] = (
             add_constant_input(ep, f"{name}_fp8", fp8[0]),
             add_constant_input(ep, f"{name}_fp8_scale", fp8[1]),
         )
-    xl, _, out, h, k, nl = site["roles"]
+    xl, _, out, h, k, ns = site["roles"]
+    lead = [h] if h else []
     g = ep.graph
     with g.inserting_before(n):
-        others = [c for c in xl if c not in (h, k)]
-        order = others + [h, k]
+        others = [c for c in xl if c not in (*lead, k)]
+        order = others + lead + [k]
         x = site["x"]
         if list(xl) != order:
             x = tag(g.call_function(aten.permute.default, (x, [xl.index(c) for c in order])), NAME)
         y = _fp8_call(g, x, None, *inputs[name], w8a8, ue8m0)
-        got = others + [h, nl]
+        if not h:  # one linear into the weight's two output labels
+            y = tag(g.call_function(aten.unflatten.int, (y, -1, site["sizes"])), NAME)
+        got = others + lead + ns
         if got != list(out):
             y = tag(g.call_function(aten.permute.default, (y, [got.index(c) for c in out])), NAME)
     y.meta["fp8_of"] = ("einsum", site["key"], site["eq"], site["x"], name, site["w_first"])
@@ -358,8 +368,8 @@ def lower_fp8(program, ctx):
                 raise DscError(
                     f"lower_fp8: weight {module_path(site['target'])} holds NaN or Inf values; fix the checkpoint"
                 )
-            own = _checkpoint_heads(program, site["target"], site["chain"], site["perm"], w)
-            quantised[name] = own if own is not None else _per_head_quant(w, ue8m0)
+            own = _checkpoint_heads(program, site["target"], site["chain"], site["perm"], w) if w.ndim == 3 else None
+            quantised[name] = own or (_per_head_quant(w, ue8m0) if w.ndim == 3 else block_quant(w, ue8m0=ue8m0))
             absorbed[name] = site["w_einsum"]
             if own is not None:
                 n_reused += 1

@@ -262,3 +262,36 @@ def test_absorbed_w_uk_w_uv_per_head_from_the_checkpoints_bytes(tmp_path, capsys
 def test_lower_fp8_runs_after_the_passes_whose_matches_it_would_hide():
     with pytest.raises(DscError, match="must run after 'absorb_mla'"):
         select_passes(["canonicalize", "normalize", "lower_fp8", "absorb_mla"])
+
+
+def test_a_weight_computed_at_run_time_stays_and_is_said_so():
+    """A linear whose weight is an input (or computed from one) is not lowered; the record says why."""
+    from dsc.program import CacheSpec
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(256, 128, bias=False)
+
+        def forward(self, x, w):
+            return torch.nn.functional.linear(self.proj(x), w * 2.0)
+
+    ep = torch.export.export(M(), (torch.randn(3, 256), torch.randn(64, 128)))
+    out, matches, stats = apply("lower_fp8", _normal(Program({"forward": ep}, CacheSpec([]), config=None)))
+    kept = [v for k, v in stats["matmuls"].items() if k.startswith("forward:")]
+    assert matches == 1 and stats["matmuls"]["proj"]["decision"] == "fp8"
+    assert len(kept) == 1 and kept[0] == {"decision": "kept", "reason": "the weight is not a parameter"}
+    assert ops(out)["aten.linear.default"] == 1 and ops(out)[FP8_LINEAR] == 1
+
+
+def test_absorbed_products_are_lowered_too(tiny_program):
+    """With absorb_mla's precomputed products (W_UQ·W_UK read by ``bsl,hcl->bshc``, W_UV·W_O by a
+    linear) every constant product is FP8, verified under the fp8 contract."""
+    passes = select_passes(["absorb_mla", "lower_fp8"])
+    out, records = run_pipeline(tiny_program, passes, options={"absorb_mla": {"products": "always"}})
+    mm = records[-1].stats["matmuls"]
+    uq_uk = [v for k, v in mm.items() if "absorbed_uq_uk (" in k]
+    assert uq_uk and all(v["decision"] == "fp8" and v["sqnr_db"] >= SQNR_DB["fp8_weight_dequant"] for v in uq_uk)
+    uv_o = [v for k, v in mm.items() if k.endswith("absorbed_uv_o")]
+    assert uv_o and all(v["decision"] == "fp8" for v in uv_o)
+    assert not any("not lowered yet" in v["reason"] for v in mm.values())
