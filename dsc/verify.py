@@ -22,9 +22,9 @@ class Tolerance:
     rtol: float
     min_top1: float = 0.95
     min_sqnr_db: float = 60.0
-    # False: a top-1 agreement below min_top1 is reported as a warning, not a violation (lossy
-    # numerics, whose contract is the SQNR: see the FP8 rows below)
-    gate_top1: bool = True
+    # lossy numerics (FP8): only the SQNR floor gates; an elementwise excess or a top-1 agreement below
+    # min_top1 is reported as a warning, not a violation (see the FP8 rows below)
+    lossy: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,11 +48,12 @@ TOLERANCES = {
     "fp8_index_cache": Tolerance(atol=2.0, rtol=0.5, min_top1=0.9, min_sqnr_db=20.0),
     # e4m3 weights in 128x128 blocks with 1x128 e4m3 activations (W8A8), or weights only (W8A16):
     # 3 mantissa bits per operand, each matmul ~30 dB (lower_fp8 checks every lowered matmul against
-    # SQNR_FLOORS_DB); end to end judged by the SQNR. Top-1 agreement is reported, not gated: where a
-    # model's top-1 margins are below FP8's error (a random-weight model's are ~0.05 against ~0.3;
-    # routing and DSA selections near a tie flip too) it measures the model's indecision, not the rewrite
-    "fp8_w8a8": Tolerance(atol=2.0, rtol=0.5, min_top1=0.8, min_sqnr_db=15.0, gate_top1=False),
-    "fp8_w8a16": Tolerance(atol=2.0, rtol=0.5, min_top1=0.85, min_sqnr_db=20.0, gate_top1=False),
+    # SQNR_FLOORS_DB); end to end judged by the SQNR. Top-1 agreement and the elementwise bound are
+    # reported, not gated: where a model's top-1 margins are below FP8's error (a random-weight model's
+    # are ~0.05 against ~0.3) top-1 measures the model's indecision, not the rewrite, and a MoE routing
+    # or DSA selection near a tie flips under any perturbation, moving that token's logits by O(1)
+    "fp8_w8a8": Tolerance(atol=2.0, rtol=0.5, min_top1=0.8, min_sqnr_db=15.0, lossy=True),
+    "fp8_w8a16": Tolerance(atol=2.0, rtol=0.5, min_top1=0.85, min_sqnr_db=20.0, lossy=True),
 }
 EXACT = TOLERANCES["exact"]
 FP32_REASSOC = TOLERANCES["fp32_rewrite"]
@@ -69,7 +70,7 @@ class Numerics:
     sqnr_db: float
     worst: str  # the tensor with the largest violation / error
     kl_nats: float = 0.0  # mean KL(reference || result) of the next-token distributions
-    warnings: list[str] = field(default_factory=list)  # below an ungated floor (Tolerance.gate_top1)
+    warnings: list[str] = field(default_factory=list)  # past a bound that does not gate (Tolerance.lossy)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -148,7 +149,7 @@ def compare(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerance) -> t
     worst, worst_score = "", -1.0
     agree = total = 0
     sig = noise = kl = 0.0
-    margins, moves = [], []
+    margins, moves, warnings = [], [], []
     for k in ref:
         if k not in got:
             continue
@@ -169,7 +170,8 @@ def compare(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerance) -> t
         noise += err.pow(2).sum().item()
         excess = (err - (tol.atol + tol.rtol * b.abs())).max().item() if err.numel() else -1.0
         if excess > 0:
-            violations.append(f"{k}: max abs error {ea:.3g} exceeds atol {tol.atol:g} + rtol {tol.rtol:g}·|ref|")
+            msg = f"{k}: max abs error {ea:.3g} exceeds atol {tol.atol:g} + rtol {tol.rtol:g}·|ref|"
+            (warnings if tol.lossy else violations).append(msg)
         score = excess if excess > 0 else er
         if score > worst_score:
             worst, worst_score = k, score
@@ -184,13 +186,12 @@ def compare(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerance) -> t
                 moves.append(err.amax(-1).flatten())
     top1 = agree / total if total else 1.0
     sqnr = math.inf if noise == 0 else 10 * math.log10(max(sig, 1e-300) / noise)
-    warnings = []
     if top1 < tol.min_top1:
         why = f"top-1 agreement {top1:.3f} below {tol.min_top1}"
         if margins:  # how decided the reference's choices were, against how far the logits moved
             why += (f" (the reference's median top-1 margin {torch.cat(margins).median().item():.3g}, "
                     f"the median largest logit change {torch.cat(moves).median().item():.3g})")  # fmt: skip
-        (violations if tol.gate_top1 else warnings).append(why)
+        (warnings if tol.lossy else violations).append(why)
     if sqnr < tol.min_sqnr_db:
         violations.append(f"SQNR {sqnr:.1f} dB below {tol.min_sqnr_db} dB")
     return Numerics(max_abs, max_rel, top1, sqnr, worst, max(kl / total, 0.0) if total else 0.0, warnings), violations

@@ -86,6 +86,11 @@ def _weight_of(ep, n: fx.Node) -> tuple[str, torch.Tensor] | None:
     return _param(ep, n.args[1])
 
 
+def _check_finite(target: str, w: torch.Tensor) -> None:
+    if not torch.isfinite(w).all():
+        raise DscError(f"lower_fp8: weight {module_path(target)} holds NaN or Inf values; fix the checkpoint")
+
+
 def _expert_weights(ep, n: fx.Node) -> list[list[tuple[str, torch.Tensor]]] | None:
     """[gate, up, down] of a ``dsc::moe_experts`` node: (state-dict name, tensor) per expert, when
     every one is a parameter."""
@@ -343,12 +348,12 @@ def lower_fp8(program, ctx):
         used.update(p for p in include + exclude if fnmatch.fnmatchcase(path, p))
         return decide(path, include, exclude)
 
-    def quantise(target: str, w: torch.Tensor) -> None:
+    def quantise(target: str, w: torch.Tensor) -> bool:
+        """One FP8 copy of a 2-D weight, shared by every entry; True when it is the checkpoint's own."""
         nonlocal n_reused
         if target in quantised:
-            return
-        if not torch.isfinite(w).all():
-            raise DscError(f"lower_fp8: weight {module_path(target)} holds NaN or Inf values; fix the checkpoint")
+            return False
+        _check_finite(target, w)
         quantised[target], reused = _fp8_weight(program, target, w, ue8m0)
         originals[target] = w.detach()
         if reused:
@@ -364,10 +369,7 @@ def lower_fp8(program, ctx):
         if sig not in heads:
             name = heads[sig] = f"{site['target'].removesuffix('.weight')}.heads{len(heads)}"
             w = site["w"]
-            if not torch.isfinite(w).all():
-                raise DscError(
-                    f"lower_fp8: weight {module_path(site['target'])} holds NaN or Inf values; fix the checkpoint"
-                )
+            _check_finite(site["target"], w)
             own = _checkpoint_heads(program, site["target"], site["chain"], site["perm"], w) if w.ndim == 3 else None
             quantised[name] = own or (_per_head_quant(w, ue8m0) if w.ndim == 3 else block_quant(w, ue8m0=ue8m0))
             absorbed[name] = site["w_einsum"]
@@ -380,14 +382,15 @@ def lower_fp8(program, ctx):
         """A stacked (E, N, K) expert weight: one FP8 copy, quantised per expert."""
         target, w = site["target"], site["w"]
         if target not in quantised:
-            if not torch.isfinite(w).all():
-                raise DscError(f"lower_fp8: weight {module_path(target)} holds NaN or Inf values; fix the checkpoint")
+            _check_finite(target, w)
             quantised[target] = _per_head_quant(w.detach().float(), ue8m0)
             originals[target] = w.detach()
 
     total = 0
     for entry, ep in program.entries.items():
-        sites = []  # (node, [[(target, weight)], ...]): a linear's one weight, a MoE's three lists
+        # (node, [[(target, weight)], ...]): a linear's one weight, a MoE op's three lists; or (node, site dict):
+        # a gathered-experts bmm, an einsum per head
+        sites = []
         for n in ep.graph.nodes:
             if is_call(n, aten.linear.default):
                 got = _weight_of(ep, n)
@@ -509,7 +512,7 @@ def lower_fp8(program, ctx):
             }
     low = (summary or {}).get("below_floor", {})
     warnings = [f"the FP8 product of {p} keeps {v['sqnr_db']} dB of its high-precision one on the verification "
-                f"inputs (typical: >= {v['floor_db']} dB); --fp8-exclude '{p}' keeps it in high precision"
+                f"inputs (typical: >= {v['floor_db']} dB); --fp8-exclude '{p.split(' (')[0]}' keeps it in high precision"
                 for p, v in low.items()]  # fmt: skip
     stats = {
         "warnings": warnings,

@@ -21,21 +21,24 @@ def test_program_matches_eager_on_scenario(tiny, tiny_program):
 
 
 def test_compare_gates_top1_only_where_the_tolerance_says():
-    """Lossy numerics (FP8) report a top-1 below their floor as a warning that says how decided the
-    reference was; exact ones refuse it. KL of the next-token distributions is measured either way."""
+    """Lossy numerics (FP8) report a top-1 below their floor (saying how decided the reference was) and
+    an elementwise excess as warnings; exact ones refuse both. KL is measured either way."""
     from dsc.verify import TOLERANCES
 
     g = torch.Generator().manual_seed(0)
     ref = {"x.logits": torch.randn(4, 50, generator=g) * 0.01}  # undecided: margins far below the noise
     got = {"x.logits": ref["x.logits"] + torch.randn(4, 50, generator=g) * 0.01}
-    loose = TOLERANCES["fp8_w8a8"]
-    lossy, violations = compare(
-        ref, got, type(loose)(atol=1.0, rtol=0.0, min_top1=0.99, min_sqnr_db=-10.0, gate_top1=False)
-    )
-    assert not violations and lossy.top1_agreement < 0.99 and "median top-1 margin" in lossy.warnings[0]
+    tol = type(TOLERANCES["fp8_w8a8"])
+    lossy, violations = compare(ref, got, tol(atol=1e-3, rtol=0.0, min_top1=0.99, min_sqnr_db=-10.0, lossy=True))
+    assert not violations and lossy.top1_agreement < 0.99
+    assert "exceeds atol" in lossy.warnings[0] and "median top-1 margin" in lossy.warnings[1]
     assert lossy.kl_nats > 0 and compare(ref, ref, EXACT)[0].kl_nats == 0
-    strict, violations = compare(ref, got, type(loose)(atol=1.0, rtol=0.0, min_top1=0.99, min_sqnr_db=-10.0))
-    assert any("top-1 agreement" in v for v in violations) and not strict.warnings
+    strict, violations = compare(ref, got, tol(atol=1e-3, rtol=0.0, min_top1=0.99, min_sqnr_db=-10.0))
+    assert any("top-1 agreement" in v for v in violations) and any("exceeds atol" in v for v in violations)
+    assert not strict.warnings
+    # the SQNR floor gates lossy numerics too
+    _, violations = compare(ref, got, tol(atol=1e-3, rtol=0.0, min_top1=0.0, min_sqnr_db=30.0, lossy=True))
+    assert any("SQNR" in v for v in violations)
 
 
 def test_cache_spec(tiny_program, tiny_cfg):
