@@ -69,14 +69,16 @@ class HFEntries(torch.nn.Module):
 
     def __init__(self, hf, spec: CacheSpec, layout: list[tuple[int, str]]):
         super().__init__()
-        self.m = hf
+        # HF's own submodules, registered here: the Program's weights carry HF's state-dict names
+        # (model.layers.0.self_attn.q_a_proj, lm_head), as lower_fp8's patterns and the report show them
+        self.model, self.lm_head, self.hf_config = hf.model, hf.lm_head, hf.config
         self.layout = layout  # (layer, attribute) per cache tensor
         self.time_dim = spec.tensors[0].time_dim
 
     def _cache(self, caches: list[Tensor], start: Tensor, device):
         from transformers import StaticCache
 
-        cache = StaticCache(config=self.m.config, max_cache_len=caches[0].shape[self.time_dim])
+        cache = StaticCache(config=self.hf_config, max_cache_len=caches[0].shape[self.time_dim])
         for (i, attr), c in zip(self.layout, caches):
             layer = cache.layers[i]
             setattr(layer, attr, c)
@@ -89,8 +91,8 @@ class HFEntries(torch.nn.Module):
 
     def _run(self, tokens: Tensor, positions: Tensor, caches: list[Tensor], start: Tensor):
         cache = self._cache(caches, start, tokens.device)
-        h = self.m.model(input_ids=tokens, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
-        return self.m.lm_head(h), h
+        h = self.model(input_ids=tokens, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        return self.lm_head(h), h
 
     def prefill(self, tokens: Tensor, caches: list[Tensor]):
         B, S = tokens.shape

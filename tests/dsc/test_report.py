@@ -12,7 +12,7 @@ from dsc.report import SCHEMA_VERSION, render_html, write_report
 from tests.passes.helpers import DEFAULT_PASSES
 
 PASS_KEYS = {"name", "changed", "options", "matches", "tolerance", "numerics"}
-NUMERICS_KEYS = {"max_abs_err", "max_rel_err", "top1_agreement", "sqnr_db", "worst"}
+NUMERICS_KEYS = {"max_abs_err", "max_rel_err", "top1_agreement", "sqnr_db", "worst", "kl_nats", "warnings"}
 SIDE_KEYS = {
     "nodes",
     "param_bytes",

@@ -76,5 +76,25 @@ def test_fp8_index_cache_on_hf_code(tmp_path, capsys):
     assert fuse["tolerance"]["min_sqnr_db"] == 20.0  # the fp8_index_cache contract it states
     cache = json.loads((out / "manifest.json").read_text())["cache"]["tensors"]
     assert sum(t["dtype"] == "uint8" for t in cache) == 3
-    assert main(["generate", str(out), "--prompt-tokens", "5,17,3", "--max-new-tokens", "8", "--json"]) == 0
+    assert main(["generate", str(out), "--prompt-tokens", "5,17,3", "--max-new-tokens", "8", "--ignore-eos", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 8
+
+
+def test_fp8_on_hf_code(tmp_path, capsys):
+    """`dsc optimize DIR --frontend transformers --fp8` on transformers' V3.2, verified: its linears,
+    its batched experts and the W_UK / W_UV of the absorbed attention in FP8, every lowered matmul's
+    SQNR in the record, and the Program generates."""
+    m = saved_hf("v32", tmp_path / "hf")
+    out = tmp_path / "out"
+    args = ["optimize", str(tmp_path / "hf"), "--frontend", "transformers", "-o", str(out), "--fp8", "--json"]
+    assert main([*args, "--no-measure"]) == 0
+    rec = next(p for p in json.loads(capsys.readouterr().out)["passes"] if p["name"] == "lower_fp8")
+    mm = rec["stats"]["matmuls"]
+    layers = range(m.config.num_hidden_layers)
+    assert all(mm[f"model.layers.{i}.self_attn.kv_b_proj (bshd,hdc->bshc)"]["decision"] == "fp8" for i in layers)
+    assert all(mm[f"model.layers.{i}.mlp.experts.gate_up_proj"]["decision"] == "fp8" for i in layers if i)
+    assert mm["lm_head"]["decision"] == "kept" and rec["numerics"]["sqnr_db"] >= 15
+    assert all(v["sqnr_db"] >= 20 for v in mm.values() if v["decision"] == "fp8")
+    ids = ",".join(map(str, PROMPT))
+    assert main(["generate", str(out), "--prompt-tokens", ids, "--max-new-tokens", "8", "--ignore-eos", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == 8
