@@ -76,7 +76,10 @@ def test_fp8_index_cache_on_hf_code(tmp_path, capsys):
     assert fuse["tolerance"]["min_sqnr_db"] == 20.0  # the fp8_index_cache contract it states
     cache = json.loads((out / "manifest.json").read_text())["cache"]["tensors"]
     assert sum(t["dtype"] == "uint8" for t in cache) == 3
-    assert main(["generate", str(out), "--prompt-tokens", "5,17,3", "--max-new-tokens", "8", "--ignore-eos", "--json"]) == 0
+    assert (
+        main(["generate", str(out), "--prompt-tokens", "5,17,3", "--max-new-tokens", "8", "--ignore-eos", "--json"])
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == 8
 
 
