@@ -100,6 +100,10 @@ def node_flops(n: fx.Node) -> sympy.Expr:
         q_abs, q_pe, idx = val(n.args[0]), val(n.args[1]), val(n.args[4])
         dc, dr = _expr(q_abs.shape[-1]), _expr(q_pe.shape[-1])
         return _latent_attention_flops(_numel(q_abs) / dc, _expr(idx.shape[-1]), dc + dr, dc)
+    if t is torch.ops.dsc.sparse_mha.default:  # q (B, S, H, D) against K selected tokens' per-head K/V
+        q, v, idx = val(n.args[0]), val(n.args[2]), val(n.args[3])
+        D = _expr(q.shape[-1])
+        return _latent_attention_flops(_numel(q) / D, _expr(idx.shape[-1]), D, _expr(v.shape[-1]))
     if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
         return 5 * _numel(out)
     if t in (aten.sort.stable, aten.sort.default, aten.topk.default):
@@ -125,6 +129,11 @@ def node_bytes(n: fx.Node, interior: frozenset = frozenset()) -> sympy.Expr:
         B, S, K, Tk = _expr(idx.shape[0]), _expr(idx.shape[1]), _expr(idx.shape[2]), _expr(latent.shape[1])
         row = (_expr(latent.shape[-1]) + _expr(rope.shape[-1])) * latent.element_size()
         return _bytes(q_abs) + _bytes(q_pe) + _bytes(idx) + B * sympy.Min(Tk, S * K) * row + _bytes(val(n))
+    if t is torch.ops.dsc.sparse_mha.default:  # only the selected tokens' K/V rows: at most S·K of the T
+        q, k, v, idx = (val(a) for a in n.args[:4])
+        B, S, K, Tk = _expr(idx.shape[0]), _expr(idx.shape[1]), _expr(idx.shape[2]), _expr(k.shape[1])
+        row = _bytes(k) / (B * Tk) + _bytes(v) / (B * Tk)
+        return _bytes(q) + _bytes(idx) + B * sympy.Min(Tk, S * K) * row + _bytes(val(n))
     inputs = [a for a in n.all_input_nodes if a not in interior and isinstance(val(a), torch.Tensor)]
     reads = sympy.Add(*[_bytes(val(a)) for a in inputs])
     if n in interior:
@@ -176,25 +185,6 @@ def attention_interiors(ep: ExportedProgram) -> frozenset:
     return frozenset(inner)
 
 
-def _dsa_keys(n: fx.Node):
-    """k when n is an absorbed attention whose mask is a DSA top-k (what fuse_dsa makes sparse)."""
-    from dsc.match.dsa import dsa_mask
-
-    if n.target is torch.ops.dsc.mla_decode.default and len(n.args) > 2 and isinstance(n.args[2], fx.Node):
-        m = dsa_mask(n.args[2])
-        return m.k if m is not None else None
-    return None
-
-
-def _sparse_attention_cost(n: fx.Node, k: int) -> tuple[sympy.Expr, sympy.Expr]:
-    q, kv = val(n.args[0]), val(n.args[1])
-    Tk, C = _expr(kv.shape[1]), _expr(kv.shape[-1])
-    flops = _latent_attention_flops(_numel(q) / C, sympy.Min(Tk, k), C, int(n.args[4]))
-    S = _expr(q.shape[1])
-    nbytes = _bytes(q) + _expr(q.shape[0]) * sympy.Min(Tk, S * k) * C * kv.element_size() + _bytes(val(n))
-    return flops, nbytes
-
-
 def call_sizes(ep: ExportedProgram, kind: str) -> dict:
     """The sizes one call of ``kind`` is priced at, as a substitution of the entry's dynamic dims (see
     ``entry_cost``): batch 1; decode 1 new token and verify 2 at context T; prefill T tokens."""
@@ -208,22 +198,15 @@ def call_sizes(ep: ExportedProgram, kind: str) -> dict:
     return subs
 
 
-def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False, sparse_dsa: bool = False) -> EntryCost:
+def entry_cost(ep: ExportedProgram, kind: str, fused_attention: bool = False) -> EntryCost:
     """kind "decode": batch 1, 1 new token, context T; "verify": batch 1, 2 new tokens (one draft,
     FlashMLA's s_q = 2) at context T; kind "prefill": batch 1, T tokens.
-    ``fused_attention``: count attention as a flash kernel moves it (``attention_interiors``);
-    ``sparse_dsa``: price an absorbed attention masked by a DSA top-k as the sparse attention over
-    its k keys that ``fuse_dsa`` makes of it (for choosing forms before that pass runs)."""
+    ``fused_attention``: count attention as a flash kernel moves it (``attention_interiors``)."""
     subs = call_sizes(ep, kind)
     flops = bytes_ = sympy.Integer(0)
     interior = attention_interiors(ep) if fused_attention else frozenset()
     for n in ep.graph.nodes:
         if n.op != "call_function":
-            continue
-        k = _dsa_keys(n) if sparse_dsa else None
-        if k is not None:
-            f, b = _sparse_attention_cost(n, k)
-            flops, bytes_ = flops + f, bytes_ + b
             continue
         flops += node_flops(n)
         bytes_ += node_bytes(n, interior)

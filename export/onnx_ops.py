@@ -146,6 +146,24 @@ def sparse_mla(q_abs, q_pe, latent, rope, indices, scale: float):
     return op.CastLike(op.MatMul(p, c), q_abs)
 
 
+def sparse_mha(q, k, v, indices, scale: float):
+    """softmax_j(scale·q_h·k_{j,h})·v_{j,h} over the selected tokens j (not -1), per head h."""
+    safe = op.Max(indices, op.Constant(value_int=0))
+
+    def gather(x):  # (B, T, H, D) -> (B, S, H, K, D): each row's tokens, every head
+        flat = op.Reshape(x, _i64(0, 0, -1))
+        got = _gather_rows(flat, safe)  # (B, S, K, H·D)
+        got = op.Reshape(got, op.Concat(op.Shape(got, start=0, end=3), op.Shape(x, start=2), axis=0))
+        return op.Transpose(op.Cast(got, to=FLOAT), perm=[0, 1, 3, 2, 4])
+
+    ks, vs = gather(k), gather(v)
+    qf = op.Unsqueeze(op.Cast(q, to=FLOAT), _i64(3))  # (B, S, H, 1, D)
+    scores = op.Squeeze(op.MatMul(qf, op.Transpose(ks, perm=[0, 1, 2, 4, 3])), _i64(3))  # (B, S, H, K)
+    valid = op.Unsqueeze(op.GreaterOrEqual(indices, op.Constant(value_int=0)), _i64(2))
+    p = _masked_softmax(op.Mul(scores, _f(scale)), valid)
+    return op.Squeeze(op.MatMul(op.Unsqueeze(p, _i64(3)), vs), _i64(3))
+
+
 def mla_decode(q, kv, mask, scale: float, dv: int, indices=None):
     """softmax_t(scale·q·kv_t (+ mask))·kv_t[:dv] over the whole latent cache, or over the slots of
     ``indices`` (-1: none)."""
@@ -290,6 +308,7 @@ TABLE = {
     dsc.add_rms_norm.default: add_rms_norm,
     dsc.indexer_topk.default: indexer_topk,
     dsc.sparse_mla.default: sparse_mla,
+    dsc.sparse_mha.default: sparse_mha,
     dsc.mla_decode.default: mla_decode,
     dsc.moe_experts.default: moe_experts,
     dsc.moe_experts_fp8.default: moe_experts_fp8,
@@ -304,6 +323,7 @@ FUSION = {
     "indexer_topk": "fused: scores by MatMul and TopK with a constant K (index_topk); the (S, H, T) per-head "
     "products are materialised (the CPU/Triton kernels never hold them)",
     "sparse_mla": "fused: GatherND of the selected latents only, attention over K slots",
+    "sparse_mha": "fused: GatherND of the selected tokens' per-head K/V (copied per query row), attention over K slots",
     "mla_decode": "fused: one shared latent K/V head (MatMul broadcast over heads); the (S, H, T) scores are "
     "materialised (no online softmax)",
     "moe_experts": "reference decomposition: every routed expert runs on every token (E / top-k times the "

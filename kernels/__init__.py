@@ -15,6 +15,7 @@ DECOMPOSITIONS = {
     torch.ops.dsc.moe_experts_fp8.default: moe.moe_experts_fp8_ref,
     torch.ops.dsc.indexer_topk.default: dsa.indexer_topk_ref,
     torch.ops.dsc.sparse_mla.default: dsa.sparse_mla_ref,
+    torch.ops.dsc.sparse_mha.default: dsa.sparse_mha_ref,
     torch.ops.dsc.act_quant.default: fp8.act_quant_ref,
     torch.ops.dsc.fp8_linear.default: fp8.fp8_linear_decomposed,
     torch.ops.dsc.fp8_linear_gathered.default: fp8.fp8_linear_gathered_ref,

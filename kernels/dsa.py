@@ -1,9 +1,12 @@
 """DeepSeek Sparse Attention ops: ``dsc::indexer_topk`` (the lightning indexer's scores fused with
-their top-k) and ``dsc::sparse_mla`` (absorbed MLA over the selected latents only). Spec §5, §4.6.
+their top-k), ``dsc::sparse_mla`` (absorbed MLA over the selected latents only) and
+``dsc::sparse_mha`` (the MHA form — per-head K/V, as a prefill computes them — over the selected
+tokens only). Spec §5, §4.6.
 
     I[b,s,t]   = Σ_h w[b,s,h] · ReLU(q[b,s,h,:] · k[b,t,:])            t visible iff t <= limit[b,s]
     indices    = the min(topk, visible) visible t of largest I, ties to the earlier t; -1 pads the rest
     out[b,s,h] = Σ_j softmax_j(scale · (q_abs·c_j + q_pe·r_j)) · c_j   over j in indices[b,s] (not -1)
+    out[b,s,h] = Σ_j softmax_j(scale · q[b,s,h]·k[b,j,h]) · v[b,j,h]   (sparse_mha)
 
 All heads of a query share one selected set. A query with no valid slot gets zeros, never NaN.
 Neither op materialises a (S, T) score matrix for the whole sequence: the CPU implementations work
@@ -152,13 +155,15 @@ def indexer_topk_cpu(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: in
 
     def select(qs: Tensor, ws: Tensor, ls: Tensor, k: Tensor) -> Tensor:  # (Bq, n, H, D) rows -> (Bq, n, topk)
         Bq, n = qs.shape[:2]
+        T = min(k.shape[1], int(ls.max()) + 1)  # no row sees past its limit: a prefill's block, its prefix
+        k = k[:, :T]
         if n == 1 and T >= KEYS_MAJOR_MIN_T:  # K qᵀ: the keys read row by row as they lie in the cache
             per_head = torch.matmul(k, qs.float().reshape(Bq, H, D).transpose(1, 2)).relu_()  # (Bq, T, H)
             scores = torch.bmm(per_head, ws.float().reshape(Bq, H, 1)).view(Bq, 1, T)
         else:  # q Kᵀ: the block's rows and heads as the rows of one product
             per_head = torch.bmm(qs.float().reshape(Bq, n * H, D), k.transpose(1, 2)).relu_().view(Bq * n, H, T)
             scores = torch.bmm(ws.float().reshape(Bq * n, 1, H), per_head).view(Bq, n, T)
-        scores = scores.masked_fill_(tpos > ls.unsqueeze(-1), NEG_INF)
+        scores = scores.masked_fill_(tpos[:T] > ls.unsqueeze(-1), NEG_INF)
         return _select(scores.reshape(Bq * n, T), topk).view(Bq, n, topk)
 
     if bool(need.all()):  # decode steps and long extends: every row, all batch rows at once
@@ -404,3 +409,87 @@ def _(q_abs, q_pe, latent, rope, indices, scale):
         kv = torch.cat((latent, rope), dim=-1)  # separate caches: one copy of the cache per call
     q = torch.cat((q_abs, q_pe), dim=-1)
     return mla_decode_triton(q, kv, None, scale, latent.shape[-1], indices=indices)
+
+
+def sparse_mha_ref(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """The MHA form over the selected tokens: q (B, S, H, D), k (B, T, H, D), v (B, T, H, Dv),
+    indices (B, S, K) shared by the heads (-1: none) -> (B, S, H, Dv) in fp32; no valid slot: zeros."""
+    safe = indices.clamp(min=0)
+    rows = torch.arange(indices.shape[0], device=indices.device)[:, None, None]
+    ks, vs = k[rows, safe].float(), v[rows, safe].float()  # (B, S, K, H, D), (B, S, K, H, Dv)
+    scores = torch.einsum("bshd,bskhd->bshk", q.float(), ks) * scale
+    valid = (indices >= 0).unsqueeze(2)
+    scores = scores.masked_fill(~valid, NEG_INF)
+    p = torch.where(valid.any(-1, keepdim=True), scores.softmax(-1), 0.0)
+    return torch.einsum("bshk,bskhd->bshd", p, vs)
+
+
+def sparse_mha_cpu(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """Blocks of query rows of one batch row, each attending over the union U of its rows' selections
+    (the per-head K/V of those U tokens read once, a slice where U is a prefix of the cache, as in a
+    causal prefill's first top-k rows), each row masked to its own set: no (S, T) scores, per-head
+    products of (rows, U). Selections of neighbouring rows overlap (a prefill's rows share most of
+    their keys), so the union costs little over the rows' own K; per-row gathers would copy each
+    selected token's H x (D + Dv) values once per row."""
+    B, S, H, D = q.shape
+    T, Dv = k.shape[1], v.shape[-1]
+    rows = max(1, ROW_BLOCK_VALUES // max(1, H * T))  # the scores of a block fit, however large U is
+    out = torch.empty(B, S, H, Dv, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for s0 in range(0, S, rows):
+            idx = indices[b, s0 : s0 + rows]  # (n, K)
+            n = idx.shape[0]
+            bias = torch.full((n, T + 1), NEG_INF, device=idx.device)  # each row's set, 0 / -inf
+            bias = bias.scatter_(1, idx.masked_fill(idx < 0, T), 0.0)[:, :T]
+            used = (bias == 0).any(0)
+            U = int(used.sum())
+            if U == 0:
+                out[b, s0 : s0 + n] = 0.0
+                continue
+            hi = int(used.nonzero()[-1]) + 1
+            if U == hi:  # a prefix of the cache: a view, no copy
+                kk, vv, bias = k[b, :hi], v[b, :hi], bias[:, :hi]
+            else:
+                cols = used.nonzero().squeeze(1)
+                kk, vv, bias = k[b].index_select(0, cols), v[b].index_select(0, cols), bias[:, cols]
+            qh = q[b, s0 : s0 + n].float().transpose(0, 1)  # (H, n, D)
+            scores = torch.bmm(qh, kk.float().permute(1, 2, 0))  # (H, n, U)
+            p = scores.mul_(scale).add_(bias).softmax(-1)
+            empty = ~(idx >= 0).any(-1)
+            if bool(empty.any()):  # a row with no valid slot: zeros, not the NaN of an all -inf softmax
+                p[:, empty] = 0.0
+            out[b, s0 : s0 + n] = torch.bmm(p, vv.float().transpose(0, 1)).transpose(0, 1)
+    return out
+
+
+@custom_op("dsc::sparse_mha")
+def sparse_mha(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """q (B, S, H, D), k (B, T, H, D), v (B, T, H, Dv) per-head keys and values, indices (B, S, K) the
+    distinct tokens each query attends to (a top-k), shared by its heads (-1: none) -> (B, S, H, Dv) fp32."""
+    return sparse_mha_cpu(q, k, v, indices, scale)
+
+
+@sparse_mha.register_fake
+def _(q, k, v, indices, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.float32)
+
+
+def sparse_mha_triton(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """Through ``mla_decode``'s kernel: each (batch row, head) an MQA of one head over its own rows
+    [v ; k] (the values first, so the kernel's P·kv[:Dv] is P·v), the query [0 ; q] (scores see k
+    only), the selection the same for every head."""
+    B, S, H, D = q.shape
+    T, Dv = k.shape[1], v.shape[-1]
+    kv = torch.cat((v, k), -1).transpose(1, 2).reshape(B * H, T, Dv + D)
+    qq = torch.cat((q.new_zeros(B, S, H, Dv), q), -1).transpose(1, 2).reshape(B * H, S, 1, Dv + D)
+    idx = indices.unsqueeze(1).expand(B, H, S, indices.shape[-1]).reshape(B * H, S, -1)
+    o = mla_decode_triton(qq, kv, None, scale, Dv, indices=idx)  # (B·H, S, 1, Dv)
+    return o.view(B, H, S, Dv).transpose(1, 2).float()
+
+
+@sparse_mha.register_kernel("cuda")
+def _(q, k, v, indices, scale):
+    if not HAVE_TRITON:
+        warn_no_triton("sparse_mha")
+        return sparse_mha_ref(q, k, v, indices, scale)
+    return sparse_mha_triton(q, k, v, indices, scale)

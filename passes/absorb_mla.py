@@ -469,6 +469,21 @@ def _roofline_s(cost, machine) -> tuple[float, float, float]:
     return machine.roofline_s(flops, nbytes), flops, nbytes
 
 
+def _as_fuse_dsa_leaves_it(ep, kind: str, machine) -> tuple[float, float, float, bool]:
+    """A form's roofline cost (s, FLOP, B, made sparse) after ``fuse_dsa``, which runs later: its
+    attentions masked by a DSA top-k made sparse (on a copy) where that is no dearer, so the forms
+    compete as they will run."""
+    from dsc.passes.fuse_dsa import transform as make_sparse
+
+    from dsc.cost import entry_cost
+
+    dense = (*_roofline_s(entry_cost(ep, kind, fused_attention=True), machine), False)
+    fused = clone_entry(ep)
+    if not make_sparse(fused):
+        return dense
+    return min(dense, (*_roofline_s(entry_cost(fused, kind, fused_attention=True), machine), True))
+
+
 PRODUCTS = ("auto", "never", "always")
 PRODUCTS_MIN_GAIN = 0.1  # "auto" takes the products only for this much less roofline time
 
@@ -481,8 +496,6 @@ PRODUCTS_MIN_GAIN = 0.1  # "auto" takes the products only for this much less roo
 def absorb_mla(program, ctx):
     """Option ``products``: precompute W_UQ·W_UK and W_UV·W_O for the absorbed form — "auto" (the
     cost model decides per entry), "never", "always"."""
-    from dsc.cost import entry_cost
-
     products = ctx.options["products"]
     for ep in program.entries.values():
         _unfold_heads(ep)
@@ -529,10 +542,11 @@ def absorb_mla(program, ctx):
             for f in forms:
                 trial = clone_entry(ep)
                 trials[f] = trial, transform(trial, accepted, f, store)
-                options[f] = _roofline_s(entry_cost(trial, kind, fused_attention=True, sparse_dsa=True), ctx.machine)
+                options[f] = _as_fuse_dsa_leaves_it(trial, kind, ctx.machine)
             form = min(options, key=lambda f: options[f][0])
             why = ", ".join(
-                f"{f}: {v[1]:.3g} FLOP, {v[2]:.3g} B, {v[0] * 1e6:.1f} us on the roofline" for f, v in options.items()
+                f"{f}: {v[1]:.3g} FLOP, {v[2]:.3g} B, {v[0] * 1e6:.1f} us on the roofline{' with DSA sparse' if v[3] else ''}"
+                for f, v in options.items()
             )
             T, on = ctx.machine.context, ctx.machine.name
             why = f"{f'prefill of {T} tokens' if kind == 'prefill' else f'decode step at {T} context'} on {on} — {why}"

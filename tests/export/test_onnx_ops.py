@@ -144,6 +144,19 @@ def test_sparse_mla_and_mla_decode_match_the_ops():
     torch.testing.assert_close(sparse, dsc.mla_decode(q, kv, None, 0.3, dc, idx), **TOL["fp32_reassoc"])
 
 
+def test_sparse_mha_matches_the_op():
+    g = _gen(6)
+    B, S, H, D, Dv, T, K = 2, 3, 4, 16, 8, 19, 6
+    q, k, v = (torch.randn(B, n, H, d, generator=g) for n, d in ((S, D), (T, D), (T, Dv)))
+    idx = torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(B * S)]).view(B, S, K)  # distinct, as a top-k
+    idx[0, 0, 3:] = -1  # unused slots
+    idx[1, 2] = -1  # a row with no token: zeros
+    (got,) = _run_onnx(lambda *a: dsc.sparse_mha(*a, 0.3), (q, k, v, idx))
+    want = dsc.sparse_mha(q, k, v, idx, 0.3)
+    assert (want[1, 2] == 0).all()
+    torch.testing.assert_close(got, want, **TOL["fp32_reassoc"])
+
+
 def test_moe_experts_matches_the_op():
     g = _gen(5)
     E, k, D, inter, N = 4, 2, 16, 24, 9

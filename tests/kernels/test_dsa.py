@@ -164,11 +164,54 @@ def test_fused_view_of_adjacent_caches():
     assert dsa._fused_view(torch.randn(2, 17, 8), torch.randn(2, 17, 4)) is None
 
 
+def _mha_inputs(B, S, H, D, Dv, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, S, H, D, generator=g), torch.randn(B, T, H, D, generator=g),
+            torch.randn(B, T, H, Dv, generator=g))  # fmt: skip
+
+
+def _masked_dense_mha(q, k, v, idx, scale):
+    """Attention over all T per-head keys with the selection as an additive mask (rows with no token: 0)."""
+    T = k.shape[1]
+    mask = torch.full((*idx.shape[:2], T + 1), float("-inf")).scatter(-1, torch.where(idx >= 0, idx, T), 0.0)
+    scores = torch.einsum("bshd,bthd->bsht", q, k) * scale + mask[..., :T].unsqueeze(2)
+    out = torch.einsum("bsht,bthv->bshv", scores.softmax(-1), v)
+    return torch.where((idx >= 0).any(-1)[..., None, None], out, 0.0)
+
+
+@pytest.mark.parametrize("rows", [None, 1, 2])  # rows per block (None: ROW_BLOCK_VALUES as it is)
+@pytest.mark.parametrize("causal", [False, True], ids=["gathered", "prefix"])
+@pytest.mark.parametrize("shape", [(1, 1, 4, 16, 8, 40, 12), (2, 3, 2, 8, 8, 9, 9), (2, 5, 3, 16, 12, 64, 20)])
+def test_sparse_mha_equals_masked_dense_attention(shape, causal, rows, monkeypatch):
+    B, S, H, D, Dv, T, K = shape
+    q, k, v = _mha_inputs(B, S, H, D, Dv, T)
+    if causal:  # a prefill's rows: the first K keys up to each row's position, -1 past it
+        pos = T - S + torch.arange(S)
+        idx = torch.arange(K).expand(B, S, K).masked_fill(torch.arange(K) > pos[:, None], -1)
+    else:
+        idx = _random_indices(B, S, T, K)
+    idx[-1, -1] = -1  # a row with no token
+    dense = _masked_dense_mha(q, k, v, idx, 0.3)
+    ref = dsa.sparse_mha_ref(q, k, v, idx, 0.3)
+    torch.testing.assert_close(ref, dense, **TOL["fp32_reassoc"])
+    if rows:
+        monkeypatch.setattr(dsa, "ROW_BLOCK_VALUES", rows * H * T)
+    got = torch.ops.dsc.sparse_mha(q, k, v, idx, 0.3)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, **TOL["fp32_reassoc"])
+    # views of (B, H, S, .) tensors, as transformers' code makes them, and bf16 storage
+    qs, ks, vs = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    torch.testing.assert_close(torch.ops.dsc.sparse_mha(qs, ks, vs, idx, 0.3), ref, **TOL["fp32_reassoc"])
+    low = [x.bfloat16() for x in (q, k, v)]
+    want = dsa.sparse_mha_ref(*low, idx, 0.3)
+    torch.testing.assert_close(torch.ops.dsc.sparse_mha(*low, idx, 0.3), want, **TOL["fp32_reassoc"])
+
+
 TRITON_CHECK = """
 import torch
 from dsc.kernels import dsa
 from dsc.kernels.mla_decode import mla_decode_triton
-from tests.kernels.test_dsa import _as_sets, _indexer_inputs, _mla_inputs, _random_indices
+from tests.kernels.test_dsa import _as_sets, _indexer_inputs, _mha_inputs, _mla_inputs, _random_indices
 for B, S, H, dc, dr, T, K in [(1, 1, 4, 16, 8, 40, 12), (2, 3, 3, 16, 8, 33, 20)]:
     q_abs, q_pe, c, r = _mla_inputs(B, S, H, dc, dr, T)
     cache = torch.cat((c, r), -1)
@@ -179,6 +222,13 @@ for B, S, H, dc, dr, T, K in [(1, 1, 4, 16, 8, 40, 12), (2, 3, 3, 16, 8, 33, 20)
     idx = _random_indices(B, S, T, K)
     got = mla_decode_triton(torch.cat((q_abs, q_pe), -1), kv, None, 0.3, dc, indices=idx)
     ref = dsa.sparse_mla_ref(q_abs, q_pe, c, r, idx, 0.3)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-3), (got - ref).abs().max()
+# the MHA form (a head's [v ; k] for the kernel's latent), non-contiguous inputs, a row with no token
+for B, S, H, D, Dv, T, K in [(1, 3, 2, 16, 8, 40, 12), (2, 2, 3, 8, 12, 9, 9)]:
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _mha_inputs(B, S, H, D, Dv, T))
+    idx = _random_indices(B, S, T, K)
+    idx[-1, -1] = -1
+    got, ref = dsa.sparse_mha_triton(q, k, v, idx, 0.3), dsa.sparse_mha_ref(q, k, v, idx, 0.3)
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-3), (got - ref).abs().max()
 # the indexer: head counts and feature sizes off the block sizes, T off the key block, topk > visible,
 # ties, a block per query row; the selected sets are the reference's
