@@ -4,8 +4,13 @@ latents only (spec §5, §4.6).
     mla_decode(q, [c ; k_pe], mask = top-k(I) & visible, scale)
         ->  sparse_mla(q_abs, q_pe, c, k_pe, indexer_topk(q_I, w_I, k_I, limit, k), scale)
 
-Works on the absorbed form ``absorb_mla`` leaves (``dsc::mla_decode`` over the latent cache); the
-mask is read by the shared matcher ``dsc.match.dsa.dsa_mask``: the index scores Σ_h w·ReLU(c·q·k)
+Works on the absorbed form ``absorb_mla`` leaves (``dsc::mla_decode`` over the latent cache) and
+on the MHA form it keeps where that is cheaper (a prefill attending to its own per-head K/V):
+
+    softmax(scale · q·kᵀ + mask) · v   ->  sparse_mha(q, k, v, indexer_topk(q_I, w_I, k_I, limit, k), scale)
+
+with any attention spelling the shared matcher ``dsc.match.attention`` reads (einsum, matmul, the
+heads before or after the queries). The mask is read by the shared matcher ``dsc.match.dsa.dsa_mask``: the index scores Σ_h w·ReLU(c·q·k)
 (any contraction spelling, c > 0 folded into w), their top-k by a stable sort and slice or by
 topk, scattered into a boolean, and the visibility t <= limit; nothing else may be in the mask.
 ``indexer_topk`` breaks ties towards the earlier token like a stable sort, so the fused Program
@@ -27,6 +32,7 @@ from torch import fx
 from dsc.cache import CacheTensor, cache_inputs, retype_cache_input
 from dsc.errors import DscError
 from dsc.fx_utils import add_constant_input, finalize, is_call, refresh_meta, tag, val
+from dsc.match.attention import SDPA, SOFTMAXES, Attention, attention
 from dsc.match.cache import cache_write
 from dsc.match.dsa import DsaMask, dsa_mask
 from dsc.match.ops import COPIES, RESHAPES
@@ -42,8 +48,14 @@ SCALE_BYTES = 4  # one fp32 scale after the D e4m3 values: 132 B/token/layer at 
 
 
 def _sites(ep) -> list[tuple[fx.Node, DsaMask]]:
+    """(site, mask): an absorbed ``mla_decode`` node, or an MHA attention's softmax or SDPA node."""
     out = []
     for n in ep.graph.nodes:
+        if is_call(n, *SOFTMAXES, SDPA):
+            got = _mha(n)
+            if got is not None:
+                out.append((n, got[1]))
+            continue
         if not is_call(n, dsc_ops.mla_decode.default) or len(n.args) < 5 or not isinstance(n.args[2], fx.Node):
             continue
         if len(n.args) > 5 and n.args[5] is not None:
@@ -53,6 +65,112 @@ def _sites(ep) -> list[tuple[fx.Node, DsaMask]]:
             continue
         out.append((n, m))
     return out
+
+
+def _mha(sm: fx.Node) -> tuple[Attention, DsaMask, dict[str, str], tuple] | None:
+    """(the attention, its DSA mask, its letters -> b s h t d v, (letters, node, roles) of q, k and
+    v) when softmax or SDPA ``sm`` is an attention
+    of per-head K/V masked by a DSA top-k: the scores contract one letter d, keep q's s and k's t and
+    two shared letters, of which the head is the one the mask broadcasts over (one selection per
+    (batch row, query), for every head); V carries the batch, key and head letters."""
+    att = attention(sm)
+    if att is None or att.mask is None or len(att.scores.contracted) != 1:
+        return None
+    sc, pv = att.scores, att.pv
+    if is_call(sm, SDPA):  # the mask an argument of SDPA, boolean or additive; the keys last
+        mask, top, t = att.mask, sm, sc.out[-1]
+    elif is_call(sm.args[0], aten.add.Tensor) and val(att.mask).dtype != torch.bool:  # (added: 0 / -inf)
+        mask, top, t = att.mask, sm.args[0], sc.out[att.softmax_dim]
+    else:
+        return None
+    while is_call(mask, aten.unsqueeze.default) and len(mask.users) == 1:  # the head dim added: (B, S, 1, T)
+        mask, top = mask.args[0], mask
+    m = dsa_mask(mask)
+    if m is None or not _sole_use(m, top):
+        return None
+    out = sc.out
+    qi = 0 if t not in sc.letters[0] else 1  # the keys are the operand with the softmax's letter
+    (lq, lk), (xq, xk) = (sc.letters[qi], sc.letters[1 - qi]), (sc.ops[qi], sc.ops[1 - qi])
+    d = next(iter(sc.contracted))
+    s = [c for c in out if c in lq and c not in lk]
+    if len(s) > 1:  # the query letter among size-1 spares: the one that is not size 1, else any (one query)
+        s = [c for c in s if str(_size(sc, c)) != "1"] or s[:1]
+    shared = [c for c in out if c in lq and c in lk]
+    if t not in lk or t in lq or len(s) != 1 or len(shared) != 2:
+        return None
+    mshape = [str(x) for x in val(att.mask).shape]
+    mshape = ["1"] * (len(out) - len(mshape)) + mshape
+    if len(mshape) != len(out):
+        return None
+    heads = [c for c in shared if mshape[out.index(c)] == "1" and str(_size(sc, c)) != "1"]
+    if len(heads) != 1:
+        return None  # which shared letter is the head is not determined (one head, or a per-head mask)
+    h = heads[0]
+    b = next(c for c in shared if c != h)
+    names = {b: "b", s[0]: "s", h: "h", t: "t", d: "d"}
+    lv = pv.letters[1]
+    vl = [c for c in lv if c not in names and str(_size(pv, c, 1)) != "1"]
+    if not {b, t, h} <= set(lv) or len(vl) != 1 or vl[0] not in pv.out:
+        return None
+    names[vl[0]] = "v"
+    roles = ((lq, xq, "bshd"), (lk, xk, "bthd"), (lv, pv.ops[1], "bthv"), (pv.out, pv.node, "bshv"))
+    for letters, x, need in roles:
+        if not set(need) <= {names.get(c) for c in letters}:
+            return None
+        if any(c not in names and str(val(x).shape[i]) != "1" for i, c in enumerate(letters)):
+            return None  # a letter outside the attention's roles: only size-1 dims may be spare
+    return att, m, names, roles[:3]
+
+
+def _size(con, letter: str, op: int | None = None):
+    """The size of ``letter`` in contraction ``con`` (read from the operand that has it)."""
+    for i, (x, letters) in enumerate(zip(con.ops, con.letters)):
+        if (op is None or i == op) and letter in letters and isinstance(x, fx.Node):
+            return val(x).shape[letters.index(letter)]
+    return None
+
+
+def _canon(letters: str, names: dict[str, str]) -> str:
+    """``letters`` renamed to the roles; size-1 spare letters get fresh names (summed away by ``_as``)."""
+    spare = iter("wxyz")
+    return "".join(names[c] if c in names else next(spare) for c in letters)
+
+
+def rewrite_mha(ep, sm: fx.Node) -> bool:
+    got = _mha(sm)
+    if got is None:
+        return False
+    att, m, names, operands = got
+    g, pv = ep.graph, att.pv
+    with g.inserting_before(pv.node):
+        q, k, v = (_as(g, x, _canon(letters, names), want) for letters, x, want in operands)
+        (lq, xq, _) = operands[0]
+        rows = tuple(_canon(lq, names).index(c) for c in "bs")
+        idx = tag(_indexer(g, m, xq, rows), NAME)
+        o = tag(g.call_function(dsc_ops.sparse_mha.default, (q, k, v, idx, att.scale)), NAME)
+        want = _canon(pv.out, names)
+        kept = "".join(c for c in want if c in "bshv")
+        o = _as(g, o, "bshv", kept)
+        for i, c in enumerate(want):  # the size-1 dims the attention's output has besides its roles
+            if c not in "bshv":
+                o = g.call_function(aten.unsqueeze.default, (o, i))
+        dtype = val(pv.node).dtype
+        if dtype != torch.float32:
+            o = g.call_function(aten._to_copy.default, (o,), {"dtype": dtype})
+    pv.node.replace_all_uses_with(o)
+    if is_call(pv.node, SDPA):  # dead code elimination keeps SDPA (its dropout makes it impure)
+        g.erase_node(pv.node)
+    return True
+
+
+def _indexer(g: fx.Graph, m: DsaMask, q: fx.Node, dims: tuple[int, int] = (0, 1)) -> fx.Node:
+    """``dsc::indexer_topk`` of the mask's index scores, for the queries q (batch and query dims ``dims``)."""
+    sc = m.scores
+    limit = _rows(g, m, q, dims)
+    qi, ki, wi = _as(g, sc.q, sc.q_dims, "bshd"), _as(g, sc.keys, sc.k_dims, "btd"), _as(g, sc.w, sc.w_dims, "bsh")
+    if sc.scale != 1.0:
+        wi = g.call_function(aten.mul.Tensor, (wi, sc.scale))
+    return g.call_function(dsc_ops.indexer_topk.default, (qi, wi, ki, limit, m.k))
 
 
 def _sole_use(m: DsaMask, site: fx.Node) -> bool:
@@ -67,11 +185,15 @@ def _sole_use(m: DsaMask, site: fx.Node) -> bool:
 
 
 def _as(g: fx.Graph, x: fx.Node, letters: str, want: str) -> fx.Node:
-    """x (written with ``letters``) laid out as ``want``: a permute, size-1 letters summed away
-    (a squeeze): einsum with one operand, exact."""
-    if letters == want:
-        return x
-    return g.call_function(aten.einsum.default, (f"{letters}->{want}", [x]))
+    """x (written with ``letters``) laid out as ``want``: the size-1 letters ``want`` lacks squeezed
+    away, then a permute; views both, so a layout costs no copy."""
+    gone = [i for i, c in enumerate(letters) if c not in want]
+    if gone:
+        x = g.call_function(aten.squeeze.dims, (x, gone))
+        letters = "".join(c for c in letters if c in want)
+    if letters != want:
+        x = g.call_function(aten.permute.default, (x, [letters.index(c) for c in want]))
+    return x
 
 
 def _split(g: fx.Graph, x: fx.Node, at: int) -> tuple[fx.Node, fx.Node]:
@@ -88,10 +210,10 @@ def _split(g: fx.Graph, x: fx.Node, at: int) -> tuple[fx.Node, fx.Node]:
     return (g.call_function(aten.slice.Tensor, (x, -1, 0, at)), g.call_function(aten.slice.Tensor, (x, -1, at, C)))
 
 
-def _rows(g: fx.Graph, m: DsaMask, q: fx.Node) -> fx.Node:
+def _rows(g: fx.Graph, m: DsaMask, q: fx.Node, dims: tuple[int, int]) -> fx.Node:
     """The visibility limit as the (B, S) int64 tensor indexer_topk takes: the limit's size-1 dims
     squeezed away, then broadcast over the batch and the queries it does not name (shared
-    positions, one position for all queries)."""
+    positions, one position for all queries) to the sizes of q's batch and query dims ``dims``."""
     lim = m.limit
     ones = [d for d, s in enumerate(val(lim).shape) if str(s) == "1"]
     if ones:
@@ -103,7 +225,7 @@ def _rows(g: fx.Graph, m: DsaMask, q: fx.Node) -> fx.Node:
             lim = g.call_function(aten.unsqueeze.default, (lim, -1))
         size = [
             g.call_function(aten.sym_size.int, (q, d)) if not isinstance(val(q).shape[d], int) else int(val(q).shape[d])
-            for d in (0, 1)
+            for d in dims
         ]
         lim = g.call_function(aten.expand.default, (lim, size))
     if val(m.limit).dtype != torch.int64:
@@ -112,17 +234,15 @@ def _rows(g: fx.Graph, m: DsaMask, q: fx.Node) -> fx.Node:
 
 
 def rewrite(ep, site: fx.Node, m: DsaMask) -> bool:
-    g, sc = ep.graph, m.scores
+    if is_call(site, *SOFTMAXES, SDPA):
+        return rewrite_mha(ep, site)
+    g = ep.graph
     q, kv, _, scale, dv = site.args[:5]
     C = int(val(kv).shape[-1])
     if int(val(q).shape[-1]) != C or not 0 < dv < C:
         return False
     with g.inserting_before(site):
-        limit = _rows(g, m, q)
-        qi, ki, wi = _as(g, sc.q, sc.q_dims, "bshd"), _as(g, sc.keys, sc.k_dims, "btd"), _as(g, sc.w, sc.w_dims, "bsh")
-        if sc.scale != 1.0:
-            wi = g.call_function(aten.mul.Tensor, (wi, sc.scale))
-        idx = tag(g.call_function(dsc_ops.indexer_topk.default, (qi, wi, ki, limit, m.k)), NAME)
+        idx = tag(_indexer(g, m, q), NAME)
         q_abs, q_pe = _split(g, q, dv)
         latent, rope = _split(g, kv, dv)
         out = tag(g.call_function(dsc_ops.sparse_mla.default, (q_abs, q_pe, latent, rope, idx, scale)), NAME)
@@ -142,7 +262,7 @@ def transform(ep) -> int:
 
 @register_pass(
     NAME, order=30, purpose="DSA: the indexer's top-k feeds attention over the selected latents only",
-    tolerance=TOLERANCES["fp32_rewrite"], requires=("canonicalize", "normalize", "absorb_mla"),
+    tolerance=TOLERANCES["fp32_rewrite"], requires=("canonicalize", "normalize"), after=("absorb_mla",),
     options={"index_cache": INDEX_CACHE},
 )  # fmt: skip
 def fuse_dsa(program, ctx):
@@ -185,12 +305,15 @@ def fuse_dsa(program, ctx):
 # ---- the FP8 index-key cache (option index_cache=fp8 | fp8_ue8m0) --------------------------------
 
 
-LAYOUT = (aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, *COPIES, *RESHAPES)
+LAYOUT = (
+    aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    *COPIES, *RESHAPES,
+)  # fmt: skip
 
 
 def _to_indexer(n: fx.Node) -> fx.Node | None:
     """The ``indexer_topk`` whose keys n is, through a chain of layout ops each read once (the
-    transposes and casts of a cache read, ``_as``'s one-operand einsum), else None."""
+    transposes and casts of a cache read, a one-operand einsum), else None."""
     while True:
         users = list(n.users)
         if len(users) != 1:
@@ -355,6 +478,4 @@ def index_recall(program, ue8m0: bool, seed: int = 0) -> dict:
 
 
 def _why_none(ep) -> str:
-    if not any(is_call(n, dsc_ops.mla_decode.default) for n in ep.graph.nodes):
-        return "no absorbed MLA attention (dsc::mla_decode) to make sparse"
-    return "no attention mask is a top-k of indexer scores (dense MLA, or a selection read elsewhere)"
+    return "no attention mask is a top-k of indexer scores (dense attention, or a selection read elsewhere)"

@@ -108,10 +108,13 @@ def _literals(n, positive: bool, seen: set) -> list[tuple[fx.Node, bool]]:
 
 
 def allowed_of(mask: fx.Node, seen: set | None = None) -> tuple[list[tuple[fx.Node, bool]], set] | None:
-    """An additive (0 / -inf) mask as a conjunction of boolean literals (True = attend):
-    ``masked_fill(zeros | mask, blocked, -inf)``, ``where(allowed, 0, -inf)``, or a sum of masks."""
+    """An additive (0 / -inf) or boolean (True = attend, as SDPA takes it) mask as a conjunction of
+    boolean literals: ``masked_fill(zeros | mask, blocked, -inf)``, ``where(allowed, 0, -inf)``, a
+    sum of masks, or the booleans themselves."""
     seen = set() if seen is None else seen
     mask = _layout(mask, seen)
+    if val(mask) is not None and val(mask).dtype == torch.bool:
+        return _literals(mask, True, seen), seen
     seen.add(mask)
     if is_call(mask, aten.masked_fill.Scalar) and _neg(mask.args[2]):
         base = strip(mask.args[0])
@@ -408,7 +411,8 @@ def dsa_mask(mask: fx.Node) -> DsaMask | None:
     if squeezed_shape(_sizes(val(marking).shape)) != squeezed_shape(shape):
         return None  # the selection must be one per (batch row, query) of the mask
     lim, dims = limits[0]
-    sizes = dict(zip("bs", shape[-3:-1])) if len(shape) >= 3 else {"s": shape[-2]} if len(shape) == 2 else {}
+    lead = shape[:-1] if len(shape) != 4 else (shape[0], shape[2])  # (B, 1, S, T): a head dim of 1
+    sizes = dict(zip("bs", lead[-2:])) if len(lead) >= 2 else {"s": lead[0]} if len(lead) == 1 else {}
     lim_sizes = squeezed_shape(_sizes(val(lim).shape))
     if any(sizes.get(d) != s for d, s in zip(dims, lim_sizes)):
         return None

@@ -47,8 +47,9 @@ def test_planted_wrong_rewrite_is_caught(tiny_program, planted, tmp_path):
 
 def test_selection_and_records(tiny_program):
     assert [p.name for p in select_passes()] == DEFAULT_PASSES
+    # fuse_dsa makes the MHA form sparse too: it does not need absorb_mla
     assert [p.name for p in select_passes(disable=["absorb_mla"])] == [
-        "canonicalize", "normalize", "draft_mtp", "fuse_add_rms_norm",
+        "canonicalize", "normalize", "draft_mtp", "fuse_dsa", "fuse_add_rms_norm",
     ]  # fmt: skip
     with pytest.raises(
         DscError,

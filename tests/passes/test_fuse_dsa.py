@@ -12,6 +12,7 @@ from tests.passes.helpers import apply, ops
 from tests.tolerances import TOL
 
 SPARSE, TOPK = "dsc.sparse_mla.default", "dsc.indexer_topk.default"
+MHA = "dsc.sparse_mha.default"
 
 
 def _absorbed(program):
@@ -90,17 +91,51 @@ def test_a_mask_that_is_not_an_indexer_top_k_stays_dense(tiny_program):
     assert matches == 0 and "no attention mask is a top-k" in stats["entries"]["decode"]["why"]
 
 
-def test_nothing_to_fuse_without_absorbed_attention(tiny_program):
+def test_the_mha_form_reads_only_the_selected_keys(tiny_program, tiny_cfg):
+    """Without absorb_mla the attention stays over per-head K/V (the form absorb_mla keeps for a
+    prefill where it is cheaper): fuse_dsa makes that sparse too, with the same numbers."""
+    dense = tiny_program
+    for name in ("canonicalize", "normalize"):
+        dense, _, _ = apply(name, dense)
+    out, matches, stats = apply("fuse_dsa", dense)
+    L = tiny_cfg.num_hidden_layers
+    assert matches == 2 * L + 1, stats
+    for entry, n in (("prefill", L), ("decode", L), ("mtp", 1)):
+        h = ops(out, entry)
+        assert h.get(MHA, 0) == n and h.get(TOPK, 0) == n and "aten.sort.stable" not in h, h
+        assert "aten._softmax.default" not in h  # every softmax was an attention's, and each is gone
+    g = torch.Generator().manual_seed(4)
+    toks = torch.randint(0, 256, (2, 72), generator=g)
+    steps = [1] * 32 + [3, 2]
+    for a, b in zip(_run(dense, toks, steps, torch.tensor([20, 26])), _run(out, toks, steps, torch.tensor([20, 26]))):
+        torch.testing.assert_close(b, a, **TOL["fp32_rewrite"])
+    _, again, _ = apply("fuse_dsa", out)
+    assert again == 0
+
+
+def test_nothing_to_fuse_in_dense_attention(tiny_program):
     canon, _, _ = apply("canonicalize", tiny_program)
+    for ep in canon.entries.values():  # the indexer's scores no longer ReLU: no mask is a DSA top-k
+        for n in call_nodes(ep.graph_module, torch.ops.aten.relu.default):
+            n.target = torch.ops.aten.sigmoid.default
+        finalize(ep)
     _, matches, stats = apply("fuse_dsa", canon)
-    assert matches == 0 and "no absorbed MLA attention" in stats["entries"]["decode"]["why"]
+    assert matches == 0 and "no attention mask is a top-k" in stats["entries"]["decode"]["why"]
 
 
+def _mha_form(program):
+    for name in ("canonicalize", "normalize"):
+        program, _, _ = apply(name, program)
+    return program
+
+
+@pytest.mark.parametrize("form", [_absorbed, _mha_form], ids=["absorbed", "mha"])
 @pytest.mark.parametrize("cls", DSA_ZOO, ids=lambda c: c.__name__)
 @torch.no_grad()
-def test_spec_written_dsa_modules(cls):
+def test_spec_written_dsa_modules(cls, form):
     """Two DSA attentions written from the spec by someone who had not read the matchers
-    (``dsa_zoo.py``): absorbed, then made sparse, each exactly once, with the numbers kept."""
+    (``dsa_zoo.py``): absorbed or left over per-head K/V, then made sparse, each exactly once,
+    with the numbers kept."""
     torch.manual_seed(0)
     m = cls().eval()
     args = m.example_inputs(2, 3, 9, 4)
@@ -108,11 +143,10 @@ def test_spec_written_dsa_modules(cls):
     ep = torch.export.export(
         m, tuple(a.clone() for a in args), dynamic_shapes=({0: B, 1: S}, {0: B, 1: S}, {0: B, 1: T}, {0: B, 1: T})
     )
-    program = Program({"forward": ep}, CacheSpec([]), config=None)
-    program = _absorbed(program)
+    program = form(Program({"forward": ep}, CacheSpec([]), config=None))
     out, matches, stats = apply("fuse_dsa", program)
     assert matches == 1, stats
-    assert ops(out).get(SPARSE, 0) == 1 and "dsc.mla_decode.default" not in ops(out)
+    assert ops(out).get(SPARSE if form is _absorbed else MHA, 0) == 1 and "dsc.mla_decode.default" not in ops(out)
     g = torch.Generator().manual_seed(1)
     for b, s, t, start in [(2, 3, 9, 4), (1, 1, 20, 17), (3, 2, 12, 6)]:
         call = list(m.example_inputs(b, s, t, start))
@@ -196,8 +230,9 @@ class _PerHeadSelection(DSA_ZOO[0]):
         return self.wo(torch.einsum("bsht,bthd->bshd", scores.softmax(-1), kvb[..., dn:]).flatten(2))
 
 
+@pytest.mark.parametrize("form", [_absorbed, _mha_form], ids=["absorbed", "mha"])
 @torch.no_grad()
-def test_per_head_selections_stay_dense():
+def test_per_head_selections_stay_dense(form):
     torch.manual_seed(0)
     m = _PerHeadSelection().eval()
     assert m.n_heads == m.index_n_heads
@@ -206,9 +241,9 @@ def test_per_head_selections_stay_dense():
     ep = torch.export.export(
         m, tuple(a.clone() for a in args), dynamic_shapes=({0: B, 1: S}, {0: B, 1: S}, {0: B, 1: T}, {0: B, 1: T})
     )
-    program = _absorbed(Program({"forward": ep}, CacheSpec([]), config=None))
+    program = form(Program({"forward": ep}, CacheSpec([]), config=None))
     out, matches, _ = apply("fuse_dsa", program)
-    assert matches == 0 and SPARSE not in ops(out)
+    assert matches == 0 and SPARSE not in ops(out) and MHA not in ops(out)
     call = list(m.example_inputs(1, 1, 20, 17))
     call[2], call[3] = torch.randn(call[2].shape), torch.randn(call[3].shape)
     torch.testing.assert_close(
