@@ -94,17 +94,6 @@ def test_planted_fault_exits_1_and_touches_nothing(tmp_path, capsys, tiny):
         del REGISTRY["plant_cli_fault"]
 
 
-def test_pass_option_reaches_the_pass_and_the_report(tmp_path):
-    out = tmp_path / "o"
-    args = ["--passes", "canonicalize,absorb_mla", "--pass-option", "absorb_mla.products=always"]
-    assert main(["optimize", "tiny", "-o", str(out), *args]) == 0  # verified like any other run
-    absorb = json.loads((out / "report.json").read_text())["passes"][2]  # normalize pulled in before it
-    assert absorb["options"] == {"products": "always"}
-    # "always" is for the absorbed form: prefill may still keep MHA when the cost model says so
-    assert {"decode", "mtp"} <= set(absorb["stats"]["products"]["entries"])
-    assert absorb["param_bytes"]["after"] > absorb["param_bytes"]["before"]  # the products' inflation
-
-
 def test_passes_listing(capsys):
     assert main(["passes", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -115,15 +104,21 @@ def test_passes_listing(capsys):
     assert all(r["purpose"] for r in rows)
 
 
-def test_optimize_json_dump_dir_and_target(tmp_path, capsys):
+def test_optimize_json_dump_dir_target_and_pass_option(tmp_path, capsys):
     out, dump = tmp_path / "out", tmp_path / "dump"
-    args = ["optimize", "tiny", "-o", str(out), "--passes", "absorb_mla", "--no-verify", "--json"]
-    assert main([*args, "--dump-dir", str(dump), "--target", "cpu"]) == 0
+    args = ["optimize", "tiny", "-o", str(out), "--passes", "absorb_mla", "--json"]  # verified like any other run
+    opt = ["--pass-option", "absorb_mla.products=always"]
+    assert main([*args, *opt, "--dump-dir", str(dump), "--target", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)  # stdout is the report alone
     assert report == json.loads((out / "report.json").read_text())
     assert report["target"]["name"] == "cpu" and report["target"]["peak_bw"] > 0
     assert [p["name"] for p in report["passes"]] == ["canonicalize", "normalize", "absorb_mla"]  # pulled in
-    assert "on cpu" in report["passes"][2]["stats"]["entries"]["decode"]["why"]
+    absorb = report["passes"][2]
+    assert absorb["options"] == {"products": "always"} and absorb["numerics"]["top1_agreement"] == 1.0
+    # "always" is for the absorbed form: prefill may still keep MHA when the cost model says so
+    assert {"decode", "mtp"} <= set(absorb["stats"]["products"]["entries"])
+    assert absorb["param_bytes"]["after"] > absorb["param_bytes"]["before"]  # the products' inflation
+    assert "on cpu" in absorb["stats"]["entries"]["prefill"]["why"]  # MHA or products, priced on this machine
     names = {p.name for p in dump.iterdir()}
     assert "003_absorb_mla.decode.after.py" in names and "001_canonicalize.decode.before.py" in names
     # argparse names the choices

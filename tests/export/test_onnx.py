@@ -23,7 +23,6 @@ from dsc.verify import compare, make_scenario, run_scenario
 ORDER = list(registry())
 COMBOS = {
     "none": [],
-    "absorb_mla": ["canonicalize", "normalize", "absorb_mla"],
     "fuse_dsa": ["canonicalize", "normalize", "absorb_mla", "fuse_dsa"],
     "lower_fp8": ["canonicalize", "normalize", "absorb_mla", "fuse_dsa", "lower_fp8"],
     "draft_mtp": ["canonicalize", "normalize", "draft_mtp", "absorb_mla", "fuse_dsa", "lower_fp8", "fuse_add_rms_norm"],
@@ -45,13 +44,13 @@ def _dims(v) -> list:
 def test_export_runs_in_onnxruntime_like_the_program(tiny_program, tmp_path, combo, monkeypatch):
     program = _program(tiny_program, combo)
     dest = tmp_path / "onnx"
-    if combo == "absorb_mla":  # weights past the protobuf limit go to external data files
+    if combo == "fuse_dsa":  # weights past the protobuf limit go to external data files
         monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1000)
     # the mtp entry is exported and checked on its own graph (none) and as draft (draft_mtp); the combos
     # between are about the attention and FP8 rewrites, which prefill and decode carry
-    entries = ["prefill", "decode"] if combo in ("absorb_mla", "fuse_dsa", "lower_fp8") else None
+    entries = ["prefill", "decode"] if combo in ("fuse_dsa", "lower_fp8") else None
     res = export_onnx(program, dest, entries=entries)  # raises if onnxruntime disagrees with the Program
-    if combo == "absorb_mla":
+    if combo == "fuse_dsa":
         assert {p.name for p in dest.iterdir()} == {
             "export.json",
             *(f"{e}.onnx{x}" for e in res.entries for x in ("", ".data")),
