@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from dsc.kernels.registry import custom_op
-from dsc.kernels.triton_utils import HAVE_TRITON, tl, triton, warn_no_triton
+from dsc.kernels.triton_utils import HAVE_TRITON, cuda_kernel, tl, triton
 from torch import Tensor
 
 
@@ -30,14 +30,6 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
     s = x + residual
     y = torch.nn.functional.rms_norm(s.float(), (s.shape[-1],), weight.float(), eps)
     return y.to(x.dtype), s
-
-
-@add_rms_norm.register_kernel("cuda")
-def _(x, residual, weight, eps):
-    if not HAVE_TRITON:
-        warn_no_triton("add_rms_norm")
-        return add_rms_norm_ref(x, residual, weight, eps)
-    return add_rms_norm_triton(x, residual, weight, eps)
 
 
 @add_rms_norm.register_fake
@@ -73,3 +65,6 @@ def add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float)
     if rows:
         _add_rms_norm_kernel[(rows,)](xc, rc, weight.contiguous(), y, s, D, eps, BLOCK=triton.next_power_of_2(D))
     return y, s
+
+
+cuda_kernel(add_rms_norm, "add_rms_norm", add_rms_norm_triton, add_rms_norm_ref)

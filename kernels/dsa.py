@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from dsc.kernels.mla_decode import HAVE_TRITON, mla_decode_triton
 from dsc.kernels.registry import custom_op
-from dsc.kernels.triton_utils import tl, triton, warn_no_triton
+from dsc.kernels.triton_utils import cuda_kernel, tl, triton
 from torch import Tensor
 
 NEG_INF = float("-inf")
@@ -266,12 +266,7 @@ def indexer_topk_triton(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk:
     return out
 
 
-@indexer_topk.register_kernel("cuda")
-def _(q, w, keys, limit, topk):
-    if not HAVE_TRITON:
-        warn_no_triton("indexer_topk")
-        return indexer_topk_ref(q, w, keys, limit, topk)
-    return indexer_topk_triton(q, w, keys, limit, topk)
+cuda_kernel(indexer_topk, "indexer_topk", indexer_topk_triton, indexer_topk_ref)
 
 
 def sparse_mla_ref(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
@@ -399,11 +394,10 @@ def _(q_abs, q_pe, latent, rope, indices, scale):
     return q_abs.new_empty(q_abs.shape)
 
 
-@sparse_mla.register_kernel("cuda")
-def _(q_abs, q_pe, latent, rope, indices, scale):
-    if not HAVE_TRITON:
-        warn_no_triton("sparse_mla")
-        return sparse_mla_ref(q_abs, q_pe, latent, rope, indices, scale)
+def sparse_mla_triton(
+    q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float
+) -> Tensor:
+    """Through ``mla_decode``'s kernel with indices, reading an adjacent [c ; k_pe] view in place."""
     kv = _fused_view(latent, rope)
     if kv is None:
         kv = torch.cat((latent, rope), dim=-1)  # separate caches: one copy of the cache per call
@@ -487,9 +481,5 @@ def sparse_mha_triton(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: f
     return o.view(B, H, S, Dv).transpose(1, 2).float()
 
 
-@sparse_mha.register_kernel("cuda")
-def _(q, k, v, indices, scale):
-    if not HAVE_TRITON:
-        warn_no_triton("sparse_mha")
-        return sparse_mha_ref(q, k, v, indices, scale)
-    return sparse_mha_triton(q, k, v, indices, scale)
+cuda_kernel(sparse_mla, "sparse_mla", sparse_mla_triton, sparse_mla_ref)
+cuda_kernel(sparse_mha, "sparse_mha", sparse_mha_triton, sparse_mha_ref)

@@ -21,7 +21,7 @@ import math
 import torch
 from dsc.kernels import native
 from dsc.kernels.registry import custom_op
-from dsc.kernels.triton_utils import HAVE_TRITON, interpret_mode, tl, triton, warn_no_triton
+from dsc.kernels.triton_utils import HAVE_TRITON, cuda_kernel, interpret_mode, tl, triton
 from torch import Tensor
 
 BLOCK = 128
@@ -308,25 +308,10 @@ def fp8_linear_triton(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Ten
     return y.view(*x.shape[:-1], N)
 
 
-@act_quant.register_kernel("cuda")
-def _(x, block=BLOCK, ue8m0=False):
-    if not HAVE_TRITON:
-        warn_no_triton("act_quant")
-        return act_quant_ref(x, block, ue8m0)
-    return act_quant_triton(x, block, ue8m0)
-
-
-@fp8_linear_gathered.register_kernel("cuda")
-def _(x, x_scale, ids, w, w_scale):
-    if not HAVE_TRITON:
-        warn_no_triton("fp8_linear_gathered")
-        return fp8_linear_gathered_ref(x, x_scale, ids, w, w_scale)
-    return fp8_linear_gathered_cpu(x, x_scale, ids, w, w_scale, linear=fp8_linear_triton)
-
-
-@fp8_linear.register_kernel("cuda")
-def _(x, x_scale, w, w_scale, bias=None):
-    if not HAVE_TRITON:
-        warn_no_triton("fp8_linear")
-        return fp8_linear_decomposed(x, x_scale, w, w_scale, bias)
-    return fp8_linear_triton(x, x_scale, w, w_scale, bias)
+cuda_kernel(act_quant, "act_quant", act_quant_triton, act_quant_ref)
+cuda_kernel(
+    fp8_linear_gathered, "fp8_linear_gathered",
+    lambda x, x_scale, ids, w, w_scale: fp8_linear_gathered_cpu(x, x_scale, ids, w, w_scale, linear=fp8_linear_triton),
+    fp8_linear_gathered_ref,
+)  # fmt: skip
+cuda_kernel(fp8_linear, "fp8_linear", fp8_linear_triton, fp8_linear_decomposed)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from dsc.kernels.registry import custom_op
-from dsc.kernels.triton_utils import HAVE_TRITON, tl, triton, warn_no_triton
+from dsc.kernels.triton_utils import HAVE_TRITON, cuda_kernel, tl, triton
 from torch import Tensor
 
 
@@ -82,14 +82,6 @@ def mla_decode_cpu(q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dv:
 @mla_decode.register_fake
 def _(q, kv, mask, scale, dv, indices=None):
     return q.new_empty((*q.shape[:3], dv))
-
-
-@mla_decode.register_kernel("cuda")
-def _(q, kv, mask, scale, dv, indices=None):
-    if not HAVE_TRITON:
-        warn_no_triton("mla_decode")
-        return mla_decode_ref(q, kv, mask, scale, dv, indices)
-    return mla_decode_triton(q, kv, mask, scale, dv, indices=indices)
 
 
 if HAVE_TRITON:
@@ -195,3 +187,10 @@ def mla_decode_triton(
     w = torch.softmax(lse_part, dim=1).nan_to_num(0.0)  # (B*S, splits, H): each split's share
     out = (o_part[..., :dv] * w.unsqueeze(-1)).sum(1)
     return out.view(B, S, H, dv).to(q.dtype)
+
+
+cuda_kernel(
+    mla_decode, "mla_decode",
+    lambda q, kv, mask, scale, dv, indices=None: mla_decode_triton(q, kv, mask, scale, dv, indices=indices),
+    mla_decode_ref,
+)  # fmt: skip

@@ -36,3 +36,17 @@ def warn_no_triton(op: str) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def cuda_kernel(op, name: str, triton_fn, reference):
+    """Registers ``op``'s CUDA kernel: ``triton_fn``, or ``reference`` (the fp32 reference, with one
+    warning) where Triton is missing. Returns the kernel."""
+
+    def kernel(*args, **kwargs):
+        if not HAVE_TRITON:
+            warn_no_triton(name)
+            return reference(*args, **kwargs)
+        return triton_fn(*args, **kwargs)
+
+    op.register_kernel("cuda")(kernel)
+    return kernel

@@ -39,3 +39,20 @@ def test_cuda_without_triton_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         triton_utils.warn_no_triton("mla_decode")  # the second time: silent
+
+
+def test_a_cuda_kernel_is_triton_or_the_reference_with_a_warning(monkeypatch):
+    registered = {}
+
+    class Op:  # records what cuda_kernel registers, as torch.library's register_kernel would
+        def register_kernel(self, device):
+            return lambda fn: registered.setdefault(device, fn)
+
+    kernel = triton_utils.cuda_kernel(Op(), "toy", lambda x, k=2: ("triton", x, k), lambda x, k=2: ("ref", x, k))
+    assert registered == {"cuda": kernel}
+    monkeypatch.setattr(triton_utils, "_warned", set())
+    monkeypatch.setattr(triton_utils, "HAVE_TRITON", True)
+    assert kernel(1, k=3) == ("triton", 1, 3)
+    monkeypatch.setattr(triton_utils, "HAVE_TRITON", False)
+    with pytest.warns(RuntimeWarning, match="dsc::toy on CUDA without triton"):
+        assert kernel(1) == ("ref", 1, 2)
