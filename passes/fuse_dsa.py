@@ -9,10 +9,11 @@ on the MHA form it keeps where that is cheaper (a prefill attending to its own p
 
     softmax(scale · q·kᵀ + mask) · v   ->  sparse_mha(q, k, v, indexer_topk(q_I, w_I, k_I, limit, k), scale)
 
-with any attention spelling the shared matcher ``dsc.match.attention`` reads (einsum, matmul, the
-heads before or after the queries). The mask is read by the shared matcher ``dsc.match.dsa.dsa_mask``: the index scores Σ_h w·ReLU(c·q·k)
-(any contraction spelling, c > 0 folded into w), their top-k by a stable sort and slice or by
-topk, scattered into a boolean, and the visibility t <= limit; nothing else may be in the mask.
+with any attention spelling the shared matcher ``dsc.match.attention`` reads (einsum, matmul,
+SDPA; the heads before or after the queries). The mask, additive or SDPA's boolean, is read by
+the shared matcher ``dsc.match.dsa.dsa_mask``: the index scores Σ_h w·ReLU(c·q·k) (any
+contraction spelling, c > 0 folded into w), their top-k by a stable sort and slice or by topk,
+scattered into a boolean, and the visibility t <= limit; nothing else may be in the mask.
 ``indexer_topk`` breaks ties towards the earlier token like a stable sort, so the fused Program
 selects what the dense one did. The index scores, the selection and the mask die with the site:
 none of them may be read elsewhere. A latent given as a per-step ``cat`` of two caches is read
@@ -69,10 +70,10 @@ def _sites(ep) -> list[tuple[fx.Node, DsaMask]]:
 
 def _mha(sm: fx.Node) -> tuple[Attention, DsaMask, dict[str, str], tuple] | None:
     """(the attention, its DSA mask, its letters -> b s h t d v, (letters, node, roles) of q, k and
-    v) when softmax or SDPA ``sm`` is an attention
-    of per-head K/V masked by a DSA top-k: the scores contract one letter d, keep q's s and k's t and
-    two shared letters, of which the head is the one the mask broadcasts over (one selection per
-    (batch row, query), for every head); V carries the batch, key and head letters."""
+    v) when softmax or SDPA ``sm`` is an attention of per-head K/V masked by a DSA top-k: the
+    scores contract one letter d, keep q's s and k's t and two shared letters, of which the head
+    is the one the mask broadcasts over (one selection per (batch row, query), for every head);
+    V carries the batch, key and head letters."""
     att = attention(sm)
     if att is None or att.mask is None or len(att.scores.contracted) != 1:
         return None
@@ -131,7 +132,7 @@ def _size(con, letter: str, op: int | None = None):
 
 
 def _canon(letters: str, names: dict[str, str]) -> str:
-    """``letters`` renamed to the roles; size-1 spare letters get fresh names (summed away by ``_as``)."""
+    """``letters`` renamed to the roles; size-1 spare letters get fresh names (squeezed away by ``_as``)."""
     spare = iter("wxyz")
     return "".join(names[c] if c in names else next(spare) for c in letters)
 
@@ -188,6 +189,8 @@ def _as(g: fx.Graph, x: fx.Node, letters: str, want: str) -> fx.Node:
     """x (written with ``letters``) laid out as ``want``: the size-1 letters ``want`` lacks squeezed
     away, then a permute; views both, so a layout costs no copy."""
     gone = [i for i, c in enumerate(letters) if c not in want]
+    x_val = val(x)
+    assert x_val is None or all(str(x_val.shape[i]) == "1" for i in gone), f"{letters}->{want}: {x_val.shape}"
     if gone:
         x = g.call_function(aten.squeeze.dims, (x, gone))
         letters = "".join(c for c in letters if c in want)
