@@ -190,6 +190,7 @@ def run_pipeline(
         t0 = time.perf_counter()
         work = program.clone()
         ctx = info.context((options or {}).get(info.name), machine)
+        ctx.later = tuple(p.name for p in passes[i:])
         matches, stats = info.fn(work, ctx)
         for w in stats.get("warnings", []) if isinstance(stats, dict) else []:
             emit("warn", f"{info.name}: {w}")

@@ -71,3 +71,6 @@ class PassContext:
     # a pass whose options change its numerics (e.g. fuse_dsa's FP8 index cache) states the contract
     # it then keeps here; verification holds it to this instead of its registered tolerance
     tolerance: Any = None
+    # the passes that run after this one in its pipeline (None: not known, as when a pass is run on
+    # its own; choices then assume the default pipeline follows)
+    later: tuple[str, ...] | None = None

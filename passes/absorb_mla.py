@@ -469,15 +469,17 @@ def _roofline_s(cost, machine) -> tuple[float, float, float]:
     return machine.roofline_s(flops, nbytes), flops, nbytes
 
 
-def _as_fuse_dsa_leaves_it(ep, kind: str, machine) -> tuple[float, float, float, bool]:
-    """A form's roofline cost (s, FLOP, B, made sparse) after ``fuse_dsa``, which runs later: its
-    attentions masked by a DSA top-k made sparse (on a copy) where that is no dearer, so the forms
-    compete as they will run."""
+def _as_fuse_dsa_leaves_it(ep, kind: str, machine, sparse: bool) -> tuple[float, float, float, bool]:
+    """A form's roofline cost (s, FLOP, B, made sparse) as it will run: with ``sparse`` (fuse_dsa
+    runs later), its attentions masked by a DSA top-k made sparse (on a copy) where that is no
+    dearer; else dense."""
     from dsc.passes.fuse_dsa import transform as make_sparse
 
     from dsc.cost import entry_cost
 
     dense = (*_roofline_s(entry_cost(ep, kind, fused_attention=True), machine), False)
+    if not sparse:
+        return dense
     fused = clone_entry(ep)
     if not make_sparse(fused):
         return dense
@@ -497,6 +499,7 @@ def absorb_mla(program, ctx):
     """Option ``products``: precompute W_UQ·W_UK and W_UV·W_O for the absorbed form — "auto" (the
     cost model decides per entry), "never", "always"."""
     products = ctx.options["products"]
+    sparse = ctx.later is None or "fuse_dsa" in ctx.later  # the forms priced as fuse_dsa leaves them
     for ep in program.entries.values():
         _unfold_heads(ep)
     # 1. which per-head K/V cache pairs can change layout: matched in every entry that reads them
@@ -542,7 +545,7 @@ def absorb_mla(program, ctx):
             for f in forms:
                 trial = clone_entry(ep)
                 trials[f] = trial, transform(trial, accepted, f, store)
-                options[f] = _as_fuse_dsa_leaves_it(trial, kind, ctx.machine)
+                options[f] = _as_fuse_dsa_leaves_it(trial, kind, ctx.machine, sparse)
             form = min(options, key=lambda f: options[f][0])
             why = ", ".join(
                 f"{f}: {v[1]:.3g} FLOP, {v[2]:.3g} B, {v[0] * 1e6:.1f} us on the roofline{' with DSA sparse' if v[3] else ''}"

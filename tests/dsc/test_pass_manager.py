@@ -7,7 +7,7 @@ from dsc.errors import DscError
 from dsc.fx_utils import call_nodes, finalize
 from dsc.pass_manager import REGISTRY, PassVerificationError, register_pass, run_pipeline, select_passes
 from dsc.verify import FP32_REASSOC
-from tests.passes.helpers import DEFAULT_PASSES
+from tests.passes.helpers import DEFAULT_PASSES, apply
 
 
 @pytest.fixture
@@ -93,3 +93,17 @@ def test_the_target_machine_reaches_the_passes(tiny_program):
     _, records = run_pipeline(tiny_program, select_passes(["absorb_mla"]), verify=False, machine=slow)
     why = records[-1].stats["entries"]["decode"]["why"]
     assert "on test-cpu" in why and "512 context" in why
+
+
+def test_absorb_mla_prices_dsa_sparse_only_when_fuse_dsa_follows(tiny_program):
+    """Each pass learns which passes run after it: absorb_mla prices its forms as fuse_dsa will leave
+    them only where fuse_dsa is in the pipeline (run on its own, the default pipeline is assumed)."""
+    _, alone = run_pipeline(tiny_program, select_passes(["absorb_mla"]), verify=False)
+    _, fused = run_pipeline(tiny_program, select_passes(["absorb_mla", "fuse_dsa"]), verify=False)
+    assert "mha:" in alone[-1].stats["entries"]["prefill"]["why"]  # the forms were priced
+    assert "with DSA sparse" not in alone[-1].stats["entries"]["prefill"]["why"]
+    assert "with DSA sparse" in fused[-2].stats["entries"]["prefill"]["why"]
+    program = tiny_program
+    for name in ("canonicalize", "normalize", "absorb_mla"):
+        program, _, stats = apply(name, program)
+    assert "with DSA sparse" in stats["entries"]["prefill"]["why"]
