@@ -155,7 +155,7 @@ def indexer_topk_cpu(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: in
 
     def select(qs: Tensor, ws: Tensor, ls: Tensor, k: Tensor) -> Tensor:  # (Bq, n, H, D) rows -> (Bq, n, topk)
         Bq, n = qs.shape[:2]
-        T = min(k.shape[1], int(ls.max()) + 1)  # no row sees past its limit: a prefill's block, its prefix
+        T = min(k.shape[1], max(1, int(ls.max()) + 1))  # no row sees past its limit: a prefill's block, its prefix
         k = k[:, :T]
         if n == 1 and T >= KEYS_MAJOR_MIN_T:  # K qᵀ: the keys read row by row as they lie in the cache
             per_head = torch.matmul(k, qs.float().reshape(Bq, H, D).transpose(1, 2)).relu_()  # (Bq, T, H)
@@ -295,10 +295,23 @@ def _fused_view(latent: Tensor, rope: Tensor) -> Tensor | None:
     return None
 
 
-def _rows(t: Tensor, cols: Tensor | None) -> Tensor:
-    """The rows ``cols`` of t (T, C) in fp32 (all of them for None): one ``index_select``, an order
-    of magnitude faster on CPU than the same gather by advanced indexing."""
-    return (t if cols is None else t.index_select(0, cols)).float()
+def _rows(t: Tensor, cols: Tensor | slice) -> Tensor:
+    """The rows ``cols`` of t (T, ...) in fp32: a view for a slice, else one ``index_select``, an
+    order of magnitude faster on CPU than the same gather by advanced indexing."""
+    return (t[cols] if isinstance(cols, slice) else t.index_select(0, cols)).float()
+
+
+def _block_union(idx: Tensor, T: int) -> tuple[Tensor, Tensor | slice, int]:
+    """A block of rows' selections idx (n, K) (-1: none) over T tokens as (bias (n, U), cols, U): the
+    union U of the rows' tokens (``cols``: a slice when they are a prefix of the cache, as a causal
+    prefill's are, else their indices) and each row's set over it as an additive 0 / -inf mask."""
+    bias = torch.full((idx.shape[0], T + 1), NEG_INF, device=idx.device)
+    bias = bias.scatter_(1, idx.masked_fill(idx < 0, T), 0.0)[:, :T]  # -1 slots: an extra column, cut off
+    cols = (bias == 0).any(0).nonzero().squeeze(1)
+    U = cols.numel()
+    if U == 0 or int(cols[-1]) + 1 == U:
+        return bias[:, :U], slice(0, U), U
+    return bias[:, cols], cols, U
 
 
 def _sparse_mla_rows(q_abs, q_pe, latent, rope, kv, indices, scale) -> Tensor:
@@ -333,8 +346,8 @@ def _sparse_mla_rows(q_abs, q_pe, latent, rope, kv, indices, scale) -> Tensor:
 
 def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
     """Decode and verify steps: ``_sparse_mla_rows``. More query rows: blocks of rows of one batch row,
-    each attending over the union U of its rows' selections: one gather of those U latents (none
-    where U is every token), one score product for all the block's rows and heads, each row masked
+    each attending over the union U of its rows' selections: one gather of those U latents (a view
+    where they are a prefix of the cache), one score product for all the block's rows and heads, each row masked
     to its own set. A block reads each token its rows share once, where a gather per row would copy
     it once per row (K x 576 values each: more than the dense scores of the block); a block whose
     rows share little (U large against K) gathers per row instead."""
@@ -349,11 +362,7 @@ def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
         for s0 in range(0, S, rows):
             idx = indices[b, s0 : s0 + rows]  # (n, K)
             n = idx.shape[0]
-            # each row's set as an additive mask (0 / -inf); -1 slots land in an extra column, cut off
-            bias = torch.full((n, T + 1), NEG_INF, device=idx.device)
-            bias = bias.scatter_(1, idx.masked_fill(idx < 0, T), 0.0)[:, :T]
-            used = (bias == 0).any(0)
-            U = int(used.sum())
+            bias, cols, U = _block_union(idx, T)
             if U > K * max(2, H // UNION_HEADS_PER_K):  # little shared: each row's own gather is cheaper
                 sl = slice(s0, s0 + n)
                 out[b : b + 1, sl] = _sparse_mla_rows(
@@ -361,10 +370,6 @@ def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
                     None if kv is None else kv[b : b + 1], idx[None], scale,
                 )  # fmt: skip
                 continue
-            cols = None if U == T else used.nonzero().squeeze(1)
-            if cols is not None:
-                bias = bias[:, cols]
-
             qa = q_abs[b, s0 : s0 + n].float().reshape(n * H, dc)
             qp = q_pe[b, s0 : s0 + n].float().reshape(n * H, -1)
             if kv is not None:
@@ -374,11 +379,11 @@ def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
             else:
                 c, r = _rows(latent[b], cols), _rows(rope[b], cols)
                 scores = torch.addmm(qp @ r.T, qa, c.T)
-            p = scores.mul_(scale).view(n, H, -1).add_(bias.unsqueeze(1)).softmax(-1)
+            p = scores.mul_(scale).view(n, H, U).add_(bias.unsqueeze(1)).softmax(-1)
             empty = ~(idx >= 0).any(-1)
             if bool(empty.any()):  # a row with no valid slot: zeros, not the NaN of an all -inf softmax
                 p[empty] = 0.0
-            out[b, s0 : s0 + n] = (p.view(n * H, -1) @ c).view(n, H, dc).to(q_abs.dtype)
+            out[b, s0 : s0 + n] = (p.view(n * H, U) @ c).view(n, H, dc).to(q_abs.dtype)
     return out
 
 
@@ -433,26 +438,15 @@ def sparse_mha_cpu(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: floa
         for s0 in range(0, S, rows):
             idx = indices[b, s0 : s0 + rows]  # (n, K)
             n = idx.shape[0]
-            bias = torch.full((n, T + 1), NEG_INF, device=idx.device)  # each row's set, 0 / -inf
-            bias = bias.scatter_(1, idx.masked_fill(idx < 0, T), 0.0)[:, :T]
-            used = (bias == 0).any(0)
-            U = int(used.sum())
-            if U == 0:
-                out[b, s0 : s0 + n] = 0.0
-                continue
-            hi = int(used.nonzero()[-1]) + 1
-            if U == hi:  # a prefix of the cache: a view, no copy
-                kk, vv, bias = k[b, :hi], v[b, :hi], bias[:, :hi]
-            else:
-                cols = used.nonzero().squeeze(1)
-                kk, vv, bias = k[b].index_select(0, cols), v[b].index_select(0, cols), bias[:, cols]
+            bias, cols, _ = _block_union(idx, T)
+            kk, vv = _rows(k[b], cols), _rows(v[b], cols)  # (U, H, D), (U, H, Dv)
             qh = q[b, s0 : s0 + n].float().transpose(0, 1)  # (H, n, D)
-            scores = torch.bmm(qh, kk.float().permute(1, 2, 0))  # (H, n, U)
+            scores = torch.bmm(qh, kk.permute(1, 2, 0))  # (H, n, U)
             p = scores.mul_(scale).add_(bias).softmax(-1)
             empty = ~(idx >= 0).any(-1)
             if bool(empty.any()):  # a row with no valid slot: zeros, not the NaN of an all -inf softmax
                 p[:, empty] = 0.0
-            out[b, s0 : s0 + n] = torch.bmm(p, vv.float().transpose(0, 1)).transpose(0, 1)
+            out[b, s0 : s0 + n] = torch.bmm(p, vv.transpose(0, 1)).transpose(0, 1)
     return out
 
 
