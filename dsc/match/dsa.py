@@ -411,7 +411,10 @@ def dsa_mask(mask: fx.Node) -> DsaMask | None:
     if squeezed_shape(_sizes(val(marking).shape)) != squeezed_shape(shape):
         return None  # the selection must be one per (batch row, query) of the mask
     lim, dims = limits[0]
-    lead = shape[:-1] if len(shape) != 4 else (shape[0], shape[2])  # (B, 1, S, T): a head dim of 1
+    lead = shape[:-1]
+    if len(shape) == 4:  # a head dim of 1: (B, 1, S, T) as transformers writes it, or (B, S, 1, T)
+        h = 1 if str(shape[1]) == "1" else 2
+        lead = tuple(d for i, d in enumerate(lead) if i != h)
     sizes = dict(zip("bs", lead[-2:])) if len(lead) >= 2 else {"s": lead[0]} if len(lead) == 1 else {}
     lim_sizes = squeezed_shape(_sizes(val(lim).shape))
     if any(sizes.get(d) != s for d, s in zip(dims, lim_sizes)):

@@ -103,3 +103,30 @@ def test_cache_writes_know_their_time_dim():
     ep = _graph(Write(), *args)
     writes = [cache_write(n) for n in ep.graph.nodes if is_call(n, aten.index_put_.default)]
     assert sorted((w.time_dim, w.per_row) for w in writes) == [(1, True), (2, False)]
+
+
+class DsaMasks(nn.Module):
+    """The lightning indexer's top-k of Σ_h w·ReLU(q·k) among the visible keys (spec §5), returned as
+    masks in three layouts: additive (B, S, T), boolean (B, 1, S, T) for SDPA, additive (B, S, 1, T)."""
+
+    def forward(self, iq, w, ik, pos):
+        T = ik.shape[1]
+        scores = torch.einsum("bsht,bsh->bst", torch.relu(torch.einsum("bshd,btd->bsht", iq, ik)), w)
+        visible = torch.arange(T)[None, None, :] <= pos[:, :, None]
+        idx = scores.masked_fill(~visible, float("-inf")).topk(2, dim=-1).indices
+        keep = torch.zeros_like(visible).scatter(-1, idx, True) & visible
+        additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+        return additive, keep[:, None], additive[:, :, None]
+
+
+def test_dsa_masks_read_alike_in_every_layout():
+    from dsc.match.dsa import dsa_mask
+
+    B, S, T = 2, 3, 7
+    args = torch.randn(B, S, 4, 8), torch.rand(B, S, 4), torch.randn(B, T, 8), torch.tensor([[4, 5, 6], [2, 3, 4]])
+    ep = _graph(DsaMasks(), *args)
+    outs = next(iter(ep.graph.find_nodes(op="output"))).args[0]
+    found = [dsa_mask(m) for m in outs]
+    assert all(f is not None for f in found), found
+    assert {f.k for f in found} == {2} and len({f.scores.node for f in found}) == 1  # one selection, three masks
+    assert all(f.limit_dims == "bs" for f in found)  # the per-row positions, read with the right sizes
