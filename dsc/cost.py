@@ -36,6 +36,8 @@ ZERO_COST = VIEW_OPS | {
     aten.sym_size.int, aten.arange.default, aten.arange.start, aten.zeros_like.default, aten.new_full.default,
     aten.ones_like.default, aten.full.default, aten.zeros.default, aten.empty.memory_format, operator.getitem,
 }  # fmt: skip
+# sparse attention ops -> how many query operands precede the two cached ones and the indices
+SPARSE_ATTENTION = {torch.ops.dsc.sparse_mla.default: 2, torch.ops.dsc.sparse_mha.default: 1}
 MATMUL_LIKE = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default}
 MOE = (torch.ops.dsc.moe_experts.default, torch.ops.dsc.moe_experts_fp8.default)
 
@@ -124,16 +126,12 @@ def node_bytes(n: fx.Node, interior: frozenset = frozenset()) -> sympy.Expr:
         return sympy.Integer(0)
     if t in (aten.index_put_.default, aten.index_put.default):
         return 2 * _bytes(val(n.args[2]))  # read the values, write them into the cache
-    if t is torch.ops.dsc.sparse_mla.default:  # only the selected latents are read: at most S·K of the T
-        q_abs, q_pe, latent, rope, idx = (val(a) for a in n.args[:5])
-        B, S, K, Tk = _expr(idx.shape[0]), _expr(idx.shape[1]), _expr(idx.shape[2]), _expr(latent.shape[1])
-        row = (_expr(latent.shape[-1]) + _expr(rope.shape[-1])) * latent.element_size()
-        return _bytes(q_abs) + _bytes(q_pe) + _bytes(idx) + B * sympy.Min(Tk, S * K) * row + _bytes(val(n))
-    if t is torch.ops.dsc.sparse_mha.default:  # only the selected tokens' K/V rows: at most S·K of the T
-        q, k, v, idx = (val(a) for a in n.args[:4])
-        B, S, K, Tk = _expr(idx.shape[0]), _expr(idx.shape[1]), _expr(idx.shape[2]), _expr(k.shape[1])
-        row = _bytes(k) / (B * Tk) + _bytes(v) / (B * Tk)
-        return _bytes(q) + _bytes(idx) + B * sympy.Min(Tk, S * K) * row + _bytes(val(n))
+    if t in SPARSE_ATTENTION:  # only the selected tokens' cached rows are read: at most S·K of the T
+        nq = SPARSE_ATTENTION[t]
+        queries, cached, idx = [val(a) for a in n.args[:nq]], [val(a) for a in n.args[nq : nq + 2]], val(n.args[nq + 2])
+        B, S, K, Tk = (_expr(x) for x in (*idx.shape, cached[0].shape[1]))
+        row = sympy.Add(*[_bytes(c) for c in cached]) / (B * Tk)  # latent and rope, or K and V
+        return sympy.Add(*[_bytes(x) for x in queries]) + _bytes(idx) + B * sympy.Min(Tk, S * K) * row + _bytes(val(n))
     inputs = [a for a in n.all_input_nodes if a not in interior and isinstance(val(a), torch.Tensor)]
     reads = sympy.Add(*[_bytes(val(a)) for a in inputs])
     if n in interior:
