@@ -301,6 +301,17 @@ def _rows(t: Tensor, cols: Tensor | slice) -> Tensor:
     return (t[cols] if isinstance(cols, slice) else t.index_select(0, cols)).float()
 
 
+def _blocks(indices: Tensor, H: int, T: int):
+    """(b, rows, idx, bias, cols, U) for each block of query rows of each batch row: as many rows as
+    keep a block's (H, rows, T) scores within ROW_BLOCK_VALUES, with their union (``_block_union``)."""
+    B, S = indices.shape[:2]
+    n = max(1, ROW_BLOCK_VALUES // max(1, H * T))
+    for b in range(B):
+        for s0 in range(0, S, n):
+            idx = indices[b, s0 : s0 + n]  # (n, K)
+            yield (b, slice(s0, s0 + idx.shape[0]), idx, *_block_union(idx, T))
+
+
 def _block_union(idx: Tensor, T: int) -> tuple[Tensor, Tensor | slice, int]:
     """A block of rows' selections idx (n, K) (-1: none) over T tokens as (bias (n, U), cols, U): the
     union U of the rows' tokens (``cols``: a slice when they are a prefix of the cache, as a causal
@@ -353,37 +364,32 @@ def sparse_mla_cpu(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, in
     rows share little (U large against K) gathers per row instead."""
     B, S, H, dc = q_abs.shape
     T, K = latent.shape[1], indices.shape[-1]
-    rows = max(1, ROW_BLOCK_VALUES // max(1, H * T))  # the scores of a block fit, however large U is
     kv = _fused_view(latent, rope)  # [c ; k_pe] adjacent in one cache: one gather, one score product
     if S <= FEW_ROWS:
         return _sparse_mla_rows(q_abs, q_pe, latent, rope, kv, indices, scale)
     out = torch.empty(B, S, H, dc, dtype=q_abs.dtype, device=q_abs.device)
-    for b in range(B):
-        for s0 in range(0, S, rows):
-            idx = indices[b, s0 : s0 + rows]  # (n, K)
-            n = idx.shape[0]
-            bias, cols, U = _block_union(idx, T)
-            if U > K * max(2, H // UNION_HEADS_PER_K):  # little shared: each row's own gather is cheaper
-                sl = slice(s0, s0 + n)
-                out[b : b + 1, sl] = _sparse_mla_rows(
-                    q_abs[b : b + 1, sl], q_pe[b : b + 1, sl], latent[b : b + 1], rope[b : b + 1],
-                    None if kv is None else kv[b : b + 1], idx[None], scale,
-                )  # fmt: skip
-                continue
-            qa = q_abs[b, s0 : s0 + n].float().reshape(n * H, dc)
-            qp = q_pe[b, s0 : s0 + n].float().reshape(n * H, -1)
-            if kv is not None:
-                g = _rows(kv[b], cols)
-                c = g[:, :dc]
-                scores = torch.cat((qa, qp), -1) @ g.T
-            else:
-                c, r = _rows(latent[b], cols), _rows(rope[b], cols)
-                scores = torch.addmm(qp @ r.T, qa, c.T)
-            p = scores.mul_(scale).view(n, H, U).add_(bias.unsqueeze(1)).softmax(-1)
-            empty = ~(idx >= 0).any(-1)
-            if bool(empty.any()):  # a row with no valid slot: zeros, not the NaN of an all -inf softmax
-                p[empty] = 0.0
-            out[b, s0 : s0 + n] = (p.view(n * H, U) @ c).view(n, H, dc).to(q_abs.dtype)
+    for b, sl, idx, bias, cols, U in _blocks(indices, H, T):
+        n = idx.shape[0]
+        if U > K * max(2, H // UNION_HEADS_PER_K):  # little shared: each row's own gather is cheaper
+            out[b : b + 1, sl] = _sparse_mla_rows(
+                q_abs[b : b + 1, sl], q_pe[b : b + 1, sl], latent[b : b + 1], rope[b : b + 1],
+                None if kv is None else kv[b : b + 1], idx[None], scale,
+            )  # fmt: skip
+            continue
+        qa = q_abs[b, sl].float().reshape(n * H, dc)
+        qp = q_pe[b, sl].float().reshape(n * H, -1)
+        if kv is not None:
+            g = _rows(kv[b], cols)
+            c = g[:, :dc]
+            scores = torch.cat((qa, qp), -1) @ g.T
+        else:
+            c, r = _rows(latent[b], cols), _rows(rope[b], cols)
+            scores = torch.addmm(qp @ r.T, qa, c.T)
+        p = scores.mul_(scale).view(n, H, U).add_(bias.unsqueeze(1)).softmax(-1)
+        empty = ~(idx >= 0).any(-1)
+        if bool(empty.any()):  # a row with no valid slot: zeros, not the NaN of an all -inf softmax
+            p[empty] = 0.0
+        out[b, sl] = (p.view(n * H, U) @ c).view(n, H, dc).to(q_abs.dtype)
     return out
 
 
@@ -432,21 +438,16 @@ def sparse_mha_cpu(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: floa
     selected token's H x (D + Dv) values once per row."""
     B, S, H, D = q.shape
     T, Dv = k.shape[1], v.shape[-1]
-    rows = max(1, ROW_BLOCK_VALUES // max(1, H * T))  # the scores of a block fit, however large U is
     out = torch.empty(B, S, H, Dv, dtype=torch.float32, device=q.device)
-    for b in range(B):
-        for s0 in range(0, S, rows):
-            idx = indices[b, s0 : s0 + rows]  # (n, K)
-            n = idx.shape[0]
-            bias, cols, _ = _block_union(idx, T)
-            kk, vv = _rows(k[b], cols), _rows(v[b], cols)  # (U, H, D), (U, H, Dv)
-            qh = q[b, s0 : s0 + n].float().transpose(0, 1)  # (H, n, D)
-            scores = torch.bmm(qh, kk.permute(1, 2, 0))  # (H, n, U)
-            p = scores.mul_(scale).add_(bias).softmax(-1)
-            empty = ~(idx >= 0).any(-1)
-            if bool(empty.any()):  # a row with no valid slot: zeros, not the NaN of an all -inf softmax
-                p[:, empty] = 0.0
-            out[b, s0 : s0 + n] = torch.bmm(p, vv.transpose(0, 1)).transpose(0, 1)
+    for b, sl, idx, bias, cols, _ in _blocks(indices, H, T):
+        kk, vv = _rows(k[b], cols), _rows(v[b], cols)  # (U, H, D), (U, H, Dv)
+        qh = q[b, sl].float().transpose(0, 1)  # (H, n, D)
+        scores = torch.bmm(qh, kk.permute(1, 2, 0))  # (H, n, U)
+        p = scores.mul_(scale).add_(bias).softmax(-1)
+        empty = ~(idx >= 0).any(-1)
+        if bool(empty.any()):  # a row with no valid slot: zeros, not the NaN of an all -inf softmax
+            p[:, empty] = 0.0
+        out[b, sl] = torch.bmm(p, vv.transpose(0, 1)).transpose(0, 1)
     return out
 
 
