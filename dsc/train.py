@@ -1,8 +1,9 @@
 """Train the built-in demo model: the full V3.2 architecture on the Python standard library's source.
 
-    python -m dsc.train --out runs/demo [--minutes 45] [--steps 1200]
+    python -m dsc.train --out runs/demo [--minutes 45] [--steps 1200] [--init dsc/assets/demo]
 
-Seeded and resumable (re-run the same command: it continues from ``OUT/train_state.pt``). Losses:
+Seeded and resumable (re-run the same command: it continues from ``OUT/train_state.pt``); ``--init``
+starts a new run from a trained checkpoint's weights (a fresh optimizer and schedule). Losses:
 next-byte cross-entropy; the MTP module's cross-entropy for the byte after next, weight 0.3 (spec §8);
 the indexer's KL to the main attention (summed over heads, L1-normalised; spec §5.4). The indexer
 sees detached inputs, so it learns only from its KL and the model only from the LM losses. Stage 1
@@ -86,6 +87,23 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+def init_from(model: DeepseekV32ForCausalLM, spec: str) -> None:
+    """Copy a checkpoint's weights into ``model``; its config must be the preset's (shapes and math)."""
+    from dsc.errors import DscError
+    from dsc.frontends.reference import load_model
+
+    src, _ = load_model(spec)
+    mine, theirs = model.config.to_dict(), src.config.to_dict()
+    differ = sorted(k for k in mine.keys() | theirs.keys() if k != "torch_dtype" and mine.get(k) != theirs.get(k))
+    if differ:
+        raise DscError(
+            f"--init {spec}: its config differs from the preset's in {', '.join(differ)}; "
+            "train from a checkpoint of the same architecture (or pick the matching --preset)"
+        )
+    model.load_state_dict(src.state_dict())
+    print(f"initialised from {spec}", flush=True)
+
+
 def _save_state(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -99,6 +117,9 @@ def train(args) -> Path:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     cfg = preset(args.preset)
     model = DeepseekV32ForCausalLM(cfg).init_weights(args.seed)
+    state_path = out / "train_state.pt"
+    if args.init and not state_path.exists():
+        init_from(model, args.init)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -107,7 +128,6 @@ def train(args) -> Path:
         lr=args.lr, betas=(0.9, 0.95),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(args.seed)
-    state_path = out / "train_state.pt"
     step, history = 0, []
     if state_path.exists():
         st = torch.load(state_path, weights_only=True)
@@ -181,6 +201,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
     ap.add_argument("--minutes", type=float, default=0, help="stop (resumably) after this many minutes (0: no limit)")
     ap.add_argument("--stop-after", type=int, default=0, help="stop (resumably) after this many steps in this run")
+    ap.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's weights (same architecture)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     ap.add_argument("--seq-len", type=int, default=512, help="training context (default 512)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")

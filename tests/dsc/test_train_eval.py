@@ -71,3 +71,17 @@ def test_a_programs_bits_per_byte_are_its_models(tiny, tiny_optimized):
     want = evaluate(tiny, windows, batch=2)["bits_per_byte_sparse"]
     program, _ = tiny_optimized
     assert abs(program_bits_per_byte(program, windows, batch=2) - want) < 2e-3
+
+
+def test_train_init_starts_from_a_checkpoints_weights(tmp_path):
+    import pytest
+
+    from dsc.errors import DscError
+    from dsc.frontends.reference import load_model
+
+    train_main(["--out", str(tmp_path / "r"), "--preset", "tiny", "--init", "tiny", "--seed", "7", "--steps", "0"])
+    got = torch.load(tmp_path / "r" / "train_state.pt", weights_only=True)["model"]
+    want = load_model("tiny")[0].state_dict()  # the preset's seeded weights, not --seed 7's
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(DscError, match="hidden_size"):
+        train_main(["--out", str(tmp_path / "x"), "--preset", "tiny", "--init", "demo", "--steps", "0"])
