@@ -8,14 +8,18 @@
   indexer's top-k keys, over queries that see more than k keys;
 - MoE expert load: tokens per expert relative to the mean (max/mean and coefficient of variation);
 - MTP first-draft acceptance: how often the MTP module's greedy guess for token i+2 equals the main
-  model's greedy prediction at i+1 (what greedy speculative decoding accepts).
+  model's greedy prediction at i+1 (what greedy speculative decoding accepts);
+- greedy text: 200 new bytes from each of ``def ``, ``import ``, ``class ``, with the most times any
+  8-byte sequence occurs in a row (``loop_repeats``; see ``loop_repeats``) and the Python keywords used.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import keyword
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +29,42 @@ from dsc.data import eval_windows, load_corpus
 from dsc.model.model import MLA, DeepseekV32ForCausalLM, Gate
 
 ASSETS = Path(__file__).parent / "assets" / "demo"
+GREEDY_PROMPTS = ("def ", "import ", "class ")
+KEYWORDS = re.compile(r"\b(" + "|".join(keyword.kwlist) + r")\b")
+
+
+def loop_repeats(data: bytes, width: int = 8, max_period: int = 64) -> int:
+    """The most times any ``width``-byte sequence occurs in a row: back to back (period ``width``),
+    or at the stride of a shorter loop (a period-p stretch repeats each window every multiple of p
+    that is >= width), or of a longer one (period p > width, every p bytes)."""
+    best = 1 if len(data) >= width else 0
+    for p in range(1, min(max_period, len(data) - 1) + 1):
+        stride = p * -(-width // p)
+        run = 0  # positions k with data[k] == data[k + p], consecutive
+        for k in range(len(data) - p):
+            run = run + 1 if data[k] == data[k + p] else 0
+            if run + p >= width:
+                best = max(best, (run + p - width) // stride + 1)
+    return best
+
+
+@torch.no_grad()
+def greedy_text(model: DeepseekV32ForCausalLM, new_tokens: int = 200) -> dict:
+    """Greedy continuations of GREEDY_PROMPTS by the reference model, with their loop and keyword counts."""
+    from dsc.runtime import EagerBackend, SamplingParams, generate
+    from dsc.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer.for_config(model.config)
+    backend, out = EagerBackend(model.eval()), {}
+    for prompt in GREEDY_PROMPTS:
+        ids = generate(backend, [tok.encode(prompt)], SamplingParams(new_tokens, stop_at_eos=False)).tokens[0]
+        text = tok.decode(ids)
+        out[prompt] = {
+            "text": text,
+            "loop_repeats": loop_repeats(bytes(i for i in ids if i < 256)),
+            "keywords": sorted(set(KEYWORDS.findall(prompt + text))),
+        }
+    return out
 
 
 def _set(model, sparse: bool, collect: bool):
@@ -151,6 +191,7 @@ def main(argv=None) -> None:
     cfg = model.config
     windows = eval_windows(load_corpus("heldout", cfg.bos_token_id, cfg.eos_token_id), args.seq_len, args.windows)
     res = evaluate(model, windows)
+    res["greedy"] = greedy_text(model)
     if args.program:
         from dsc.program import Program
 

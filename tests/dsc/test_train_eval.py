@@ -6,7 +6,7 @@ import torch
 from dsc.model import DeepseekV32ForCausalLM, preset
 
 from dsc.data import eval_windows, load_corpus, stdlib_files
-from dsc.evaluate import evaluate
+from dsc.evaluate import evaluate, greedy_text, loop_repeats
 from dsc.train import main as train_main
 
 
@@ -60,6 +60,17 @@ def test_evaluate_reports_every_figure():
     assert 0 < res["indexer_topk_recall"] <= 1
     assert len(res["expert_load_per_moe_layer"]) == 2  # layer 1 and the MTP layer
     assert 0 <= res["mtp_first_draft_acceptance"] <= 1
+    text = greedy_text(model, new_tokens=12)
+    assert set(text) == {"def ", "import ", "class "}
+    for prompt, t in text.items():
+        assert t["loop_repeats"] <= 2 and prompt.strip() in t["keywords"]  # 12 new bytes: 2 windows at most
+
+
+def test_loop_repeats_counts_a_greedy_loop_at_its_own_period():
+    assert loop_repeats(b"def it in the set the set the set the set the set") == 5  # "the set " x 5
+    assert loop_repeats(b"def __init__(self, self, self, self, self, self):") == 3  # period 6: each window every 12
+    assert loop_repeats(b"import os\nimport sys\nclass A:\n    def f(self):\n        return 1\n") == 1
+    assert loop_repeats(b"x" * 80) == 10 and loop_repeats(b"short") == 0
 
 
 def test_a_programs_bits_per_byte_are_its_models(tiny, tiny_optimized):
