@@ -204,7 +204,7 @@ LABELS = {
     "products": "W_UK·W_UV products", "form": "form", "why": "why", "topk": "top-k", "entries": "entries",
     "cache_bytes_per_token_per_layer": "cache bytes per token per layer", "index_cache": "index-key cache",
     "recall_vs_fp32": "top-k recall vs the fp32 indexer", "option": "option", "inflation": "weight inflation (x)",
-    "param_bytes_per_layer": "parameter bytes per layer", "layers": "layers", "before": "before", "after": "after", "factored": "factored", "sites_per_entry": "sites per entry",
+    "param_bytes_per_layer": "parameter bytes per layer", "layers": "layers", "before": "before", "after": "after", "factored": "factored", "sites_per_entry": "sites per entry", "rms_norms_per_entry": "other RMSNorms made one aten.rms_norm, per entry",
     # lower_fp8
     "mode": "numerics mode", "scales": "scale format", "matmuls": "matmuls", "weights": "weights",
     "lowered": "lowered", "from_checkpoint": "taken from the FP8 checkpoint as they are", "bytes_before": "bytes before",

@@ -1,12 +1,16 @@
-"""fuse_add_rms_norm: residual add followed by RMSNorm -> ``dsc::add_rms_norm``.
+"""fuse_add_rms_norm: residual add followed by RMSNorm -> ``dsc::add_rms_norm``; an RMSNorm of
+anything else, spelled out, -> one ``aten.rms_norm`` (a fused kernel on CPU and GPU, one call
+instead of six).
 
     s = a + b;  y = w ⊙ s · rsqrt(mean(s², -1) + eps)   ->   (y, s) = dsc::add_rms_norm(a, b, w, eps)
+    y = w ⊙ x · rsqrt(mean(x², -1) + eps)               ->   y = aten.rms_norm(x, [D], w, eps)
 
 RMSNorm is found by its computation, however it is spelled: ``rsqrt(mean(pow(s, 2) | s*s, [-1],
 keepdim) + eps)`` multiplied by ``s`` and by a 1-D weight in either operand order, with optional
 casts to fp32 and back, or a single ``aten.rms_norm`` node. The add's other users read ``s``.
 Not fused: a norm over anything but the last dim, a weight that is not 1-D of the normalised size,
-intermediate values with other users, an add with ``alpha`` or broadcasting.
+intermediate values with other users, an add with ``alpha`` or broadcasting (such a norm becomes
+``aten.rms_norm`` instead); a lone norm whose input, weight and product differ in dtype.
 
 Preconditions: ``canonicalize`` (no-op casts removed). Numerics: fp32 re-association only.
 """
@@ -45,12 +49,31 @@ def _residual_add(s: fx.Node):
     return src, a, b
 
 
-def fuse(gm: fx.GraphModule) -> int:
-    count = 0
+def _one_rms_norm(gm: fx.GraphModule, norm) -> bool:
+    """The composite norm -> aten.rms_norm(x, [D], w, eps) [-> its cast back]; False where it is one node
+    already or the dtypes would make the fused op compute in another precision."""
+    s, w, out = norm.x, norm.weight, norm.out
+    scaled = norm.nodes[5] if len(norm.nodes) > 1 else None
+    if scaled is None or not (val(s).dtype == val(w).dtype == val(scaled).dtype):
+        return False
+    with gm.graph.inserting_before(out):
+        y = tag(gm.graph.call_function(aten.rms_norm.default, (s, [val(s).shape[-1]], w, norm.eps)), NAME)
+        y.meta["val"] = val(scaled)
+        if out is not scaled:
+            y = tag(gm.graph.call_function(out.target, (y, *out.args[1:]), dict(out.kwargs)), NAME)
+            y.meta["val"] = val(out)
+    out.replace_all_uses_with(y)
+    return True
+
+
+def fuse(gm: fx.GraphModule) -> tuple[int, int]:
+    """(residual-add sites, lone norms made one aten.rms_norm)."""
+    count = lone = 0
     for norm in rms_norms(gm.graph):
         s, w, eps, _nodes, out = norm.x, norm.weight, norm.eps, norm.nodes, norm.out
         res = _residual_add(s)
         if res is None:
+            lone += _one_rms_norm(gm, norm)
             continue
         add, a, b = res
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -67,13 +90,16 @@ def fuse(gm: fx.GraphModule) -> int:
         out.replace_all_uses_with(y)
         add.replace_all_uses_with(s_new, delete_user_cb=lambda u, keep=fused: u is not keep)
         count += 1
-    return count
+    return count, lone
 
 
-@register_pass(NAME, order=90, purpose="residual add + RMSNorm -> one dsc::add_rms_norm op", tolerance=FP32_REASSOC)
+@register_pass(
+    NAME, order=90, purpose="residual add + RMSNorm -> one dsc::add_rms_norm op; other RMSNorms -> one aten.rms_norm",
+    tolerance=FP32_REASSOC,
+)  # fmt: skip
 def fuse_add_rms_norm(program, ctx):
-    per_entry = {}
+    per_entry, lone = {}, {}
     for name, ep in program.entries.items():
-        per_entry[name] = fuse(ep.graph_module)
+        per_entry[name], lone[name] = fuse(ep.graph_module)
         finalize(ep)
-    return sum(per_entry.values()), {"sites_per_entry": per_entry}
+    return sum(per_entry.values()) + sum(lone.values()), {"sites_per_entry": per_entry, "rms_norms_per_entry": lone}

@@ -66,22 +66,49 @@ class NoAdd(torch.nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w
 
 
-@pytest.mark.parametrize("mod", [ExtraUser(), NotLastDim(), Broadcast(), NoAdd()], ids=lambda m: type(m).__name__)
+class CastBack(torch.nn.Module):  # math in a wider type, the weight, then a cast back (as bf16 models do)
+    def forward(self, x, r, w):
+        xd = x.double()
+        return (w.double() * (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + EPS))).float()
+
+
+class MixedWeight(torch.nn.Module):  # a bf16 weight times the fp32 norm: aten.rms_norm would not promote alike
+    def forward(self, x, r, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("mod", [ExtraUser(), NotLastDim(), MixedWeight()], ids=lambda m: type(m).__name__)
 def test_does_not_fire_when_preconditions_fail(mod):
     args = (torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.randn(32))
     p, _, _ = apply("canonicalize", toy_program(mod, *args))
     out, matches, _ = apply("fuse_add_rms_norm", p)
-    assert matches == 0 and FUSED not in ops(out)
+    assert matches == 0 and FUSED not in ops(out) and "aten.rms_norm.default" not in ops(out)
+
+
+@pytest.mark.parametrize("mod", [Broadcast(), NoAdd(), CastBack()], ids=lambda m: type(m).__name__)
+def test_a_norm_without_a_residual_add_becomes_one_rms_norm(mod):
+    args = (torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.randn(32))
+    p, _, _ = apply("canonicalize", toy_program(mod, *args))
+    out, matches, stats = apply("fuse_add_rms_norm", p)
+    h = ops(out)
+    assert matches == 1 and stats["rms_norms_per_entry"] == {"forward": 1} and FUSED not in h
+    assert h["aten.rms_norm.default"] == 1 and "aten.rsqrt.default" not in h and "aten.mean.dim" not in h
+    got, want = out.module("forward")(*args), mod(*args)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL["fp32_reassoc"])
 
 
 def test_reference_model_one_site_per_residual_norm(tiny_program):
     canon, _, _ = apply("canonicalize", tiny_program)
     out, matches, stats = apply("fuse_add_rms_norm", canon)
     # per entry, tiny (2 layers): post-attn norm of layer 0, both norms of layer 1, the final norm
-    assert stats == {"sites_per_entry": {"prefill": 4, "decode": 4, "mtp": 2}} and matches == 10
+    # the others, one aten.rms_norm each: q_a / kv_a norms x 2 and layer 0's input norm; in mtp, enorm,
+    # hnorm, the MTP block's input norm (of eh_proj's output, no residual add) and its q_a / kv_a norms
+    assert stats["sites_per_entry"] == {"prefill": 4, "decode": 4, "mtp": 2}
+    assert stats["rms_norms_per_entry"] == {"prefill": 5, "decode": 5, "mtp": 5} and matches == 25
     for entry in ("prefill", "decode"):
         h = ops(out, entry)
-        assert h[FUSED] == 4 and h["aten.rsqrt.default"] == 5  # q_a/kv_a norms x2 and layer 0's input norm remain
+        assert h[FUSED] == 4 and h["aten.rms_norm.default"] == 5 and "aten.rsqrt.default" not in h
     sc = make_scenario(tiny_program.config)
     _, violations = compare(run_scenario(canon, sc), run_scenario(out, sc), FP32_REASSOC)
     assert not violations
