@@ -168,7 +168,7 @@ def ship(run_dir: Path, dest: Path = ASSETS) -> Path:
     tensors = {
         k: (v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)) for k, v in st["model"].items()
     }
-    save_hf(Checkpoint(cfg, tensors), dest, overwrite=True)
+    save_hf(Checkpoint(cfg, tensors), dest, overwrite=True, marker="config.json")  # the demo directory is ours
     return dest
 
 

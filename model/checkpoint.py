@@ -206,8 +206,12 @@ def load_hf(path: str | Path) -> Checkpoint:
     return Checkpoint(cfg, tensors, str(path), meta, notes)
 
 
-def save_hf(ckpt: Checkpoint, dest: str | Path, max_shard_bytes: int | None = None, overwrite: bool = False) -> None:
-    """Write ``config.json`` + ``model.safetensors`` (or shards + index) atomically; tensors keep their dtypes."""
+def save_hf(
+    ckpt: Checkpoint, dest: str | Path, max_shard_bytes: int | None = None, overwrite: bool = False,
+    marker: str = "manifest.json",
+) -> None:  # fmt: skip
+    """Write ``config.json`` + ``model.safetensors`` (or shards + index) atomically; tensors keep their
+    dtypes. ``overwrite`` replaces a directory holding ``marker`` (by default only a dsc output)."""
     tensors = {k: v.contiguous() for k, v in ckpt.tensors.items()}
 
     def write(tmp: Path) -> None:
@@ -234,7 +238,7 @@ def save_hf(ckpt: Checkpoint, dest: str | Path, max_shard_bytes: int | None = No
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
 
-    atomic_dir(Path(dest), write, overwrite)
+    atomic_dir(Path(dest), write, overwrite, marker)
 
 
 # ---- model.pt -----------------------------------------------------------------------------------
