@@ -96,3 +96,30 @@ def test_train_init_starts_from_a_checkpoints_weights(tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(DscError, match="hidden_size"):
         train_main(["--out", str(tmp_path / "x"), "--preset", "tiny", "--init", "demo", "--steps", "0"])
+
+
+def test_ship_writes_and_replaces_a_demo_directory(tmp_path):
+    """--ship: train_state.pt -> bf16 HF directory; shipping again replaces it (never a directory of
+    other files)."""
+    import pytest
+
+    from dsc.errors import DscError
+    from dsc.evaluate import ship
+    from dsc.frontends.reference import load_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = DeepseekV32ForCausalLM(preset("demo")).init_weights(3)
+    torch.save({"model": model.state_dict()}, run / "train_state.pt")
+    dest = tmp_path / "demo"
+    for _ in range(2):
+        ship(run, dest)
+        shipped, _ = load_model(str(dest))
+        w = "model.layers.0.self_attn.q_a_proj.weight"
+        assert torch.equal(shipped.state_dict()[w], model.state_dict()[w].bfloat16().float())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DscError, match="did not write"):
+        ship(run, other)
+    assert (other / "notes.txt").read_text() == "mine"
