@@ -58,7 +58,9 @@ def test_selection_and_records(tiny_program):
         select_passes(["nope"])
     program, records = run_pipeline(tiny_program, select_passes())
     r = records[5].to_dict()
-    assert r["name"] == "fuse_add_rms_norm" and r["changed"] and r["matches"] == 14  # 4 + 4 + 2 (draft) + 4
+    assert r["name"] == "fuse_add_rms_norm" and r["changed"] and r["matches"] == 34
+    # residual add + norm: 4 + 4 + 2 (draft) + 4 (verify); the other norms, one aten.rms_norm each: 5 an entry
+    assert r["stats"]["rms_norms_per_entry"] == dict.fromkeys(("prefill", "decode", "draft", "verify"), 5)
     assert r["numerics"]["top1_agreement"] == 1.0 and r["tolerance"]["atol"] == FP32_REASSOC.atol
     assert r["nodes_after"]["decode"] < r["nodes_before"]["decode"]
     assert program.provenance["passes"] == [
