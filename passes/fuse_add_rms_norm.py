@@ -50,19 +50,19 @@ def _residual_add(s: fx.Node):
 
 
 def _one_rms_norm(gm: fx.GraphModule, norm) -> bool:
-    """The composite norm -> aten.rms_norm(x, [D], w, eps) [-> its cast back]; False where it is one node
-    already or the dtypes would make the fused op compute in another precision."""
-    s, w, out = norm.x, norm.weight, norm.out
-    scaled = norm.nodes[5] if len(norm.nodes) > 1 else None
-    if scaled is None or not (val(s).dtype == val(w).dtype == val(scaled).dtype):
+    """The composite norm's weighted product -> aten.rms_norm(x, [D], w, eps) (a cast back after it
+    stays and reads the new node); False where it is one node already or the dtypes would make the
+    fused op compute in another precision."""
+    if len(norm.nodes) == 1:
         return False
-    with gm.graph.inserting_before(out):
+    s, w = norm.x, norm.weight
+    scaled = norm.out.args[0] if norm.out.target in CASTS else norm.out
+    if not (val(s).dtype == val(w).dtype == val(scaled).dtype):
+        return False
+    with gm.graph.inserting_before(scaled):
         y = tag(gm.graph.call_function(aten.rms_norm.default, (s, [val(s).shape[-1]], w, norm.eps)), NAME)
-        y.meta["val"] = val(scaled)
-        if out is not scaled:
-            y = tag(gm.graph.call_function(out.target, (y, *out.args[1:]), dict(out.kwargs)), NAME)
-            y.meta["val"] = val(out)
-    out.replace_all_uses_with(y)
+    y.meta["val"] = val(scaled)
+    scaled.replace_all_uses_with(y)
     return True
 
 

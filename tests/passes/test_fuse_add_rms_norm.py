@@ -119,3 +119,23 @@ def test_idempotent(tiny_program):
     once, _, _ = apply("fuse_add_rms_norm", canon)
     twice, matches, _ = apply("fuse_add_rms_norm", once)
     assert matches == 0 and twice.entries["decode"].graph_module.code == once.entries["decode"].graph_module.code
+
+
+@pytest.mark.parametrize("kind", ["v3", "v32"])
+def test_hf_modeling_code_every_norm_fused_and_equal_to_hf(kind):
+    """HF transformers' DeepSeek-V3 / V3.2 RMSNorm (fp32 casts, weight after the cast back), exported
+    as HF runs a decode step: every norm becomes one op and the logits are HF's."""
+    from dsc.program import CacheSpec, Program
+    from tests.passes.hf_models import assert_matches_hf, export_case, hf_model
+
+    m = hf_model(kind, "sdpa")
+    ep, inputs = export_case(m, "decode")
+    program, _, _ = apply("canonicalize", Program({"forward": ep}, CacheSpec([]), config=None))
+    out, matches, stats = apply("fuse_add_rms_norm", program)
+    L = m.config.num_hidden_layers
+    # per layer the input norm (layer 0's reads the embedding), the post-attention norm and the
+    # final norm follow residual adds; q_a / kv_a norms and layer 0's input norm stand alone
+    assert stats["sites_per_entry"] == {"forward": 2 * L} and stats["rms_norms_per_entry"] == {"forward": 2 * L + 1}
+    h = ops(out)
+    assert h[FUSED] == 2 * L and h["aten.rms_norm.default"] == 2 * L + 1 and "aten.rsqrt.default" not in h
+    assert_matches_hf(m, "decode", inputs, out.module("forward"), **TOL["fp32_reassoc"])
