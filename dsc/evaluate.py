@@ -61,7 +61,7 @@ def greedy_text(model: DeepseekV32ForCausalLM, new_tokens: int = 200) -> dict:
         text = tok.decode(ids)
         out[prompt] = {
             "text": text,
-            "loop_repeats": loop_repeats(bytes(i for i in ids if i < 256)),
+            "loop_repeats": loop_repeats(tok.to_bytes(ids)),
             "keywords": sorted(set(KEYWORDS.findall(prompt + text))),
         }
     return out

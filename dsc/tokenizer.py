@@ -16,5 +16,9 @@ class ByteTokenizer:
         ids = list(text.encode("utf-8"))
         return ([self.bos] if bos and self.bos < self.vocab_size else []) + ids
 
+    def to_bytes(self, ids: list[int]) -> bytes:
+        """The byte ids of ``ids`` (BOS / EOS and other specials dropped)."""
+        return bytes(i for i in ids if 0 <= i < 256)
+
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return self.to_bytes(ids).decode("utf-8", errors="replace")
