@@ -1,4 +1,5 @@
-"""The CPU's FP8 kernels (``fp8_cpu.c``), built with the system C compiler at first use.
+"""The CPU's native kernels (``fp8_cpu.c``: FP8 matmuls; ``dsa_cpu.c``: the DSA ops of a decode
+step's few rows), built with the system C compiler at first use into one library.
 
 Why a native kernel: a decode step is memory-bound and FP8 weights are a quarter of fp32's bytes,
 but torch widens e4m3 to fp32 at ~4 ns a value on this CPU (70 ms for a 4096x4096 weight, against
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("fp8_cpu.c")
+SOURCES = [Path(__file__).with_name(f) for f in ("fp8_cpu.c", "dsa_cpu.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 ROWS_MAX = 16  # up to this many activation rows, the weight is streamed through the dot product
 
@@ -39,7 +40,7 @@ def _unavailable() -> str | None:
     if os.environ.get("DSC_NATIVE", "1") == "0":
         return "DSC_NATIVE=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the FP8 CPU kernel is written for x86-64 (this is {platform.machine()})"
+        return f"the native CPU kernels are written for x86-64 (this is {platform.machine()})"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "this CPU has no AVX2"
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -52,15 +53,15 @@ def _unavailable() -> str | None:
 
 def _build() -> Path:
     cc = os.environ.get("CC", "cc")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"fp8_cpu-{digest}.so"
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join([cc, *FLAGS]).encode())
+    out = cache_dir() / f"dsc_cpu-{digest.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
         os.replace(tmp, out)  # whole or not at all: a concurrent build writes its own temporary
@@ -78,10 +79,12 @@ def library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(_build()))
         except (OSError, RuntimeError) as e:
-            why = f"building {SOURCE.name} failed ({e})"
+            why = f"building {', '.join(s.name for s in SOURCES)} failed ({e})"
     if why is not None:
         if why != "DSC_NATIVE=0":
-            warnings.warn(f"dsc: FP8 matmuls on CPU use torch's slower path: {why}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"dsc: FP8 matmuls and DSA ops on CPU use torch's slower path: {why}", RuntimeWarning, stacklevel=2
+            )
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dsc_fp8_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
@@ -90,6 +93,11 @@ def library() -> ctypes.CDLL | None:
     lib.dsc_fp8_rows_heads.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.dsc_fp8_rows_heads.restype = None
     lib.dsc_fp8_rows.restype = lib.dsc_fp8_dequant.restype = lib.dsc_act_quant.restype = None
+    lib.dsc_indexer_topk.argtypes = [ptr, ptr, ptr, ptr, *[i64] * 7, i64, ptr, ctypes.c_int]
+    lib.dsc_indexer_topk.restype = None
+    lib.dsc_sparse_mla.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, i64, ptr, *[i64] * 7, ctypes.c_float, ptr,
+                                   ctypes.c_int]  # fmt: skip
+    lib.dsc_sparse_mla.restype = i64
     return lib
 
 
@@ -161,3 +169,31 @@ def rows_heads(x: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
         x.data_ptr(), M, H, w.data_ptr(), w_scale.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads()
     )
     return y
+
+
+def indexer_topk(q: Tensor, w: Tensor, keys: Tensor, limit: Tensor, topk: int) -> Tensor:
+    """``dsc::indexer_topk`` on fp32 q (B, S, H, D), w (B, S, H), keys (B, T, D) (each key contiguous):
+    the selected sets of the reference, in increasing token order, -1 padded."""
+    B, S, H, D = q.shape
+    T = keys.shape[1]
+    q, w, limit = q.contiguous(), w.contiguous(), limit.to(torch.int64).contiguous()
+    out = torch.empty(B, S, topk, dtype=torch.int64)
+    library().dsc_indexer_topk(q.data_ptr(), w.data_ptr(), keys.data_ptr(), limit.data_ptr(), B, S, H, D, T,
+                               keys.stride(0), keys.stride(1), topk, out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def sparse_mla(q_abs: Tensor, q_pe: Tensor, latent: Tensor, rope: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """``dsc::sparse_mla`` on fp32 inputs (each cached row contiguous) -> fp32 (B, S, H, dc)."""
+    B, S, H, dc = q_abs.shape
+    T, dr, K = latent.shape[1], rope.shape[-1], indices.shape[-1]
+    qa, qp, idx = q_abs.contiguous(), q_pe.contiguous(), indices.contiguous()
+    out = torch.empty(B, S, H, dc, dtype=torch.float32)
+    bad = library().dsc_sparse_mla(
+        qa.data_ptr(), qp.data_ptr(), latent.data_ptr(), latent.stride(0), latent.stride(1), rope.data_ptr(),
+        rope.stride(0), rope.stride(1), idx.data_ptr(), B, S, H, dc, dr, T, K, scale, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if bad:
+        raise IndexError(f"sparse_mla: {bad} selected indices are past the {T} cached tokens")
+    return out

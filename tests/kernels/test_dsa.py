@@ -31,6 +31,19 @@ def _as_sets(idx):
     return [[sorted(int(i) for i in row if i >= 0) for row in b] for b in idx]
 
 
+from dsc.kernels import native
+
+NATIVE = pytest.param(
+    True, id="native", marks=pytest.mark.skipif(native.library() is None, reason="no native CPU kernels here")
+)
+PATHS = [pytest.param(False, id="torch"), NATIVE]  # the CPU op's torch composition, or dsa_cpu.c
+
+
+def _use_native(monkeypatch, on: bool) -> None:
+    """Route the CPU ops' calls to the native kernels or to their torch composition."""
+    monkeypatch.setattr(dsa, "USE_NATIVE", on)
+
+
 CASES = [  # B, S, H, D, T, topk
     (1, 1, 4, 16, 50, 8),  # decode
     (2, 5, 3, 16, 37, 8),  # extend at per-row starts
@@ -39,10 +52,12 @@ CASES = [  # B, S, H, D, T, topk
 ]
 
 
+@pytest.mark.parametrize("use_native", PATHS)
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_indexer_topk_cpu_equals_reference(case, ties, monkeypatch):
+def test_indexer_topk_cpu_equals_reference(case, ties, use_native, monkeypatch):
     B, S, H, D, T, k = case
+    _use_native(monkeypatch, use_native)
     q, w, keys, limit = _indexer_inputs(B, S, H, D, T, ties=ties)
     want = dsa.indexer_topk_ref(q, w, keys, limit, k)
     assert want.shape == (B, S, k) and want.dtype == torch.int64
@@ -52,6 +67,9 @@ def test_indexer_topk_cpu_equals_reference(case, ties, monkeypatch):
         monkeypatch.setattr(dsa, "KEYS_MAJOR_MIN_T", keys_major)
         got = torch.ops.dsc.indexer_topk(q, w, keys, limit, k)
         assert _as_sets(got) == _as_sets(want)
+    big = torch.zeros(B, T + 3, D)  # the cache the runtime hands a window of: not contiguous
+    big[:, :T] = keys
+    assert _as_sets(torch.ops.dsc.indexer_topk(q, w, big[:, :T], limit, k)) == _as_sets(want)
     # k = min(topk, visible): each row selects exactly that many, all visible
     visible = (limit + 1).clamp(max=T)
     assert ((got >= 0).sum(-1) == visible.clamp(max=k)).all()
@@ -61,7 +79,9 @@ def test_indexer_topk_cpu_equals_reference(case, ties, monkeypatch):
         assert torch.equal(got, torch.where(pos <= limit.unsqueeze(-1), pos, -1))
 
 
-def test_ties_go_to_the_earlier_token():
+@pytest.mark.parametrize("use_native", PATHS)
+def test_ties_go_to_the_earlier_token(use_native, monkeypatch):
+    _use_native(monkeypatch, use_native)
     keys = torch.zeros(1, 6, 4)
     keys[0, 4] = 1.0  # one positive score; the rest tie at ReLU's 0
     q, w = torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1)
@@ -106,6 +126,7 @@ def _random_indices(B, S, T, K, seed=0):
 
 
 SPARSE_PATHS = {  # FEW_ROWS, UNION_HEADS_PER_K, rows per block (None: ROW_BLOCK_VALUES as it is)
+    "native": (None, None, None),  # dsa_cpu.c
     "own gather per row": (1 << 30, 4, None),
     "union of a block": (0, 1e-9, None),
     "union, one block per row": (0, 1e-9, 1),
@@ -128,8 +149,12 @@ def test_sparse_mla_equals_masked_dense_attention(shape, path, monkeypatch):
     ref = dsa.sparse_mla_ref(q_abs, q_pe, c, r, idx, 0.3)
     torch.testing.assert_close(ref, dense, **TOL["fp32_reassoc"])
     few, per_k, rows = SPARSE_PATHS[path]
-    monkeypatch.setattr(dsa, "FEW_ROWS", few)
-    monkeypatch.setattr(dsa, "UNION_HEADS_PER_K", per_k)
+    if path == "native" and native.library() is None:
+        pytest.skip("no native CPU kernels here")
+    _use_native(monkeypatch, path == "native")
+    if few is not None:
+        monkeypatch.setattr(dsa, "FEW_ROWS", few)
+        monkeypatch.setattr(dsa, "UNION_HEADS_PER_K", per_k)
     if rows:
         monkeypatch.setattr(dsa, "ROW_BLOCK_VALUES", rows * H * T)
     per_row = []
@@ -143,13 +168,17 @@ def test_sparse_mla_equals_masked_dense_attention(shape, path, monkeypatch):
     q = torch.cat((q_abs, q_pe), -1).transpose(1, 2).contiguous().transpose(1, 2)
     strided = torch.ops.dsc.sparse_mla(q[..., :dc], q[..., dc:], c, r, idx, 0.3)
     torch.testing.assert_close(strided, ref, **TOL["fp32_reassoc"])
-    if path == "union or per row by its size":  # 5 rows of 20 of 64 tokens share little: per row
+    if path == "native":
+        assert not per_row
+    elif path == "union or per row by its size":  # 5 rows of 20 of 64 tokens share little: per row
         assert bool(per_row) == (shape[-1] < shape[-2] and S > 1)
     elif S > 1:
         assert bool(per_row) == (path == "own gather per row")
 
 
-def test_sparse_mla_row_without_a_token_is_zero():
+@pytest.mark.parametrize("use_native", PATHS)
+def test_sparse_mla_row_without_a_token_is_zero(use_native, monkeypatch):
+    _use_native(monkeypatch, use_native)
     q_abs, q_pe, c, r = _mla_inputs(1, 2, 2, 8, 4, 5)
     idx = torch.tensor([[[-1, -1], [3, -1]]])
     out = torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.5)
@@ -277,3 +306,37 @@ def test_hadamard_and_the_fp8_index_quantiser():
     past = (limit + 1) > 64
     hit = (a[past].unsqueeze(-1) == b[past].unsqueeze(-2)).any(-1).float().mean()
     assert hit > 0.9, hit
+
+
+@pytest.mark.skipif(native.library() is None, reason="no native CPU kernels here")
+def test_native_dsa_kernels_at_model_sizes(monkeypatch):
+    """dsa_cpu.c where its paths differ from the small cases: rows in parallel, a long row's keys split
+    between threads, ties crossing the top-k cut at scale, D and dc off the SIMD widths, bf16 queries;
+    an index past the cache is an error, not a read out of bounds."""
+    threads = torch.get_num_threads()
+    try:
+        _native_at_model_sizes()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _native_at_model_sizes():
+    for (B, S, H, D, T, k), ties in [((1, 1, 16, 128, 5000, 512), False), ((2, 9, 8, 37, 700, 64), True),
+                                     ((1, 1, 4, 32, 3000, 64), True), ((3, 2, 5, 24, 300, 299), False)]:  # fmt: skip
+        q, w, keys, limit = _indexer_inputs(B, S, H, D, T, ties=ties)
+        want = _as_sets(dsa.indexer_topk_ref(q, w, keys, limit, k))
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert _as_sets(torch.ops.dsc.indexer_topk(q, w, keys, limit, k)) == want, (B, S, H, D, T, k, threads)
+    for B, S, H, dc, dr, T, K in [(2, 9, 16, 131, 13, 300, 64), (1, 1, 128, 64, 16, 4000, 2048)]:
+        q_abs, q_pe, c, r = _mla_inputs(B, S, H, dc, dr, T)
+        idx = _random_indices(B, S, T, K)
+        ref = dsa.sparse_mla_ref(q_abs, q_pe, c, r, idx, 0.1)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.testing.assert_close(torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.1), ref, **TOL["fp32_reassoc"])
+        low = torch.ops.dsc.sparse_mla(q_abs.bfloat16(), q_pe.bfloat16(), c, r, idx, 0.1)
+        assert low.dtype == torch.bfloat16
+        idx[0, 0, 0] = T
+        with pytest.raises(IndexError, match="past the"):
+            torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.1)
