@@ -48,11 +48,7 @@ USE_NATIVE = True
 
 def _native(*cached: Tensor) -> bool:
     """Whether the native kernel takes a call over these caches."""
-    return (
-        USE_NATIVE
-        and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in cached)
-        and native.usable(*cached)
-    )
+    return USE_NATIVE and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in cached) and native.usable(*cached)
 
 
 def index_scores_ref(q: Tensor, w: Tensor, keys: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from dsc.kernels import dsa
+from dsc.kernels import dsa, native
 from dsc.kernels.mla_decode import mla_decode_ref
 
 from tests.tolerances import TOL
@@ -30,8 +30,6 @@ def _indexer_inputs(B, S, H, D, T, seed=0, ties=False):
 def _as_sets(idx):
     return [[sorted(int(i) for i in row if i >= 0) for row in b] for b in idx]
 
-
-from dsc.kernels import native
 
 NATIVE = pytest.param(
     True, id="native", marks=pytest.mark.skipif(native.library() is None, reason="no native CPU kernels here")
@@ -334,7 +332,9 @@ def _native_at_model_sizes():
         ref = dsa.sparse_mla_ref(q_abs, q_pe, c, r, idx, 0.1)
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            torch.testing.assert_close(torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.1), ref, **TOL["fp32_reassoc"])
+            torch.testing.assert_close(
+                torch.ops.dsc.sparse_mla(q_abs, q_pe, c, r, idx, 0.1), ref, **TOL["fp32_reassoc"]
+            )
         low = torch.ops.dsc.sparse_mla(q_abs.bfloat16(), q_pe.bfloat16(), c, r, idx, 0.1)
         assert low.dtype == torch.bfloat16
         idx[0, 0, 0] = T
