@@ -4,7 +4,8 @@
 
 Seeded and resumable (re-run the same command: it continues from ``OUT/train_state.pt``); ``--init``
 starts a new run from a trained checkpoint's weights (a fresh optimizer and schedule). Losses:
-next-byte cross-entropy; the MTP module's cross-entropy for the byte after next, weight 0.3 (spec §8);
+next-byte cross-entropy; the MTP module's cross-entropy for the byte after next, weight 0.3 (spec §8;
+``--mtp-weight``);
 the indexer's KL to the main attention (summed over heads, L1-normalised; spec §5.4). The indexer
 sees detached inputs, so it learns only from its KL and the model only from the LM losses. Stage 1
 (dense warm-up) attends densely and fits the indexer to all visible keys; stage 2 (sparse) turns
@@ -163,7 +164,7 @@ def train(args) -> Path:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = random_windows(stream, args.batch, args.seq_len + 1, gen)
         parts = losses(model, batch, sparse)
-        loss = parts["lm"] + MTP_WEIGHT * parts.get("mtp", 0.0) + KL_WEIGHT * parts["kl"]
+        loss = parts["lm"] + args.mtp_weight * parts.get("mtp", 0.0) + KL_WEIGHT * parts["kl"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -194,6 +195,16 @@ def train(args) -> Path:
     return out
 
 
+def _weight(text: str) -> float:
+    try:
+        w = float(text)
+    except ValueError:
+        w = float("nan")
+    if not 0 <= w < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a finite number >= 0, got {text!r}")
+    return w
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="run directory (train_state.pt, history.json)")
@@ -208,6 +219,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=50, help="warm-up steps (default 50)")
     ap.add_argument("--dense-fraction", type=float, default=0.3, help="share of steps in the dense warm-up stage")
     ap.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free balancing bias update speed")
+    ap.add_argument("--mtp-weight", type=_weight, default=MTP_WEIGHT,
+                    help=f"the MTP loss's weight beside the next-byte loss (default {MTP_WEIGHT})")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--log-every", type=int, default=10)

@@ -4,6 +4,7 @@ import json
 import keyword
 import re
 
+import pytest
 import torch
 from dsc.model import DeepseekV32ForCausalLM, preset
 
@@ -53,6 +54,24 @@ def test_train_is_seeded_and_resumable(tmp_path, capsys):
     assert [h["sparse"] for h in hist] == [False, True, True]  # dense warm-up, then DSA
     # the aux-loss-free balancing moved the gate biases, gradients did not
     assert any(v.abs().sum() > 0 for k, v in a["model"].items() if k.endswith("e_score_correction_bias"))
+
+
+def test_train_mtp_weight(tmp_path, capsys):
+    """--mtp-weight weighs the MTP loss (the same seeded run with another weight moves the MTP module's
+    weights differently); a negative or non-finite weight is refused by name before any work."""
+    args = ["--preset", "tiny", "--batch", "2", "--seq-len", "40", "--warmup", "1", "--steps", "2", "--log-every", "1"]
+    train_main(["--out", str(tmp_path / "default"), *args])
+    train_main(["--out", str(tmp_path / "heavy"), "--mtp-weight", "2.5", *args])
+    a = torch.load(tmp_path / "default" / "train_state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "heavy" / "train_state.pt", weights_only=True)["model"]
+    eh = [k for k in a if "eh_proj" in k]
+    assert eh and any(not torch.equal(a[k], b[k]) for k in eh)
+    capsys.readouterr()
+    for bad in ("-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            train_main(["--out", str(tmp_path / "bad"), "--mtp-weight", bad, *args])
+        assert f"--mtp-weight: a finite number >= 0, got '{bad}'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_evaluate_reports_every_figure():
