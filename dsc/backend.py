@@ -69,7 +69,10 @@ def _rewritten(gm: torch.fx.GraphModule, example_inputs, passes: list[str] | Non
     program = Program({"forward": ep}, CacheSpec([]), config=None, provenance={"source": "torch.compile"})
     program, records = run_pipeline(program, chosen, verify=False)
     log.info("dsc backend: %s", {r.name: r.matches for r in records})
-    unlifted = program.module("forward")
+    # the dsc:: ops stay opaque custom ops for Inductor (``Program.module`` would call their CPU functions
+    # directly, which Inductor would then trace into)
+    unlifted = program.entries["forward"].module(check_guards=False)
+    unlifted._forward_pre_hooks.clear()
     # Dynamo already guards its graphs; export's own guard module cannot be pickled by Inductor's cache
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree spec deepcopy

@@ -1,4 +1,5 @@
 import logging
+import warnings
 
 import torch
 
@@ -14,7 +15,9 @@ def test_torch_compile_dsc_backend_matches_eager(tiny, caplog):
         ref, _ = tiny.prefill(tokens, tiny.new_cache(2, 20))
         compiled = torch.compile(tiny.prefill, backend="dsc")
         c = tiny.new_cache(2, 20)
-        got, _ = compiled(tokens, c)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no fallback to plain Inductor
+            got, _ = compiled(tokens, c)
     torch.testing.assert_close(got, ref, **TOL["fp32_reassoc"])
     assert c[0].abs().sum() > 0  # the cache writes happened
     ran = [r for r in caplog.records if r.name == "dsc.backend"]
