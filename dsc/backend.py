@@ -19,7 +19,7 @@ from torch._dynamo import register_backend
 
 from dsc.errors import DscError
 from dsc.pass_manager import run_pipeline, select_passes
-from dsc.program import CacheSpec, Program
+from dsc.program import CacheSpec, Program, unlifted
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,14 @@ def _rewritten(gm: torch.fx.GraphModule, example_inputs, passes: list[str] | Non
     log.info("dsc backend: %s", {r.name: r.matches for r in records})
     # the dsc:: ops stay opaque custom ops for Inductor (``Program.module`` would call their CPU functions
     # directly, which Inductor would then trace into)
-    unlifted = program.entries["forward"].module(check_guards=False)
-    unlifted._forward_pre_hooks.clear()
+    mod = unlifted(program.entries["forward"])
     # Dynamo already guards its graphs; export's own guard module cannot be pickled by Inductor's cache
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree spec deepcopy
-        graph = copy.deepcopy(unlifted.graph)
+        graph = copy.deepcopy(mod.graph)
     for n in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         graph.erase_node(n)
-    return torch.fx.GraphModule(unlifted, graph)
+    return torch.fx.GraphModule(mod, graph)
 
 
 @register_backend(name="dsc")

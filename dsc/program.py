@@ -83,9 +83,7 @@ class Program:
         of a small model's step time) are left out; ``check_inputs`` validates against the CacheSpec.
         On CPU the graph calls the ``dsc::`` ops' functions directly (``_direct_calls``)."""
         if entry not in self._modules:
-            mod = self.entries[entry].module(check_guards=False)
-            mod._forward_pre_hooks.clear()
-            mod = _flat_attrs(mod)
+            mod = _flat_attrs(unlifted(self.entries[entry]))
             if not self.inductor and all(t.device.type == "cpu" for t in self.weights().values()):
                 mod = _direct_calls(mod)
             if self.inductor:  # dsc:: ops stay opaque calls; the ATen ops around them become Inductor kernels
@@ -322,6 +320,14 @@ def _check_entry(ep: ExportedProgram, name: str, cache: CacheSpec, config: Model
             f"{where} returns {logits.shape[-1]} logits per token, but manifest.json 'config' says vocab_size "
             f"{config.vocab_size}; the config was edited or is from another model"
         )
+
+
+def unlifted(ep: ExportedProgram) -> torch.fx.GraphModule:
+    """The entry as a plain GraphModule without export's per-call input checks (its guards and the
+    pre-hook that runs them), the ``dsc::`` ops still custom-op calls."""
+    mod = ep.module(check_guards=False)
+    mod._forward_pre_hooks.clear()
+    return mod
 
 
 def _flat_attrs(mod: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -9,7 +9,8 @@ tokens only). Spec §5, §4.6.
     out[b,s,h] = Σ_j softmax_j(scale · q[b,s,h]·k[b,j,h]) · v[b,j,h]   (sparse_mha)
 
 All heads of a query share one selected set. A query with no valid slot gets zeros, never NaN.
-Neither op materialises a (S, T) score matrix for the whole sequence: the CPU implementations work
+Neither op materialises a (S, T) score matrix for the whole sequence. On CPU, calls over fp32 caches
+run the native kernels (``dsa_cpu.c``, a query row at a time); the torch implementations work
 on blocks of query rows (the indexer scores a block of rows against the keys, selects exactly, and
 keeps only (rows, topk) indices; sparse attention gathers the latents a block of rows selected, once
 each, and masks each row's scores to its own set).

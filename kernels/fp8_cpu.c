@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define BLOCK 128
 
 static float LUT[256]; /* e4m3fn byte -> value, for the ragged tail of a row */
@@ -41,13 +43,6 @@ static inline void widen16(const uint8_t *p, __m256 *lo, __m256 *hi) {
     __m256i f = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBF80));
     *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(f));
     *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(f, 1));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* MB activation rows against NB consecutive weight rows n0 .. n0 + NB - 1. Two accumulators per
@@ -90,7 +85,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t l
         }
     }
     for (int m = 0; m < MB; m++)
-        for (int j = 0; j < NB; j++) y[m * ldy + n0 + j] = hsum(tot[m][j]) + tail_tot[m][j];
+        for (int j = 0; j < NB; j++) y[m * ldy + n0 + j] = hsum8(tot[m][j]) + tail_tot[m][j];
 }
 
 #define TILE(MB, NB)                                                                                             \

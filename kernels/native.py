@@ -85,7 +85,9 @@ def library() -> ctypes.CDLL | None:
     if why is not None:
         if why != "DSC_NATIVE=0":
             warnings.warn(
-                f"dsc: FP8 matmuls and DSA ops on CPU use torch's slower path: {why}", RuntimeWarning, stacklevel=2
+                f"dsc: FP8 matmuls, DSA ops and decode MoE on CPU use torch's slower path: {why}",
+                RuntimeWarning,
+                stacklevel=2,
             )
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p

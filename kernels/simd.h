@@ -1,4 +1,4 @@
-/* AVX2 + FMA helpers shared by the native CPU kernels (dsa_cpu.c, moe_cpu.c). */
+/* AVX2 + FMA helpers shared by the native CPU kernels (fp8_cpu.c, dsa_cpu.c, moe_cpu.c). */
 #ifndef DSC_SIMD_H
 #define DSC_SIMD_H
 #include <immintrin.h>
