@@ -355,12 +355,17 @@ def _flat_attrs(mod: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def _direct_calls(mod: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Each ``dsc::`` op node calling the op's CPU function itself instead of going through the
     dispatcher (``dsc.kernels.registry``): the same code, without the per-call dispatch an inference
-    graph on CPU tensors does not need (it was ~40 µs a call through ``torch.library.custom_op``)."""
+    graph on CPU tensors does not need (it was ~40 µs a call through ``torch.library.custom_op``).
+    ``aten.linear`` calls ``dsc.kernels.linear.linear``: the native kernel for a few fp32 rows, torch
+    for the rest."""
+    from dsc.kernels.linear import linear
     from dsc.kernels.registry import cpu_function
 
     changed = False
     for n in mod.graph.nodes:
-        fn = cpu_function(n.target) if n.op == "call_function" else None
+        if n.op != "call_function":
+            continue
+        fn = linear if n.target is torch.ops.aten.linear.default else cpu_function(n.target)
         if fn is not None:
             n.target, changed = fn, True
     if changed:

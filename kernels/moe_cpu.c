@@ -14,15 +14,6 @@
 
 #include "simd.h"
 
-static inline float dot1(const float *a, const float *x, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(x + i), acc);
-    float s = hsum8(acc);
-    for (; i < n; i++) s += a[i] * x[i];
-    return s;
-}
-
 /* y (M) = W (M, n) x (n) */
 static void gemv(const float *W, int64_t M, int64_t n, const float *x, float *y) {
     const int64_t M8 = M / 8 * 8;

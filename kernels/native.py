@@ -1,6 +1,6 @@
 """The CPU's native kernels (``fp8_cpu.c``: FP8 matmuls; ``dsa_cpu.c``: the DSA ops; ``moe_cpu.c``:
-the routed experts of a decode step's few tokens), built with the system C compiler at first use into
-one library.
+the routed experts of a decode step's few tokens; ``linear_cpu.c``: fp32 linear layers of a few rows),
+built with the system C compiler at first use into one library.
 
 Why a native kernel: a decode step is memory-bound and FP8 weights are a quarter of fp32's bytes,
 but torch widens e4m3 to fp32 at ~4 ns a value on this CPU (70 ms for a 4096x4096 weight, against
@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCES = [Path(__file__).with_name(f) for f in ("fp8_cpu.c", "dsa_cpu.c", "moe_cpu.c")]
+SOURCES = [Path(__file__).with_name(f) for f in ("fp8_cpu.c", "dsa_cpu.c", "moe_cpu.c", "linear_cpu.c")]
 HEADERS = [Path(__file__).with_name("simd.h")]  # included by the sources: part of the build's digest
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 ROWS_MAX = 16  # up to this many activation rows, the weight is streamed through the dot product
+F32_THREADED = 1 << 17  # fp32 weights of at least this many values are split over torch's threads
 
 
 def cache_dir() -> Path:
@@ -85,7 +86,7 @@ def library() -> ctypes.CDLL | None:
     if why is not None:
         if why != "DSC_NATIVE=0":
             warnings.warn(
-                f"dsc: FP8 matmuls, DSA ops and decode MoE on CPU use torch's slower path: {why}",
+                f"dsc: FP8 matmuls, DSA ops, decode MoE and few-row linears on CPU use torch's slower path: {why}",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -103,6 +104,8 @@ def library() -> ctypes.CDLL | None:
     lib.dsc_sparse_mla.restype = i64
     lib.dsc_moe_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.dsc_moe_rows.restype = None
+    lib.dsc_f32_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.dsc_f32_rows.restype = None
     return lib
 
 
@@ -220,4 +223,16 @@ def moe_rows(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -> Tenso
         slots(*[w[0].data_ptr() for w in ws]), slots(*[w[1].data_ptr() for w in ws]),
         slots(*[w[2].data_ptr() for w in ws]), y.data_ptr(),
     )  # fmt: skip
+    return y
+
+
+def f32_rows(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """fp32 x (M, K) (rows contiguous) · w (N, K)ᵀ (+ b) -> (M, N), the weight read once for all M rows;
+    2 threads only where the weight is large enough to pay for waking them."""
+    (M, K), N = x.shape, w.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    threads = torch.get_num_threads() if N * K >= F32_THREADED else 1
+    library().dsc_f32_rows(
+        x.data_ptr(), M, x.stride(0), K, w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), N, threads
+    )
     return y

@@ -1,4 +1,4 @@
-/* AVX2 + FMA helpers shared by the native CPU kernels (fp8_cpu.c, dsa_cpu.c, moe_cpu.c). */
+/* AVX2 + FMA helpers shared by the native CPU kernels (fp8_cpu.c, dsa_cpu.c, moe_cpu.c, linear_cpu.c). */
 #ifndef DSC_SIMD_H
 #define DSC_SIMD_H
 #include <immintrin.h>
@@ -9,6 +9,16 @@ static inline float hsum8(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* a . x over n values */
+static inline float dot1(const float *a, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(x + i), acc);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += a[i] * x[i];
+    return s;
 }
 
 /* The 8 dots q[h] . x (h = 0..7, rows ld apart) over n values, as one vector: 8 independent FMA

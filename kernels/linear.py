@@ -1,0 +1,46 @@
+"""fp32 linear layers of a few rows on CPU: what a Program's graph calls for ``aten.linear`` when it
+runs on CPU (``dsc.program._direct_calls``), with the numbers of ``torch.nn.functional.linear`` up to
+fp32 re-association.
+
+torch's GEMM reads the whole weight once per activation row at decode shapes, so a verify step's 2
+rows cost twice a decode step's 1 (1.05 against 0.51 ms a 1024x4096 layer); one row reads it at
+~17 GB/s. ``linear_cpu.c`` reads it once for all the rows, on torch's threads where the weight is
+large: 0.15 / 0.21 ms for 1 / 2 rows of that layer. It takes weights of at least ``MIN_WEIGHT``
+values: below that a ctypes call (~2.5 µs) costs more than torch's whole matmul, and torch keeps
+them, with prefill's many rows, bf16 weights and anything needing autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from dsc.kernels import native
+from torch import Tensor
+
+USE_NATIVE = True
+MIN_WEIGHT = 1 << 17  # from here the kernel beat torch at 1-4 rows (at 1 row it lost below)
+FEW_ROWS = 4  # more rows (up to native.ROWS_MAX) only for weights of at least MANY_ROWS_WEIGHT values
+MANY_ROWS_WEIGHT = 1 << 19
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    n = weight.numel()
+    if n < MIN_WEIGHT or not USE_NATIVE:  # first: the cheap test that most small layers fail
+        return torch.nn.functional.linear(x, weight, bias)
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if (
+        0 < rows <= (FEW_ROWS if n < MANY_ROWS_WEIGHT else native.ROWS_MAX)
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.is_cpu
+        and weight.is_cpu
+        and weight.is_contiguous()
+        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and native.library() is not None
+    ):
+        flat = x.reshape(rows, K)
+        if flat.stride(1) != 1:
+            flat = flat.contiguous()
+        return native.f32_rows(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)
