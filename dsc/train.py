@@ -5,7 +5,9 @@
 Seeded and resumable (re-run the same command: it continues from ``OUT/train_state.pt``); ``--init``
 starts a new run from a trained checkpoint's weights (a fresh optimizer and schedule). Losses:
 next-byte cross-entropy; the MTP module's cross-entropy for the byte after next, weight 0.3 (spec §8;
-``--mtp-weight``);
+``--mtp-weight``), of which ``--mtp-distill`` moves a share to the KL from the main model's own
+(detached) distribution one position later: what greedy speculative decoding accepts is the main
+model's guess, not the data's byte;
 the indexer's KL to the main attention (summed over heads, L1-normalised; spec §5.4). The indexer
 sees detached inputs, so it learns only from its KL and the model only from the LM losses. Stage 1
 (dense warm-up) attends densely and fits the indexer to all visible keys; stage 2 (sparse) turns
@@ -57,13 +59,19 @@ def set_attention(model: DeepseekV32ForCausalLM, sparse: bool, collect: bool) ->
     return aux
 
 
-def losses(model, tokens: torch.Tensor, sparse: bool) -> dict[str, torch.Tensor]:
+def losses(model, tokens: torch.Tensor, sparse: bool, distill: bool = False) -> dict[str, torch.Tensor]:
+    """``lm``, ``mtp`` (cross-entropy on t_{i+2}), ``kl`` (the indexer's) and with ``distill``
+    ``mtp_kd``: KL(p_main(. | t_{<=i+1}) || q_mtp(. | h_i, t_{i+1})), the main model's side detached."""
     aux = set_attention(model, sparse, collect=True)
     logits, mtp = model(tokens)
     V = logits.shape[-1]
     out = {"lm": F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))}
     if mtp is not None:
-        out["mtp"] = F.cross_entropy(mtp[:, :-1].reshape(-1, V), tokens[:, 2:].reshape(-1))
+        q = mtp[:, :-1].reshape(-1, V).log_softmax(-1)
+        out["mtp"] = F.nll_loss(q, tokens[:, 2:].reshape(-1))
+        if distill:
+            p = logits[:, 1:-1].detach().reshape(-1, V).log_softmax(-1)
+            out["mtp_kd"] = F.kl_div(q, p, log_target=True, reduction="batchmean")
     out["kl"] = indexer_kl(aux, sparse)
     set_attention(model, sparse, collect=False)
     return out
@@ -163,8 +171,13 @@ def train(args) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = random_windows(stream, args.batch, args.seq_len + 1, gen)
-        parts = losses(model, batch, sparse)
-        loss = parts["lm"] + args.mtp_weight * parts.get("mtp", 0.0) + KL_WEIGHT * parts["kl"]
+        parts = losses(model, batch, sparse, distill=args.mtp_distill > 0)
+        mtp = (
+            (1 - args.mtp_distill) * parts["mtp"] + args.mtp_distill * parts["mtp_kd"]
+            if "mtp_kd" in parts
+            else parts.get("mtp", 0.0)
+        )
+        loss = parts["lm"] + args.mtp_weight * mtp + KL_WEIGHT * parts["kl"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -183,7 +196,9 @@ def train(args) -> Path:
             eta = (args.steps - step) * (time.time() - t_start) / max(step - (history[0]["step"] - 1), 1)
             print(
                 f"step {step}/{args.steps} [{'sparse' if sparse else 'dense'}] lm {rec['lm']:.3f} "
-                f"({rec['lm'] / math.log(2):.2f} bpb) mtp {rec.get('mtp', 0):.3f} kl {rec['kl']:.3f} "
+                f"({rec['lm'] / math.log(2):.2f} bpb) mtp {rec.get('mtp', 0):.3f}"
+                + (f" (kd {rec['mtp_kd']:.3f})" if "mtp_kd" in rec else "")
+                + f" kl {rec['kl']:.3f} "
                 f"load max/mean {imbalance:.2f} | {tokens_seen / dt:.0f} tok/s, eta {eta / 60:.0f} min",
                 flush=True,
             )
@@ -205,6 +220,16 @@ def _weight(text: str) -> float:
     return w
 
 
+def _share(text: str) -> float:
+    try:
+        a = float(text)
+    except ValueError:
+        a = float("nan")
+    if not 0 <= a <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a share between 0 and 1, got {text!r}")
+    return a
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="run directory (train_state.pt, history.json)")
@@ -221,6 +246,9 @@ def main(argv=None) -> None:
     ap.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free balancing bias update speed")
     ap.add_argument("--mtp-weight", type=_weight, default=MTP_WEIGHT,
                     help=f"the MTP loss's weight beside the next-byte loss (default {MTP_WEIGHT})")  # fmt: skip
+    ap.add_argument("--mtp-distill", type=_share, default=0.0, metavar="SHARE",
+                    help="share of the MTP loss that is the KL from the main model's next-position distribution "
+                         "instead of the cross-entropy on the data (default 0: the spec's loss)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--log-every", type=int, default=10)

@@ -74,6 +74,40 @@ def test_train_mtp_weight(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_train_mtp_distill(tmp_path, capsys):
+    """--mtp-distill moves a share of the MTP loss to the KL from the main model's next-position
+    distribution: the loss is that KL (checked by hand), it reaches the MTP module's weights, and a
+    share outside [0, 1] is refused by name before any work."""
+    from dsc.train import losses
+
+    model = DeepseekV32ForCausalLM(preset("tiny")).init_weights(0)
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    parts = losses(model, tokens, sparse=True, distill=True)
+    logits, mtp = model(tokens)
+    p, q = logits[:, 1:-1].softmax(-1), mtp[:, :-1].softmax(-1)
+    want = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(parts["mtp_kd"], want, rtol=1e-4, atol=1e-6)
+    assert "mtp_kd" not in losses(model, tokens, sparse=True)
+    parts["mtp_kd"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "eh_proj" in n)  # the MTP side learns
+
+    args = ["--preset", "tiny", "--batch", "2", "--seq-len", "40", "--warmup", "1", "--steps", "2", "--log-every", "1"]
+    train_main(["--out", str(tmp_path / "plain"), *args])
+    train_main(["--out", str(tmp_path / "kd"), "--mtp-distill", "1", *args])
+    a = torch.load(tmp_path / "plain" / "train_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "kd" / "train_state.pt", weights_only=True)
+    assert "mtp_kd" in b["history"][-1] and "mtp_kd" not in a["history"][-1]
+    eh = [k for k in a["model"] if "eh_proj" in k]
+    assert eh and any(not torch.equal(a["model"][k], b["model"][k]) for k in eh)
+    capsys.readouterr()
+    for bad in ("-0.1", "1.5", "nan", "x"):
+        with pytest.raises(SystemExit):
+            train_main(["--out", str(tmp_path / "bad"), "--mtp-distill", bad, *args])
+        assert f"--mtp-distill: a share between 0 and 1, got '{bad}'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_evaluate_reports_every_figure():
     model = DeepseekV32ForCausalLM(preset("tiny")).init_weights(0).eval()
     windows = eval_windows(load_corpus("heldout", 256, 257), 40, 3)
