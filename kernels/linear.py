@@ -3,9 +3,9 @@ runs on CPU (``dsc.program._direct_calls``), with the numbers of ``torch.nn.func
 fp32 re-association.
 
 torch's GEMM reads the whole weight once per activation row at decode shapes, so a verify step's 2
-rows cost twice a decode step's 1 (1.05 against 0.51 ms a 1024x4096 layer); one row reads it at
-~17 GB/s. ``linear_cpu.c`` reads it once for all the rows, on torch's threads where the weight is
-large: 0.15 / 0.21 ms for 1 / 2 rows of that layer. It takes weights of at least ``MIN_WEIGHT``
+rows cost twice a decode step's 1, and one row streams at ~18 GB/s (a 4096x4096 weight: 3.79 / 7.99
+ms for 1 / 2 rows). ``linear_cpu.c`` reads it once for all the rows, on torch's threads where the
+weight is large: 1.56 / 1.68 ms. It takes weights of at least ``MIN_WEIGHT``
 values: below that a ctypes call (~2.5 µs) costs more than torch's whole matmul, and torch keeps
 them, with prefill's many rows, bf16 weights and anything needing autograd.
 """
