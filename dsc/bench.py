@@ -435,7 +435,8 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
 
 def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -> list[dict]:
     """Greedy generation of ``cfg.generate`` tokens, plain (n = 0) and with n drafts per step, for
-    each variant that can draft; every n must give the plain tokens (else the run stops)."""
+    each variant that can draft, every (variant, n) timed in turn; every n must give the plain
+    tokens (else the run stops)."""
     from dsc.errors import DscError
     from dsc.runtime import SamplingParams, generate
 
@@ -447,7 +448,15 @@ def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -
     else:
         prompt = torch.randint(0, mcfg.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_new_tokens=cfg.generate, stop_at_eos=False)
-    points, eager_plain = [], None
+    last: dict = {}  # (variant, n) -> its latest Generation: tokens and stats
+
+    def call(key, backend, n):
+        def run():
+            last[key] = generate(backend, [prompt], params, speculative=n)
+
+        return run
+
+    calls = {}
     for name, backend in variants.items():
         if name == "compile":  # its draft would be eager code beside compiled verify calls: not a variant of its own
             on_event("skip", "speculative compile: the compiled reference has no compiled draft")
@@ -455,43 +464,36 @@ def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -
         if isinstance(getattr(backend, "entries", None), dict) and "draft" not in backend.entries:
             on_event("skip", f"speculative {name}: no draft entry")
             continue
-        plain = None
-        for n in cfg.drafts:
-            gc.collect()
-            runs = []
-            with _RssSampler() as mem:
-                for _ in range(cfg.warmup):
-                    generate(backend, [prompt], params, speculative=n)
-                for _ in range(max(cfg.repeat // 2, 1)):  # a call is hundreds of steps: fewer repeats
-                    t = time.perf_counter()
-                    g = generate(backend, [prompt], params, speculative=n)
-                    runs.append((time.perf_counter() - t, g))
-            median = statistics.median(t for t, _ in runs)
-            g = runs[0][1]
-            if plain is None:
-                plain = (median, g.tokens)
-            elif g.tokens != plain[1]:
-                raise DscError(f"speculative {name} n={n}: its tokens differ from plain decoding's")
-            if name == "eager" and n == 0:
-                eager_plain = median
-            st = g.stats
-            point = {
-                "scenario": "speculative", "variant": name, "tokens": cfg.generate, "draft_tokens": n,
-                "median_ms": round(median * 1e3, 3), "times_ms": [round(t * 1e3, 3) for t, _ in runs],
-                "peak_rss_mb": round(mem.above_base / 2**20, 1), "tokens_per_s": round(cfg.generate / median, 2),
-                "tokens_per_step": st.get("tokens_per_step", 1.0),
-                "acceptance_per_position": st.get("acceptance_per_position", []),
-                "speedup_vs_plain": round(plain[0] / median, 3),
-                "speedup_vs_eager": round(eager_plain / median, 3) if eager_plain else None,
-                "bytes_moved": None, "bandwidth_bound_ms": None, "x_bound": None,
-            }  # fmt: skip
-            points.append(point)
-            acc = ", ".join(f"{a:.2f}" for a in point["acceptance_per_position"]) or "-"
-            on_event(
-                "point",
-                f"speculative n={n} {name:14s} {point['tokens_per_s']:8.1f} tok/s  x{point['speedup_vs_plain']:.2f} "
-                f"vs plain  {point['tokens_per_step']:.2f} tokens/step  acceptance {acc}",
-            )
+        calls.update({(name, n): call((name, n), backend, n) for n in cfg.drafts})
+    gc.collect()
+    memory: dict = {}
+    # every (variant, n) takes its turn in each round, as the other scenarios' variants do: a whole
+    # generate call is hundreds of steps, so fewer rounds
+    timed = _time_side_by_side(calls, cfg.warmup, max(cfg.repeat // 2, 1), float("inf"), memory)
+    points = []
+    for (name, n), (median, times) in timed.items():
+        plain_key = (name, cfg.drafts[0])
+        if last[name, n].tokens != last[plain_key].tokens:
+            raise DscError(f"speculative {name} n={n}: its tokens differ from plain decoding's")
+        st = last[name, n].stats
+        plain, eager_plain = timed[plain_key][0], timed.get(("eager", 0), (None,))[0]
+        point = {
+            "scenario": "speculative", "variant": name, "tokens": cfg.generate, "draft_tokens": n,
+            "median_ms": round(median * 1e3, 3), "times_ms": [round(t * 1e3, 3) for t in times],
+            "peak_rss_mb": round(memory[name, n] / 2**20, 1), "tokens_per_s": round(cfg.generate / median, 2),
+            "tokens_per_step": st.get("tokens_per_step", 1.0),
+            "acceptance_per_position": st.get("acceptance_per_position", []),
+            "speedup_vs_plain": round(plain / median, 3),
+            "speedup_vs_eager": round(eager_plain / median, 3) if eager_plain else None,
+            "bytes_moved": None, "bandwidth_bound_ms": None, "x_bound": None,
+        }  # fmt: skip
+        points.append(point)
+        acc = ", ".join(f"{a:.2f}" for a in point["acceptance_per_position"]) or "-"
+        on_event(
+            "point",
+            f"speculative n={n} {name:14s} {point['tokens_per_s']:8.1f} tok/s  x{point['speedup_vs_plain']:.2f} "
+            f"vs plain  {point['tokens_per_step']:.2f} tokens/step  acceptance {acc}",
+        )
     return points
 
 
