@@ -56,22 +56,33 @@ def test_train_is_seeded_and_resumable(tmp_path, capsys):
     assert any(v.abs().sum() > 0 for k, v in a["model"].items() if k.endswith("e_score_correction_bias"))
 
 
+TINY_RUN = ["--preset", "tiny", "--batch", "2", "--seq-len", "40", "--warmup", "1", "--steps", "2", "--log-every", "1"]
+
+
+def _two_runs(tmp_path, flag: str, value: str) -> tuple[dict, dict]:
+    """The train states of the same seeded tiny run without and with ``flag value``."""
+    train_main(["--out", str(tmp_path / "default"), *TINY_RUN])
+    train_main(["--out", str(tmp_path / "with"), flag, value, *TINY_RUN])
+    return tuple(torch.load(tmp_path / d / "train_state.pt", weights_only=True) for d in ("default", "with"))
+
+
+def _refused(tmp_path, capsys, flag: str, bad: tuple[str, ...], why: str) -> None:
+    """Each bad value of ``flag`` stops the run by name before it writes anything."""
+    capsys.readouterr()
+    for value in bad:
+        with pytest.raises(SystemExit):
+            train_main(["--out", str(tmp_path / "bad"), flag, value, *TINY_RUN])
+        assert f"{flag}: {why}, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_train_mtp_weight(tmp_path, capsys):
     """--mtp-weight weighs the MTP loss (the same seeded run with another weight moves the MTP module's
     weights differently); a negative or non-finite weight is refused by name before any work."""
-    args = ["--preset", "tiny", "--batch", "2", "--seq-len", "40", "--warmup", "1", "--steps", "2", "--log-every", "1"]
-    train_main(["--out", str(tmp_path / "default"), *args])
-    train_main(["--out", str(tmp_path / "heavy"), "--mtp-weight", "2.5", *args])
-    a = torch.load(tmp_path / "default" / "train_state.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "heavy" / "train_state.pt", weights_only=True)["model"]
-    eh = [k for k in a if "eh_proj" in k]
-    assert eh and any(not torch.equal(a[k], b[k]) for k in eh)
-    capsys.readouterr()
-    for bad in ("-1", "nan", "inf", "x"):
-        with pytest.raises(SystemExit):
-            train_main(["--out", str(tmp_path / "bad"), "--mtp-weight", bad, *args])
-        assert f"--mtp-weight: a finite number >= 0, got '{bad}'" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
+    a, b = _two_runs(tmp_path, "--mtp-weight", "2.5")
+    eh = [k for k in a["model"] if "eh_proj" in k]
+    assert eh and any(not torch.equal(a["model"][k], b["model"][k]) for k in eh)
+    _refused(tmp_path, capsys, "--mtp-weight", ("-1", "nan", "inf", "x"), "a finite number >= 0")
 
 
 def test_train_mtp_distill(tmp_path, capsys):
@@ -92,20 +103,11 @@ def test_train_mtp_distill(tmp_path, capsys):
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "eh_proj" in n)  # the MTP side learns
 
-    args = ["--preset", "tiny", "--batch", "2", "--seq-len", "40", "--warmup", "1", "--steps", "2", "--log-every", "1"]
-    train_main(["--out", str(tmp_path / "plain"), *args])
-    train_main(["--out", str(tmp_path / "kd"), "--mtp-distill", "1", *args])
-    a = torch.load(tmp_path / "plain" / "train_state.pt", weights_only=True)
-    b = torch.load(tmp_path / "kd" / "train_state.pt", weights_only=True)
+    a, b = _two_runs(tmp_path, "--mtp-distill", "1")
     assert "mtp_kd" in b["history"][-1] and "mtp_kd" not in a["history"][-1]
     eh = [k for k in a["model"] if "eh_proj" in k]
     assert eh and any(not torch.equal(a["model"][k], b["model"][k]) for k in eh)
-    capsys.readouterr()
-    for bad in ("-0.1", "1.5", "nan", "x"):
-        with pytest.raises(SystemExit):
-            train_main(["--out", str(tmp_path / "bad"), "--mtp-distill", bad, *args])
-        assert f"--mtp-distill: a share between 0 and 1, got '{bad}'" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
+    _refused(tmp_path, capsys, "--mtp-distill", ("-0.1", "1.5", "nan", "x"), "a share between 0 and 1")
 
 
 def test_evaluate_reports_every_figure():
