@@ -14,11 +14,12 @@
 
 #include "simd.h"
 
-/* y (M) = W (M, n) x (n) */
+/* linear_cpu.c: y (M, N) = x (M, K) w (N, K)^T (+ b); here one row, y = W x, on this thread */
+void dsc_f32_rows(const float *x, int64_t M, int64_t ldx, int64_t K, const float *w, const float *b, float *y,
+                  int64_t N, int threads);
+
 static void gemv(const float *W, int64_t M, int64_t n, const float *x, float *y) {
-    const int64_t M8 = M / 8 * 8;
-    for (int64_t m = 0; m < M8; m += 8) _mm256_storeu_ps(y + m, dot8(W + m * n, n, x, n));
-    for (int64_t m = M8; m < M; m++) y[m] = dot1(W + m * n, x, n);
+    dsc_f32_rows(x, 1, n, n, W, NULL, y, M, 1);
 }
 
 /* x (N, D), idx (N, K), wts (N, K), y (N, D) contiguous; gate / up / down: the weights of the expert

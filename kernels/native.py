@@ -228,7 +228,7 @@ def moe_rows(x: Tensor, idx: Tensor, wts: Tensor, gate_w, up_w, down_w) -> Tenso
 
 def f32_rows(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """fp32 x (M, K) (rows contiguous) · w (N, K)ᵀ (+ b) -> (M, N), the weight read once for all M rows;
-    2 threads only where the weight is large enough to pay for waking them."""
+    on torch's threads only where the weight is large enough to pay for waking them."""
     (M, K), N = x.shape, w.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     threads = torch.get_num_threads() if N * K >= F32_THREADED else 1
