@@ -6,7 +6,7 @@ from dsc.bench import ATTENTION_FORMS, GEMV_FORMS
 from dsc.cli import main
 
 
-def test_bench_quick_smoke(tmp_path, capsys):
+def test_bench_quick_smoke(tmp_path, capsys, capture_once):
     """The one-minute smoke run: every variant and scenario produces medians, ratios and plots."""
     assert main(["bench", "--quick", "-o", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -45,7 +45,7 @@ def test_bench_bad_options(tmp_path, capsys):
     assert main(["bench", "--quick", "--contexts", "1k", "-o", str(tmp_path)]) == 2
 
 
-def test_bench_per_pass_ablation():
+def test_bench_per_pass_ablation(capture_once):
     from dsc.bench import BenchConfig, run_bench
 
     cfg = BenchConfig.quick(

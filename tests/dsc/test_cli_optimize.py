@@ -44,13 +44,6 @@ def test_optimize_then_generate_matches_eager(tmp_path, capsys, tiny):
     eager = _gen(capsys, str(tmp_path / "ckpt"))
     assert compiled["tokens"] == eager["tokens"] and len(compiled["tokens"]) == 12
     assert set(compiled) == {"text", "tokens", "stats"}
-    # refuses to clobber a non-empty OUT; --force replaces it
-    assert main(["optimize", "tiny", "-o", str(out), "--passes", "canonicalize"]) == 2
-    assert "not empty" in capsys.readouterr().err
-    assert main(["optimize", "tiny", "-o", str(out), "--passes", "canonicalize", "--force", "--no-measure"]) == 0
-    again = json.loads((out / "report.json").read_text())
-    assert [p["name"] for p in again["passes"]] == ["canonicalize"] and again["measured"] is None
-    assert "Not measured on this machine" in (out / "report.html").read_text()
 
 
 def test_bad_options_exit_2(tmp_path, capsys):
@@ -64,7 +57,7 @@ def test_bad_options_exit_2(tmp_path, capsys):
     assert main(["optimize", "tiny", "-o", str(tmp_path / "o"), "--no-such-flag"]) == 2
 
 
-def test_planted_fault_exits_1_and_touches_nothing(tmp_path, capsys, tiny):
+def test_planted_fault_exits_1_and_touches_nothing(tmp_path, capsys, tiny, capture_once):
     import torch
 
     from dsc.fx_utils import call_nodes, finalize
@@ -104,7 +97,7 @@ def test_passes_listing(capsys):
     assert all(r["purpose"] for r in rows)
 
 
-def test_optimize_json_dump_dir_target_and_pass_option(tmp_path, capsys):
+def test_optimize_json_dump_dir_target_and_pass_option(tmp_path, capsys, capture_once):
     out, dump = tmp_path / "out", tmp_path / "dump"
     args = ["optimize", "tiny", "-o", str(out), "--passes", "absorb_mla", "--json"]  # verified like any other run
     opt = ["--pass-option", "absorb_mla.products=always"]
@@ -151,10 +144,12 @@ def test_ctrl_c_exits_130_and_leaves_nothing(stage, tmp_path, capsys, monkeypatc
     assert list(work.iterdir()) == []
 
 
-def test_force_replaces_only_an_earlier_dsc_output(tmp_path, capsys):
+def test_force_replaces_only_an_earlier_dsc_output(tmp_path, capsys, capture_once):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("mine")
+    assert main(["optimize", "tiny", "-o", str(out), *FAST]) == 2  # a non-empty OUT needs --force
+    assert "not empty" in capsys.readouterr().err
     assert main(["optimize", "tiny", "-o", str(out), "--force", *FAST]) == 2
     assert "did not write" in capsys.readouterr().err and (out / "precious.txt").read_text() == "mine"
     # an earlier dsc output (its manifest) is replaced whole; a temporary left by a killed run (its
@@ -168,3 +163,6 @@ def test_force_replaces_only_an_earlier_dsc_output(tmp_path, capsys):
     assert main(["optimize", "tiny", "-o", str(ours), "--force", *FAST]) == 0
     assert not stale.exists() and not (ours / "old-graph.json").exists()
     assert json.loads((ours / "manifest.json").read_text())["format"] == "dsc-program"
+    again = json.loads((ours / "report.json").read_text())
+    assert [p["name"] for p in again["passes"]] == ["canonicalize"] and again["measured"] is None
+    assert "Not measured on this machine" in (ours / "report.html").read_text()

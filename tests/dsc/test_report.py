@@ -104,7 +104,7 @@ def test_cost_model_counts_mla_decode_and_fused_attention(tiny_program, tiny_opt
     assert indexer <= lin < L * H * (2 * (dc + dr) + 2 * dc + 5)
 
 
-def test_dsc_diff(tmp_path, capsys, tiny_program):
+def test_dsc_diff(tmp_path, capsys, tiny_program, capture_once):
     a, b = tmp_path / "a", tmp_path / "b"
     tiny_program.save(a)  # the captured Program, before any pass
     assert main(["optimize", "tiny", "-o", str(b), "--passes", "canonicalize,fuse_add_rms_norm", "--no-verify"]) == 0

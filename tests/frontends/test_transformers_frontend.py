@@ -29,7 +29,7 @@ def hf_greedy(m, prompt, n):
 
 
 @pytest.mark.parametrize("kind", ["v3", "v32"])
-def test_optimize_then_generate_equals_hf_generate(kind, tmp_path, capsys):
+def test_optimize_then_generate_equals_hf_generate(kind, tmp_path, capsys, capture_once):
     m = saved_hf(kind, tmp_path / "hf")
     out = tmp_path / "out"
     assert main(["optimize", str(tmp_path / "hf"), "--frontend", "transformers", "-o", str(out), "--json"]) == 0
@@ -54,7 +54,7 @@ def test_optimize_then_generate_equals_hf_generate(kind, tmp_path, capsys):
     assert compiled == want
 
 
-def test_fp8_index_cache_on_hf_code(tmp_path, capsys):
+def test_fp8_index_cache_on_hf_code(tmp_path, capsys, capture_once):
     """fuse_dsa.index_cache=fp8 on transformers' V3.2: its index keys (read through HF's transposes
     and casts) become FP8 in every entry and the Program generates (the reference model's test
     verifies the numbers and checks the bytes and the UE8M0 scales)."""
@@ -83,7 +83,7 @@ def test_fp8_index_cache_on_hf_code(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == 8
 
 
-def test_fp8_on_hf_code(tmp_path, capsys):
+def test_fp8_on_hf_code(tmp_path, capsys, capture_once):
     """`dsc optimize DIR --frontend transformers --fp8` on transformers' V3.2, verified: its linears,
     its batched experts and the W_UK / W_UV of the absorbed attention in FP8, every lowered matmul's
     SQNR in the record, and the Program generates."""

@@ -68,11 +68,7 @@ def test_torch_keeps_what_the_kernel_is_not_for(monkeypatch):
     assert calls == [2]
 
 
-def test_a_program_on_cpu_calls_it_for_aten_linear():
-    from dsc.frontends.reference import capture, load_model
-    from dsc.pass_manager import run_pipeline, select_passes
-
-    model, _ = load_model("tiny")
-    program, _ = run_pipeline(capture(model, source="tiny"), select_passes([]))
+def test_a_program_on_cpu_calls_it_for_aten_linear(tiny_program):
+    program = tiny_program.clone()  # the captured Program, before any pass
     targets = [n.target for n in program.module("decode").graph.nodes if n.op == "call_function"]
     assert lin.linear in targets and torch.ops.aten.linear.default not in targets
