@@ -1,34 +1,14 @@
 import copy
 import hashlib
-import importlib.machinery
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from dsc.model import DeepseekV32ForCausalLM, preset
 
+from dsc.frontends.transformers import bind_installed
 
-def _bind_installed(name: str) -> None:
-    """pytest puts the repository root on sys.path, where dsc's source folders (kernels/, model/,
-    passes/, export/) would shadow installed packages of the same name: transformers (5.2x+) imports
-    Hugging Face's ``kernels`` when it is installed, its own dependency. Bind the name to the
-    installed package before anything imports it."""
-    root = Path(__file__).resolve().parents[1]
-    if name in sys.modules:
-        return
-    path = [p for p in sys.path if p and Path(p).resolve() != root]
-    spec = importlib.machinery.PathFinder.find_spec(name, path)
-    if spec is None or spec.loader is None:
-        return
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-
-
-_bind_installed("kernels")
+bind_installed("kernels")  # pytest puts the repository root on sys.path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers share the cores
     torch.set_num_threads(1)

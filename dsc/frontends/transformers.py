@@ -16,7 +16,10 @@ meanings from the sizes the config gives). What HF's code implies for the runtim
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -35,7 +38,26 @@ CACHE_ATTRS = ("keys", "values", "indexer_keys")
 _PROBE_LEN = 37  # an odd length no model dimension equals, to find each cache tensor's time dim
 
 
+def bind_installed(name: str) -> None:
+    """Run from a source checkout (``python -m dsc.cli`` in its root puts the root on sys.path), the
+    checkout's source folders ``kernels/``, ``model/``, ``passes/``, ``export/`` (installed as
+    ``dsc.kernels``, ...) would also import as top-level packages of those names, and transformers
+    imports Hugging Face's ``kernels`` package when it is installed. Bind ``name`` to the installed
+    package before anything imports it; nothing changes outside a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if name in sys.modules or not (root / "pyproject.toml").is_file() or not (root / name).is_dir():
+        return
+    path = [p for p in sys.path if Path(p or ".").resolve() != root]
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
 def require_transformers():
+    bind_installed("kernels")
     try:
         import transformers
     except ImportError:

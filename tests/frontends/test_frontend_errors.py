@@ -75,6 +75,24 @@ def test_transformers_frontend_without_transformers(capsys, tmp_path, monkeypatc
     )
 
 
+def test_transformers_frontend_from_the_checkouts_root():
+    """`python -m dsc.cli` in a source checkout puts its root on sys.path, where the source folder
+    kernels/ (installed as dsc.kernels) would stand in for Hugging Face's `kernels` package, which
+    transformers imports: the frontend binds the installed one first."""
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("kernels")  # the installed package (a transformers dependency here)
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "from dsc.frontends.transformers import require_transformers; require_transformers(); "
+        "import kernels, transformers.integrations.hub_kernels; print(kernels.__file__)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not Path(run.stdout.strip()).resolve().is_relative_to(root / "kernels")
+
+
 def test_transformers_frontend_on_other_models(capsys, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
