@@ -433,12 +433,66 @@ def run_bench(cfg: BenchConfig, on_event=print) -> BenchResult:
     return res
 
 
+class _CallTimes:
+    """``backend`` behind the same interface, each entry call's wall time recorded in call order:
+    the split of a generation into its decode / verify / draft calls and the runtime's own work."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+
+    def __getattr__(self, name):  # cache, config, entries, prefill_chunk, check_inputs, ...
+        return getattr(self.backend, name)
+
+    def _timed(self, name, *args):
+        t = time.perf_counter()
+        out = getattr(self.backend, name)(*args)
+        self.calls.append((name, time.perf_counter() - t))
+        return out
+
+    def prefill(self, *args):
+        return self._timed("prefill", *args)
+
+    def decode(self, *args):
+        return self._timed("decode", *args)
+
+    def verify(self, *args):
+        return self._timed("verify", *args)
+
+    def draft(self, *args):
+        return self._timed("draft", *args)
+
+
+def step_split(calls: list[tuple[str, float]], stats: dict, prompt_calls: int) -> dict:
+    """Median ms of each kind of call in the generation loop and, for speculative decoding, the
+    runtime's own ms per verify step (acceptance, bookkeeping: the loop's time less its calls). The
+    prompt's calls are left out: its ``prompt_calls`` chunks (a prefill, then decode extends) and,
+    speculative, as many draft calls over it."""
+    seen = {"main": 0, "draft": 0}
+    loop = []
+    for kind, t in calls:
+        role = "draft" if kind == "draft" else "main"
+        if seen[role] < prompt_calls and (role == "main" or stats.get("speculative")):
+            seen[role] += 1
+        else:
+            loop.append((kind, t))
+    out = {}
+    for kind in ("decode", "verify", "draft"):
+        ts = [t for k, t in loop if k == kind]
+        if ts:
+            out[f"{kind}_ms"] = round(statistics.median(ts) * 1e3, 3)
+    if stats.get("speculative") and stats.get("verify_steps"):
+        own = stats["decode_s"] - sum(t for _, t in loop)
+        out["runtime_ms_per_step"] = round(max(own, 0.0) * 1e3 / stats["verify_steps"], 3)
+    return out
+
+
 def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -> list[dict]:
     """Greedy generation of ``cfg.generate`` tokens, plain (n = 0) and with n drafts per step, for
     each variant that can draft, every (variant, n) timed in turn; every n must give the plain
-    tokens (else the run stops)."""
+    tokens (else the run stops). Each point also carries the split of a step: the median decode,
+    verify and draft call and the runtime's own work per verify step (``step_split``)."""
     from dsc.errors import DscError
-    from dsc.runtime import SamplingParams, generate
+    from dsc.runtime import SamplingParams, generate, prompt_chunks
 
     if not mcfg.num_nextn_predict_layers:
         on_event("skip", "speculative: the model has no MTP module to draft with")
@@ -448,11 +502,12 @@ def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -
     else:
         prompt = torch.randint(0, mcfg.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_new_tokens=cfg.generate, stop_at_eos=False)
-    last: dict = {}  # (variant, n) -> its latest Generation: tokens and stats
+    last: dict = {}  # (variant, n) -> its latest Generation (tokens and stats) and its calls' times
 
     def call(key, backend, n):
         def run():
-            last[key] = generate(backend, [prompt], params, speculative=n)
+            timed = _CallTimes(backend)
+            last[key] = generate(timed, [prompt], params, speculative=n), timed.calls
 
         return run
 
@@ -473,9 +528,11 @@ def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -
     points = []
     for (name, n), (median, times) in timed.items():
         plain_key = (name, cfg.drafts[0])
-        if last[name, n].tokens != last[plain_key].tokens:
+        (gen, calls), plain_gen = last[name, n], last[plain_key][0]
+        if gen.tokens != plain_gen.tokens:
             raise DscError(f"speculative {name} n={n}: its tokens differ from plain decoding's")
-        st = last[name, n].stats
+        st = gen.stats
+        split = step_split(calls, st, len(prompt_chunks(variants[name], len(prompt))))
         plain, eager_plain = timed[plain_key][0], timed.get(("eager", 0), (None,))[0]
         point = {
             "scenario": "speculative", "variant": name, "tokens": cfg.generate, "draft_tokens": n,
@@ -485,14 +542,15 @@ def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -
             "acceptance_per_position": st.get("acceptance_per_position", []),
             "speedup_vs_plain": round(plain / median, 3),
             "speedup_vs_eager": round(eager_plain / median, 3) if eager_plain else None,
-            "bytes_moved": None, "bandwidth_bound_ms": None, "x_bound": None,
+            "bytes_moved": None, "bandwidth_bound_ms": None, "x_bound": None, **split,
         }  # fmt: skip
         points.append(point)
         acc = ", ".join(f"{a:.2f}" for a in point["acceptance_per_position"]) or "-"
+        calls_ms = "  ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in split.items())
         on_event(
             "point",
             f"speculative n={n} {name:14s} {point['tokens_per_s']:8.1f} tok/s  x{point['speedup_vs_plain']:.2f} "
-            f"vs plain  {point['tokens_per_step']:.2f} tokens/step  acceptance {acc}",
+            f"vs plain  {point['tokens_per_step']:.2f} tokens/step  acceptance {acc}  {calls_ms}",
         )
     return points
 

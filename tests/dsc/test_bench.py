@@ -33,6 +33,13 @@ def test_bench_quick_smoke(tmp_path, capsys, capture_once):
     spec = {(p["variant"], p["draft_tokens"]): p for p in points if p["scenario"] == "speculative"}
     assert set(spec) == {(v, n) for v in ("eager", "dsc") for n in (0, 2)}
     assert len(spec["dsc", 2]["acceptance_per_position"]) == 2 and spec["dsc", 0]["speedup_vs_plain"] == 1.0
+    # the split of a step: plain decoding's decode calls; a speculative step's verify and draft calls
+    # and the runtime's own work, which with the calls' whole time per step make up ms_per_step
+    for v in ("eager", "dsc"):
+        plain, drafted = spec[v, 0], spec[v, 2]
+        assert plain["decode_ms"] > 0 and "verify_ms" not in plain and "runtime_ms_per_step" not in plain
+        assert drafted["verify_ms"] > 0 and drafted["draft_ms"] > 0 and drafted["runtime_ms_per_step"] >= 0
+        assert "decode_ms" not in drafted
     for scenario in ("decode", "prefill", "attention", "gemv"):
         assert (tmp_path / f"bench_{scenario}.svg").read_text().startswith("<svg")
     out = capsys.readouterr().out  # the table (rich wraps its cells to the terminal)
@@ -56,3 +63,19 @@ def test_bench_per_pass_ablation(capture_once):
     by = {p["variant"]: p for p in res.points}
     # the ablation without absorb_mla moves more bytes per step than the full pipeline
     assert by["dsc:canonicalize"]["bytes_moved"] > by["dsc"]["bytes_moved"]
+
+
+def test_step_split_leaves_out_the_prompt_and_prices_the_runtime():
+    from dsc.bench import step_split
+
+    calls = [("prefill", 0.5), ("draft", 0.3)] + [("verify", 0.004), ("draft", 0.002)] * 3
+    stats = {"speculative": 1, "verify_steps": 3, "decode_s": 0.021}
+    split = step_split(calls, stats, prompt_calls=1)
+    # the prompt's draft (0.3 s) is not a step's; 21 ms over 3 steps less 6 ms of calls a step
+    assert split == {"verify_ms": 4.0, "draft_ms": 2.0, "runtime_ms_per_step": 1.0}
+    plain = step_split([("prefill", 0.5), ("decode", 0.003), ("decode", 0.005)], {"decode_s": 0.008}, 1)
+    assert plain == {"decode_ms": 4.0}
+    # a prompt in two chunks: a prefill and a decode extend, then a draft over each
+    chunked = [("prefill", 0.5), ("decode", 0.4), ("draft", 0.3), ("draft", 0.2), ("verify", 0.004), ("draft", 0.002)]
+    split = step_split(chunked, {"speculative": 1, "verify_steps": 1, "decode_s": 0.007}, prompt_calls=2)
+    assert split == {"verify_ms": 4.0, "draft_ms": 2.0, "runtime_ms_per_step": 1.0}
