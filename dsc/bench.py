@@ -546,7 +546,9 @@ def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -
         }  # fmt: skip
         points.append(point)
         acc = ", ".join(f"{a:.2f}" for a in point["acceptance_per_position"]) or "-"
-        calls_ms = "  ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in split.items())
+        calls_ms = "  ".join(
+            f"{k.split('_ms')[0].replace('runtime', 'runtime/step')} {v:.2f} ms" for k, v in split.items()
+        )
         on_event(
             "point",
             f"speculative n={n} {name:14s} {point['tokens_per_s']:8.1f} tok/s  x{point['speedup_vs_plain']:.2f} "
