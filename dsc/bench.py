@@ -528,11 +528,11 @@ def speculative_points(cfg: BenchConfig, mcfg, variants: dict, on_event=print) -
     points = []
     for (name, n), (median, times) in timed.items():
         plain_key = (name, cfg.drafts[0])
-        (gen, calls), plain_gen = last[name, n], last[plain_key][0]
+        (gen, call_times), plain_gen = last[name, n], last[plain_key][0]
         if gen.tokens != plain_gen.tokens:
             raise DscError(f"speculative {name} n={n}: its tokens differ from plain decoding's")
         st = gen.stats
-        split = step_split(calls, st, len(prompt_chunks(variants[name], len(prompt))))
+        split = step_split(call_times, st, len(prompt_chunks(variants[name], len(prompt))))
         plain, eager_plain = timed[plain_key][0], timed.get(("eager", 0), (None,))[0]
         point = {
             "scenario": "speculative", "variant": name, "tokens": cfg.generate, "draft_tokens": n,
