@@ -53,7 +53,8 @@ def test_torch_keeps_what_the_kernel_is_not_for(monkeypatch):
     big, x = torch.randn(512, 512, generator=g), torch.randn(2, 512, generator=g)
     calls = _calls(monkeypatch)
     cases = [
-        (x, torch.randn(64, 512, generator=g)),  # a small weight: torch's call is cheaper
+        (x, torch.randn(16, 512, generator=g)),  # a small weight: torch's call is cheaper
+        (x[:1], torch.randn(64, 512, generator=g)),  # one row of a mid-sized weight: likewise
         (torch.randn(64, 512, generator=g), big),  # a prefill's rows
         (x.bfloat16(), big.bfloat16()),  # not fp32
         (x, big.T.contiguous().T),  # a weight the kernel cannot stream row by row
@@ -63,9 +64,10 @@ def test_torch_keeps_what_the_kernel_is_not_for(monkeypatch):
         torch.testing.assert_close(lin.linear(a, w), torch.nn.functional.linear(a, w))
     assert calls == []
     assert lin.linear(x, big) is not None and calls == [2]  # the same x and weight do go native
+    assert lin.linear(x, cases[1][1]) is not None and calls == [2, 2]  # the mid-sized weight from 2 rows on
     monkeypatch.setattr(lin, "USE_NATIVE", False)
     assert torch.equal(lin.linear(x, big), torch.nn.functional.linear(x, big))
-    assert calls == [2]
+    assert calls == [2, 2]
 
 
 def test_a_program_on_cpu_calls_it_for_aten_linear(tiny_program):
