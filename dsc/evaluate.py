@@ -158,12 +158,13 @@ def program_bits_per_byte(program, windows: torch.Tensor, batch: int = 8) -> flo
 
 
 def ship(run_dir: Path, dest: Path = ASSETS) -> Path:
-    """train_state.pt -> an HF directory with bf16 weights (fp32 gate biases), written atomically."""
-    from dsc.model import preset
+    """train_state.pt -> an HF directory with bf16 weights (fp32 gate biases), written atomically; the
+    run's own config (runs from before it was recorded: the demo preset's)."""
+    from dsc.model import ModelConfig, preset
     from dsc.model.checkpoint import Checkpoint, save_hf
 
     st = torch.load(run_dir / "train_state.pt", weights_only=True)
-    cfg = preset("demo")
+    cfg = ModelConfig.from_dict(st["config"]) if "config" in st else preset("demo")
     cfg.torch_dtype = "bfloat16"
     tensors = {
         k: (v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)) for k, v in st["model"].items()

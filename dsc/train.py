@@ -3,7 +3,9 @@
     python -m dsc.train --out runs/demo [--minutes 45] [--steps 1200] [--init dsc/assets/demo]
 
 Seeded and resumable (re-run the same command: it continues from ``OUT/train_state.pt``); ``--init``
-starts a new run from a trained checkpoint's weights (a fresh optimizer and schedule). Losses:
+starts a new run from a trained checkpoint's weights (a fresh optimizer and schedule); with ``--grow``
+from a checkpoint with fewer main layers, each of its MoE layers repeated and every repeat starting as
+the identity (``grow_from``). Losses:
 next-byte cross-entropy; the MTP module's cross-entropy for the byte after next, weight 0.3 (spec §8;
 ``--mtp-weight``), of which ``--mtp-distill`` moves a share to the KL from the main model's own
 (detached) distribution one position later: what greedy speculative decoding accepts is the main
@@ -19,6 +21,7 @@ The result is written as an HF directory (config.json + bf16 model.safetensors) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -96,21 +99,66 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def init_from(model: DeepseekV32ForCausalLM, spec: str) -> None:
-    """Copy a checkpoint's weights into ``model``; its config must be the preset's (shapes and math)."""
+def init_from(model: DeepseekV32ForCausalLM, spec: str, grow: bool = False) -> None:
+    """Copy a checkpoint's weights into ``model``; its config must be the preset's (shapes and math),
+    or with ``grow`` the same but for fewer main layers (``grow_from``)."""
     from dsc.errors import DscError
     from dsc.frontends.reference import load_model
 
     src, _ = load_model(spec)
     mine, theirs = model.config.to_dict(), src.config.to_dict()
     differ = sorted(k for k in mine.keys() | theirs.keys() if k != "torch_dtype" and mine.get(k) != theirs.get(k))
+    if grow and differ == ["num_hidden_layers"] and mine["num_hidden_layers"] > theirs["num_hidden_layers"]:
+        grow_from(model, src)
+        print(f"initialised from {spec}, grown from {theirs['num_hidden_layers']} to "
+              f"{mine['num_hidden_layers']} main layers", flush=True)  # fmt: skip
+        return
     if differ:
-        raise DscError(
-            f"--init {spec}: its config differs from the preset's in {', '.join(differ)}; "
-            "train from a checkpoint of the same architecture (or pick the matching --preset)"
+        hint = (
+            "--grow needs a checkpoint that differs only in having fewer num_hidden_layers"
+            if grow
+            else "train from a checkpoint of the same architecture (or pick the matching --preset)"
         )
+        raise DscError(f"--init {spec}: its config differs from the preset's in {', '.join(differ)}; {hint}")
     model.load_state_dict(src.state_dict())
     print(f"initialised from {spec}", flush=True)
+
+
+def grown_layer_sources(n_dense: int, n_src: int, n_new: int) -> list[int]:
+    """For each main layer of the grown model, the source layer it starts from: the first ``n_dense``
+    one to one, then each source MoE layer repeated in place, as evenly as the counts allow."""
+    m_src, m_new = n_src - n_dense, n_new - n_dense
+    return list(range(n_dense)) + [n_dense + j * m_src // m_new for j in range(m_new)]
+
+
+@torch.no_grad()
+def grow_from(model: DeepseekV32ForCausalLM, src: DeepseekV32ForCausalLM) -> None:
+    """Depth up-scaling by block expansion (LLaMA Pro, Wu et al. 2024): ``model`` has more main layers
+    than ``src`` and is otherwise the same. Every new layer is a copy of a source layer
+    (``grown_layer_sources``) whose output projections (attention ``o_proj``, the feed-forward's
+    ``down_proj``s) start at zero, so it adds exactly 0 to the residual stream: the grown model computes
+    exactly ``src``'s function, and training goes on from there. The MTP layer follows the main ones."""
+    from dsc.errors import DscError
+
+    cfg, n_src = model.config, src.config.num_hidden_layers
+    if cfg.moe_layer_freq != 1 or n_src <= cfg.first_k_dense_replace:
+        raise DscError("--grow repeats the source's MoE layers in place: it needs moe_layer_freq 1 and a source "
+                       f"with MoE layers (it has {n_src} main layers, the first {cfg.first_k_dense_replace} dense)")  # fmt: skip
+    sources = grown_layer_sources(cfg.first_k_dense_replace, n_src, cfg.num_hidden_layers)
+    sources += [n_src + d for d in range(cfg.num_nextn_predict_layers)]  # the MTP layer(s)
+    theirs = src.state_dict()
+    state = {k: v for k, v in theirs.items() if not k.startswith("model.layers.")}
+    for i, s in enumerate(sources):
+        prefix = f"model.layers.{s}."
+        state |= {f"model.layers.{i}.{k[len(prefix) :]}": v for k, v in theirs.items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    for i, s in enumerate(sources):
+        if i and s == sources[i - 1]:  # a repeat: starts as the identity
+            layer = model.model.layers[i]
+            layer.self_attn.o_proj.weight.zero_()
+            for name, p in layer.mlp.named_parameters():
+                if name.endswith("down_proj.weight"):
+                    p.zero_()
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -125,10 +173,12 @@ def train(args) -> Path:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     cfg = preset(args.preset)
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
     model = DeepseekV32ForCausalLM(cfg).init_weights(args.seed)
     state_path = out / "train_state.pt"
     if args.init and not state_path.exists():
-        init_from(model, args.init)
+        init_from(model, args.init, grow=args.grow)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -153,6 +203,7 @@ def train(args) -> Path:
             "gen": gen.get_state(),
             "step": step,
             "history": history,
+            "config": cfg.to_dict(),  # what `dsc.evaluate --ship` writes
         }
 
     stream = load_corpus("train", cfg.bos_token_id, cfg.eos_token_id)
@@ -220,6 +271,12 @@ def _weight(text: str) -> float:
     return w
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _share(text: str) -> float:
     try:
         a = float(text)
@@ -238,6 +295,10 @@ def main(argv=None) -> None:
     ap.add_argument("--minutes", type=float, default=0, help="stop (resumably) after this many minutes (0: no limit)")
     ap.add_argument("--stop-after", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's weights (same architecture)")
+    ap.add_argument("--layers", type=_positive, default=0, metavar="N", help="main layers (default: the preset's)")
+    ap.add_argument("--grow", action="store_true",
+                    help="--init from a checkpoint with fewer main layers: repeat its MoE layers, each repeat "
+                    "starting as the identity (zeroed output projections)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     ap.add_argument("--seq-len", type=int, default=512, help="training context (default 512)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
@@ -253,7 +314,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--save-every", type=int, default=50)
-    train(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    if args.grow and not args.init:
+        ap.error("--grow: grows the --init checkpoint; give one")
+    train(args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from dsc.model import DeepseekV32ForCausalLM, preset
 
 from dsc.data import eval_windows, load_corpus, stdlib_files
@@ -189,3 +190,53 @@ def test_ship_writes_and_replaces_a_demo_directory(tmp_path):
     with pytest.raises(DscError, match="did not write"):
         ship(run, other)
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_grow_starts_from_the_shallower_checkpoints_exact_function(tmp_path, capsys):
+    """--init CKPT --grow (block expansion): the deeper model repeats CKPT's MoE layers in place, each
+    repeat's output projections zeroed, so its main and MTP logits are CKPT's bit for bit; the repeats
+    still learn (their output projections get gradients); any other difference is refused."""
+    import dataclasses
+
+    from dsc.errors import DscError
+    from dsc.evaluate import ship
+    from dsc.frontends.reference import load_model
+    from dsc.train import grown_layer_sources, init_from
+
+    assert grown_layer_sources(1, 4, 10) == [0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert grown_layer_sources(1, 2, 4) == [0, 1, 1, 1]
+    src, _ = load_model("tiny")
+    deep = DeepseekV32ForCausalLM(dataclasses.replace(preset("tiny"), num_hidden_layers=4)).init_weights(9)
+    init_from(deep, "tiny", grow=True)
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))  # past index_topk: sparse
+    with torch.no_grad():
+        (want, want_mtp), (got, got_mtp) = src.eval()(tokens), deep.eval()(tokens)
+    assert torch.equal(got, want) and torch.equal(got_mtp, want_mtp)
+    mtp = len(deep.model.layers) - 1
+    assert torch.equal(deep.model.layers[mtp].eh_proj.weight, src.model.layers[2].eh_proj.weight)
+    assert not deep.model.layers[2].self_attn.o_proj.weight.any()
+    deep.train()
+    F.cross_entropy(deep(tokens)[0][:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    assert deep.model.layers[2].self_attn.o_proj.weight.grad.abs().sum() > 0
+    assert deep.model.layers[3].mlp.shared_experts.down_proj.weight.grad.abs().sum() > 0
+
+    with pytest.raises(DscError, match="num_hidden_layers"):  # without --grow: refused by name
+        init_from(deep, "tiny")
+    with pytest.raises(DscError, match="fewer num_hidden_layers"):  # --grow is not a shrink, nor a reshape
+        init_from(DeepseekV32ForCausalLM(dataclasses.replace(preset("tiny"), num_hidden_layers=1)), "tiny", grow=True)
+    with pytest.raises(DscError, match="hidden_size"):
+        init_from(DeepseekV32ForCausalLM(preset("demo")), "tiny", grow=True)
+
+    # the CLI: --layers deepens the preset, --init --grow fills it, --ship writes the run's own config
+    train_main(
+        ["--out", str(tmp_path / "g"), "--preset", "tiny", "--layers", "3", "--init", "tiny", "--grow", "--steps", "0"]
+    )
+    state = torch.load(tmp_path / "g" / "train_state.pt", weights_only=True)["model"]
+    w = "self_attn.q_a_proj.weight"
+    assert torch.equal(state[f"model.layers.2.{w}"], src.state_dict()[f"model.layers.1.{w}"])
+    shipped, _ = load_model(str(ship(tmp_path / "g", tmp_path / "shipped")))
+    assert shipped.config.num_hidden_layers == 3 and shipped.config.hidden_size == preset("tiny").hidden_size
+    _refused(tmp_path, capsys, "--layers", ("0", "-2", "x"), "a whole number >= 1")
+    with pytest.raises(SystemExit):
+        train_main(["--out", str(tmp_path / "bad"), "--grow", *TINY_RUN])
+    assert "--grow: grows the --init checkpoint" in capsys.readouterr().err and not (tmp_path / "bad").exists()
