@@ -78,12 +78,17 @@ def test_save_load_runs_identically(tiny_optimized, tmp_path):
     assert "dsc.add_rms_norm" in back.entries["decode"].graph_module.code
 
 
-def test_cpu_runtime_calls_the_dsc_ops_directly(tiny_optimized):
+def test_cpu_runtime_calls_the_dsc_ops_directly(tiny_optimized, monkeypatch):
     """On CPU the runnable graph calls each dsc:: op's function, not the dispatcher: the same
-    results as the graph as exported (which keeps the registered ops), bit for bit."""
+    results as the graph as exported (which keeps the registered ops), bit for bit. (Its few-row
+    ``aten.linear`` calls keep torch's here: the native kernel agrees only up to fp32 re-association,
+    tested in tests/kernels/test_linear.py.)"""
     import dataclasses
 
+    from dsc.kernels import linear as lin
     from dsc.kernels.registry import cpu_function
+
+    monkeypatch.setattr(lin, "USE_NATIVE", False)
 
     program, _ = tiny_optimized
     program = dataclasses.replace(program, _modules={})
