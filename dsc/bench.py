@@ -440,26 +440,18 @@ class _CallTimes:
     def __init__(self, backend):
         self.backend, self.calls = backend, []
 
-    def __getattr__(self, name):  # cache, config, entries, prefill_chunk, check_inputs, ...
-        return getattr(self.backend, name)
+    def __getattr__(self, name):  # the entries timed; cache, config, entries, check_inputs, ... as they are
+        attr = getattr(self.backend, name)
+        if name not in ("prefill", "decode", "verify", "draft") or not callable(attr):
+            return attr
 
-    def _timed(self, name, *args):
-        t = time.perf_counter()
-        out = getattr(self.backend, name)(*args)
-        self.calls.append((name, time.perf_counter() - t))
-        return out
+        def timed(*args):
+            t = time.perf_counter()
+            out = attr(*args)
+            self.calls.append((name, time.perf_counter() - t))
+            return out
 
-    def prefill(self, *args):
-        return self._timed("prefill", *args)
-
-    def decode(self, *args):
-        return self._timed("decode", *args)
-
-    def verify(self, *args):
-        return self._timed("verify", *args)
-
-    def draft(self, *args):
-        return self._timed("draft", *args)
+        return timed
 
 
 def step_split(calls: list[tuple[str, float]], stats: dict, prompt_calls: int) -> dict:
