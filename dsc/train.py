@@ -13,7 +13,11 @@ model's guess, not the data's byte;
 the indexer's KL to the main attention (summed over heads, L1-normalised; spec §5.4). The indexer
 sees detached inputs, so it learns only from its KL and the model only from the LM losses. Stage 1
 (dense warm-up) attends densely and fits the indexer to all visible keys; stage 2 (sparse) turns
-the top-k selection on and restricts the KL to the selected keys. MoE balance is auxiliary-loss
+the top-k selection on and restricts the KL to the selected keys. ``--leak-weight`` (default 0, not
+in the spec) adds, in stage 2, the share of each head's dense attention that falls outside the
+indexer's selection (as -log of the share inside): the model is served sparse, and without it
+nothing keeps its dense attention, which the sparse one stands for, from spreading over keys the
+selection drops (what the indexer recall figure measures). MoE balance is auxiliary-loss
 free: after each step every gate's selection bias moves by ``bias_rate`` towards equal load (spec §6).
 The result is written as an HF directory (config.json + bf16 model.safetensors) with its metrics.
 """
@@ -53,6 +57,18 @@ def indexer_kl(aux: list[dict], sparse: bool) -> torch.Tensor:
     return total / max(len(aux), 1)
 
 
+def attention_leak(aux: list[dict]) -> torch.Tensor:
+    """Mean over layers, queries and heads of -log(the share of the dense attention on the indexer's
+    selection): 0 where the selection keeps every visible key, or where the attention is all on it."""
+    total = 0.0
+    for rec in aux:
+        scores, visible = rec["scores"], rec["visible"].unsqueeze(2)  # (B, S, H, T), (B, S, 1, T)
+        dense = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+        kept = (scores + rec["index_mask"].unsqueeze(2)).logsumexp(-1)
+        total = total + (dense - kept).mean()
+    return total / max(len(aux), 1)
+
+
 def set_attention(model: DeepseekV32ForCausalLM, sparse: bool, collect: bool) -> list[dict] | None:
     aux = [] if collect else None
     for m in model.modules():
@@ -62,9 +78,12 @@ def set_attention(model: DeepseekV32ForCausalLM, sparse: bool, collect: bool) ->
     return aux
 
 
-def losses(model, tokens: torch.Tensor, sparse: bool, distill: bool = False) -> dict[str, torch.Tensor]:
-    """``lm``, ``mtp`` (cross-entropy on t_{i+2}), ``kl`` (the indexer's) and with ``distill``
-    ``mtp_kd``: KL(p_main(. | t_{<=i+1}) || q_mtp(. | h_i, t_{i+1})), the main model's side detached."""
+def losses(
+    model, tokens: torch.Tensor, sparse: bool, distill: bool = False, leak: bool = False
+) -> dict[str, torch.Tensor]:
+    """``lm``, ``mtp`` (cross-entropy on t_{i+2}), ``kl`` (the indexer's); with ``distill``
+    ``mtp_kd``: KL(p_main(. | t_{<=i+1}) || q_mtp(. | h_i, t_{i+1})), the main model's side detached;
+    with ``leak`` (sparse only) ``leak``: ``attention_leak``."""
     aux = set_attention(model, sparse, collect=True)
     logits, mtp = model(tokens)
     V = logits.shape[-1]
@@ -76,6 +95,8 @@ def losses(model, tokens: torch.Tensor, sparse: bool, distill: bool = False) -> 
             p = logits[:, 1:-1].detach().reshape(-1, V).log_softmax(-1)
             out["mtp_kd"] = F.kl_div(q, p, log_target=True, reduction="batchmean")
     out["kl"] = indexer_kl(aux, sparse)
+    if leak and sparse:
+        out["leak"] = attention_leak(aux)
     set_attention(model, sparse, collect=False)
     return out
 
@@ -222,13 +243,13 @@ def train(args) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = random_windows(stream, args.batch, args.seq_len + 1, gen)
-        parts = losses(model, batch, sparse, distill=args.mtp_distill > 0)
+        parts = losses(model, batch, sparse, distill=args.mtp_distill > 0, leak=args.leak_weight > 0)
         mtp = (
             (1 - args.mtp_distill) * parts["mtp"] + args.mtp_distill * parts["mtp_kd"]
             if "mtp_kd" in parts
             else parts.get("mtp", 0.0)
         )
-        loss = parts["lm"] + args.mtp_weight * mtp + KL_WEIGHT * parts["kl"]
+        loss = parts["lm"] + args.mtp_weight * mtp + KL_WEIGHT * parts["kl"] + args.leak_weight * parts.get("leak", 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -249,7 +270,9 @@ def train(args) -> Path:
                 f"step {step}/{args.steps} [{'sparse' if sparse else 'dense'}] lm {rec['lm']:.3f} "
                 f"({rec['lm'] / math.log(2):.2f} bpb) mtp {rec.get('mtp', 0):.3f}"
                 + (f" (kd {rec['mtp_kd']:.3f})" if "mtp_kd" in rec else "")
-                + f" kl {rec['kl']:.3f} "
+                + f" kl {rec['kl']:.3f}"
+                + (f" leak {rec['leak']:.3f}" if "leak" in rec else "")
+                + " "
                 f"load max/mean {imbalance:.2f} | {tokens_seen / dt:.0f} tok/s, eta {eta / 60:.0f} min",
                 flush=True,
             )
@@ -310,6 +333,9 @@ def main(argv=None) -> None:
     ap.add_argument("--mtp-distill", type=_share, default=0.0, metavar="SHARE",
                     help="share of the MTP loss that is the KL from the main model's next-position distribution "
                          "instead of the cross-entropy on the data (default 0: the spec's loss)")  # fmt: skip
+    ap.add_argument("--leak-weight", type=_weight, default=0.0, metavar="W",
+                    help="weight of the dense attention outside the indexer's top-k, -log of the share inside, "
+                         "in the sparse stage (default 0: the spec's losses)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--log-every", type=int, default=10)

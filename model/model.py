@@ -191,7 +191,13 @@ class MLA(nn.Module):
         probs = (scores + index_mask.unsqueeze(2)).softmax(dim=-1)  # (B, S, H, T)
         if self.aux is not None:
             self.aux.append(
-                {"probs": probs, "index_scores": index_scores, "index_mask": index_mask, "visible": visible}
+                {
+                    "scores": scores,
+                    "probs": probs,
+                    "index_scores": index_scores,
+                    "index_mask": index_mask,
+                    "visible": visible,
+                }
             )
         o = torch.einsum("bsht,bthd->bshd", probs, cache_v.float()).to(x.dtype)
         return self.o_proj(o.flatten(2))

@@ -111,6 +111,41 @@ def test_train_mtp_distill(tmp_path, capsys):
     _refused(tmp_path, capsys, "--mtp-distill", ("-0.1", "1.5", "nan", "x"), "a share between 0 and 1")
 
 
+def test_train_leak_weight(tmp_path, capsys):
+    """--leak-weight adds, in the sparse stage, -log of the share of each head's dense attention on the
+    indexer's top-k: checked against that share computed by hand, 0 where the selection keeps every
+    key, reaching the attention's weights and not the indexer's; a bad weight is refused by name."""
+    from dsc.train import attention_leak, losses
+
+    g = torch.Generator().manual_seed(0)
+    B, S, H, T, k = 2, 6, 3, 6, 2
+    scores = torch.randn(B, S, H, T, generator=g)
+    visible = torch.ones(S, T, dtype=torch.bool).tril().expand(B, S, T)
+    chosen = torch.rand(B, S, T, generator=g).argsort(-1) < k
+    mask = torch.zeros(B, S, T).masked_fill(~(chosen & visible), float("-inf"))
+    mask[:, :, 0] = 0.0  # every query keeps at least one visible key
+    dense = scores.masked_fill(~visible.unsqueeze(2), float("-inf")).softmax(-1)
+    share = (dense * (mask == 0).unsqueeze(2)).sum(-1)  # (B, S, H)
+    rec = {"scores": scores, "visible": visible, "index_mask": mask}
+    torch.testing.assert_close(attention_leak([rec, rec]), -share.log().mean())
+    keep_all = rec | {"index_mask": torch.zeros(B, S, T).masked_fill(~visible, float("-inf"))}
+    assert attention_leak([keep_all]).item() == 0
+
+    model = DeepseekV32ForCausalLM(preset("tiny")).init_weights(0)
+    tokens = torch.randint(0, 256, (2, 40), generator=g)  # longer than the tiny top-k (16): keys are dropped
+    parts = losses(model, tokens, sparse=True, leak=True)
+    assert parts["leak"].item() > 0 and "leak" not in losses(model, tokens, sparse=False, leak=True)
+    parts["leak"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "q_b_proj" in n)
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if "indexer" in n)
+
+    a, b = _two_runs(tmp_path, "--leak-weight", "5")
+    assert "leak" in b["history"][-1] and "leak" not in a["history"][-1]
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if "q_b_proj" in k)
+    _refused(tmp_path, capsys, "--leak-weight", ("-1", "nan", "x"), "a finite number >= 0")
+
+
 def test_evaluate_reports_every_figure():
     model = DeepseekV32ForCausalLM(preset("tiny")).init_weights(0).eval()
     windows = eval_windows(load_corpus("heldout", 256, 257), 40, 3)
