@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import keyword
 import math
@@ -159,12 +160,18 @@ def program_bits_per_byte(program, windows: torch.Tensor, batch: int = 8) -> flo
 
 def ship(run_dir: Path, dest: Path = ASSETS) -> Path:
     """train_state.pt -> an HF directory with bf16 weights (fp32 gate biases), written atomically; the
-    run's own config (runs from before it was recorded: the demo preset's)."""
+    run's own config (runs from before it was recorded: the demo preset's at the depth of their weights,
+    the MTP layers numbered after the main ones)."""
     from dsc.model import ModelConfig, preset
     from dsc.model.checkpoint import Checkpoint, save_hf
 
     st = torch.load(run_dir / "train_state.pt", weights_only=True)
-    cfg = ModelConfig.from_dict(st["config"]) if "config" in st else preset("demo")
+    if "config" in st:
+        cfg = ModelConfig.from_dict(st["config"])
+    else:
+        cfg = preset("demo")
+        stored = {k.split(".")[2] for k in st["model"] if k.startswith("model.layers.")}
+        cfg = dataclasses.replace(cfg, num_hidden_layers=len(stored) - cfg.num_nextn_predict_layers)
     cfg.torch_dtype = "bfloat16"
     tensors = {
         k: (v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)) for k, v in st["model"].items()

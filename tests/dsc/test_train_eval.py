@@ -202,7 +202,9 @@ def test_train_init_starts_from_a_checkpoints_weights(tmp_path):
 
 def test_ship_writes_and_replaces_a_demo_directory(tmp_path):
     """--ship: train_state.pt -> bf16 HF directory; shipping again replaces it (never a directory of
-    other files)."""
+    other files); a state from before runs recorded their config ships at the depth of its weights."""
+    import dataclasses
+
     import pytest
 
     from dsc.errors import DscError
@@ -211,12 +213,13 @@ def test_ship_writes_and_replaces_a_demo_directory(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    model = DeepseekV32ForCausalLM(preset("demo")).init_weights(3)
-    torch.save({"model": model.state_dict()}, run / "train_state.pt")
+    model = DeepseekV32ForCausalLM(dataclasses.replace(preset("demo"), num_hidden_layers=2)).init_weights(3)
+    torch.save({"model": model.state_dict()}, run / "train_state.pt")  # no "config": an early run's state
     dest = tmp_path / "demo"
     for _ in range(2):
         ship(run, dest)
         shipped, _ = load_model(str(dest))
+        assert shipped.config.num_hidden_layers == 2  # the depth of its weights, not the preset's
         w = "model.layers.0.self_attn.q_a_proj.weight"
         assert torch.equal(shipped.state_dict()[w], model.state_dict()[w].bfloat16().float())
     other = tmp_path / "other"
