@@ -466,13 +466,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         torch_dtype="float32",
     ),  # fmt: skip
     # The built-in demo model (trained by `python -m dsc.train`, shipped in dsc/assets/demo): byte-level,
-    # 512-token training context, DSA active beyond 64 visible tokens.
+    # 512-token training context, DSA active beyond 64 visible tokens. 10 main layers since run 5
+    # (grown from run 4's 4 by `--layers 10 --grow`).
     "demo": dict(
         vocab_size=264,
         hidden_size=192,
         intermediate_size=512,
         moe_intermediate_size=96,
-        num_hidden_layers=4,
+        num_hidden_layers=10,
         first_k_dense_replace=1,
         num_attention_heads=4,
         num_key_value_heads=4,
